@@ -1,0 +1,187 @@
+"""Flow records between the meters and the exporter.
+
+A batch of flows is a numpy structured array of FLOW_DTYPE (one row per flow, native byte order):
+the kernel drain and the userspace Accounter produce it, enrichment fills its optional columns, and the
+exporter's fast path encodes it column-wise. `FlowRecord` is the same row as a frozen dataclass, for
+tests, replay and the per-record path. Addresses are always 16 bytes, IPv4 as ::ffff:a.b.c.d (RFC 4038).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import asdict, dataclass, field, fields
+from enum import IntEnum
+from typing import Any
+
+import numpy as np
+
+ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
+ETH_P_8021Q = 0x8100
+
+V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
+
+
+class Direction(IntEnum):
+    """flowDirection, IANA IE 61."""
+
+    INGRESS = 0
+    EGRESS = 1
+
+
+class EndReason(IntEnum):
+    """flowEndReason, IANA IE 136."""
+
+    IDLE_TIMEOUT = 1
+    ACTIVE_TIMEOUT = 2
+    END_OF_FLOW = 3
+    FORCED_END = 4
+    LACK_OF_RESOURCES = 5
+
+
+FLOW_DTYPE = np.dtype(
+    [
+        # key
+        ("ethertype", "u2"),
+        ("direction", "u1"),
+        ("vlan_id", "u2"),
+        ("src_mac", "u1", (6,)),
+        ("dst_mac", "u1", (6,)),
+        ("src_addr", "u1", (16,)),
+        ("dst_addr", "u1", (16,)),
+        ("src_port", "u2"),
+        ("dst_port", "u2"),  # ICMP: type*256+code, as collectors expect
+        ("protocol", "u1"),
+        ("ifindex", "u4"),
+        # metrics
+        ("packets", "u8"),
+        ("octets", "u8"),  # IP-layer octets (octetDeltaCount)
+        ("start_ms", "u8"),  # wall-clock ms
+        ("end_ms", "u8"),
+        ("tcp_flags", "u1"),
+        ("tos", "u1"),
+        ("end_reason", "u1"),
+        ("ingress_if", "u4"),
+        ("egress_if", "u4"),
+        # enrichment (zero when unknown)
+        ("post_src_addr", "u1", (16,)),
+        ("post_dst_addr", "u1", (16,)),
+        ("post_src_port", "u2"),
+        ("post_dst_port", "u2"),
+        ("ct_mark", "u4"),
+        ("ct_zone", "u2"),
+        ("ct_state", "u1"),
+        ("nat_event", "u1"),
+        ("cgroup_id", "u8"),
+    ]
+)
+
+_BYTES_FIELDS = {"src_mac", "dst_mac", "src_addr", "dst_addr", "post_src_addr", "post_dst_addr"}
+
+
+def empty_batch(n: int = 0) -> np.ndarray:
+    """A zeroed batch of n flows."""
+    return np.zeros(n, dtype=FLOW_DTYPE)
+
+
+def to_addr16(addr: str | bytes | ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
+    """Any IPv4/IPv6 address as 16 bytes, IPv4 mapped into ::ffff:0:0/96."""
+    if isinstance(addr, bytes):
+        if len(addr) == 16:
+            return addr
+        if len(addr) == 4:
+            return V4_MAPPED_PREFIX + addr
+        raise ValueError(f"address must be 4 or 16 bytes, got {len(addr)}")
+    ip = ipaddress.ip_address(addr) if isinstance(addr, str) else addr
+    if ip.version == 4:
+        return V4_MAPPED_PREFIX + ip.packed
+    return ip.packed
+
+
+def addr16_to_str(raw: bytes) -> str:
+    """16-byte address to text, IPv4-mapped shown as dotted quad."""
+    if raw[:12] == V4_MAPPED_PREFIX:
+        return str(ipaddress.IPv4Address(raw[12:]))
+    return str(ipaddress.IPv6Address(raw))
+
+
+def mac_to_bytes(mac: str | bytes) -> bytes:
+    """'aa:bb:cc:dd:ee:ff' or 6 bytes -> 6 bytes."""
+    if isinstance(mac, bytes):
+        return mac
+    return bytes(int(x, 16) for x in mac.split(":"))
+
+
+@dataclass(frozen=True, slots=True)
+class FlowRecord:
+    """One flow as the exporter sees it: key, delta counters, wall-clock ms, enrichment."""
+
+    ethertype: int = ETH_P_IP
+    direction: int = Direction.INGRESS
+    vlan_id: int = 0
+    src_mac: bytes = b"\x00" * 6
+    dst_mac: bytes = b"\x00" * 6
+    src_addr: bytes = b"\x00" * 16
+    dst_addr: bytes = b"\x00" * 16
+    src_port: int = 0
+    dst_port: int = 0
+    protocol: int = 0
+    ifindex: int = 0
+    packets: int = 0
+    octets: int = 0
+    start_ms: int = 0
+    end_ms: int = 0
+    tcp_flags: int = 0
+    tos: int = 0
+    end_reason: int = 0
+    ingress_if: int = 0
+    egress_if: int = 0
+    post_src_addr: bytes = b"\x00" * 16
+    post_dst_addr: bytes = b"\x00" * 16
+    post_src_port: int = 0
+    post_dst_port: int = 0
+    ct_mark: int = 0
+    ct_zone: int = 0
+    ct_state: int = 0
+    nat_event: int = 0
+    cgroup_id: int = 0
+    interface: str = field(default="", compare=False)
+
+    @property
+    def is_ipv6(self) -> bool:
+        return self.ethertype == ETH_P_IPV6
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_ROW_FIELDS = [f.name for f in fields(FlowRecord) if f.name != "interface"]
+assert _ROW_FIELDS == list(FLOW_DTYPE.names or ()), "FlowRecord and FLOW_DTYPE must list the same columns"
+
+
+def records_to_batch(records: list[FlowRecord]) -> np.ndarray:
+    """FlowRecords -> FLOW_DTYPE array."""
+    batch = empty_batch(len(records))
+    for i, rec in enumerate(records):
+        row = batch[i]
+        for name in _ROW_FIELDS:
+            value = getattr(rec, name)
+            if name in _BYTES_FIELDS:
+                row[name] = np.frombuffer(value, dtype=np.uint8)
+            else:
+                row[name] = value
+    return batch
+
+
+def batch_to_records(batch: np.ndarray, interface_names: dict[int, str] | None = None) -> list[FlowRecord]:
+    """FLOW_DTYPE array -> FlowRecords (interface names resolved from ifindex when given)."""
+    names = interface_names or {}
+    out = []
+    for row in batch:
+        kw: dict[str, Any] = {}
+        for name in _ROW_FIELDS:
+            value = row[name]
+            kw[name] = bytes(value) if name in _BYTES_FIELDS else int(value)
+        kw["interface"] = names.get(kw["ifindex"], "")
+        out.append(FlowRecord(**kw))
+    return out
