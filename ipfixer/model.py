@@ -155,6 +155,35 @@ class FlowRecord:
         return asdict(self)
 
 
+@dataclass(frozen=True, slots=True)
+class FlowKey:
+    """What makes two packets the same flow (the kernel's struct flow_key, as Python)."""
+
+    ethertype: int
+    direction: int
+    src_mac: bytes
+    dst_mac: bytes
+    src_addr: bytes  # 16 bytes
+    dst_addr: bytes
+    src_port: int
+    dst_port: int
+    protocol: int
+    ifindex: int
+    vlan_id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RawPacket:
+    """One observed packet (or GSO super-packet) before aggregation: ring-buffer spill, NFLOG, pcap."""
+
+    key: FlowKey
+    octets: int  # IP-layer octets
+    mono_ns: int  # CLOCK_MONOTONIC, as bpf_ktime_get_ns()
+    tcp_flags: int = 0
+    tos: int = 0
+    packets: int = 1
+
+
 _ROW_FIELDS = [f.name for f in fields(FlowRecord) if f.name != "interface"]
 assert _ROW_FIELDS == list(FLOW_DTYPE.names or ()), "FlowRecord and FLOW_DTYPE must list the same columns"
 
