@@ -42,14 +42,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             reasons.append(interop_reason)
         if not reasons:
             continue
-        reason = "; ".join(reasons)
         if REQUIRE:
-            item.add_marker(pytest.mark.xfail(reason=f"CI requires this test: {reason}", strict=True, run=False))
-            item.add_marker(pytest.mark.usefixtures("_fail_required"))
-        else:
-            item.add_marker(pytest.mark.skip(reason=reason))
-
-
-@pytest.fixture
-def _fail_required() -> None:
-    pytest.fail("required kernel/interop test cannot run here")
+            continue  # run it anyway: it fails loudly rather than skipping in CI
+        item.add_marker(pytest.mark.skip(reason="; ".join(reasons)))
