@@ -1,0 +1,226 @@
+"""Prometheus metrics of the running daemon, and the client side used by `ipfixer stats`.
+
+Everything lives on a private CollectorRegistry owned by one `Metrics` object (created by the daemon), so
+tests and several instances in one process never collide on the global default registry. All names start
+with `ipfixer_`; counters are exposed with the `_total` suffix.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from collections.abc import Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIServer
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+from prometheus_client.parser import text_string_to_metric_families
+
+from ipfixer.config import split_host_port
+from ipfixer.errors import ConfigError, IpfixerError
+
+DIRECTIONS = ("ingress", "egress")
+# Drains take from well under a millisecond (idle box) to a large fraction of a second (full map).
+DRAIN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    """The daemon's metrics; components update the attributes directly (they are thread-safe)."""
+
+    def __init__(self, collectors: Iterable[str] = ()) -> None:
+        """`collectors`: names to pre-create at zero so every series exists before its first event."""
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.packets_observed = Counter(
+            "ipfixer_packets_observed", "Packets seen by the meter", ["direction"], registry=r
+        )
+        self.octets_observed = Counter(
+            "ipfixer_octets_observed", "IP-layer octets seen by the meter", ["direction"], registry=r
+        )
+        self.flows_exported = Counter(
+            "ipfixer_flows_exported", "Flow records handed to the exporter", registry=r
+        )
+        self.collector_records = Counter(
+            "ipfixer_collector_records", "Data records sent to a collector", ["collector"], registry=r
+        )
+        self.collector_messages = Counter(
+            "ipfixer_collector_messages", "Export messages sent to a collector", ["collector"], registry=r
+        )
+        self.collector_bytes = Counter(
+            "ipfixer_collector_bytes", "UDP payload bytes sent to a collector", ["collector"], registry=r
+        )
+        self.collector_errors = Counter(
+            "ipfixer_collector_errors", "Send or resolve failures for a collector", ["collector"], registry=r
+        )
+        self.template_refreshes = Counter(
+            "ipfixer_template_refreshes", "Template (re)sends to a collector", ["collector"], registry=r
+        )
+        self.kernel_map_fill_ratio = Gauge(
+            "ipfixer_kernel_map_fill_ratio", "Used / max entries of the kernel flow map at the last drain",
+            registry=r,
+        )
+        self.overflow_packets = Counter(
+            "ipfixer_overflow_packets", "Packets spilled to the ring buffer because the flow map was full",
+            registry=r,
+        )
+        self.ringbuf_losses = Counter(
+            "ipfixer_ringbuf_losses", "Packets lost because the ring buffer was full", registry=r
+        )
+        self.accounter_evictions = Counter(
+            "ipfixer_accounter_evictions", "Flows evicted early from the userspace Accounter (table full)",
+            registry=r,
+        )
+        self.drain_duration = Histogram(
+            "ipfixer_drain_duration_seconds", "Time to drain the kernel flow map", buckets=DRAIN_BUCKETS,
+            registry=r,
+        )
+        self.malformed_packets = Counter(
+            "ipfixer_malformed_packets", "Packets the meter could not parse", registry=r
+        )
+        self.conntrack_enrichments = Counter(
+            "ipfixer_conntrack_enrichments", "Flows enriched with conntrack / NAT data", registry=r
+        )
+        for direction in DIRECTIONS:
+            self.packets_observed.labels(direction)
+            self.octets_observed.labels(direction)
+        for name in collectors:
+            self.add_collector(name)
+        self._server: WSGIServer | None = None
+        self._exporter: Any = None  # the exporter update_exporter last saw, and its cumulative stats
+        self._seen: dict[str, dict[str, int]] = {}
+
+    def add_collector(self, name: str) -> None:
+        """Create a collector's series at zero, so a silent collector still shows up in a scrape."""
+        for counter in (
+            self.collector_records, self.collector_messages, self.collector_bytes, self.collector_errors,
+            self.template_refreshes,
+        ):
+            counter.labels(name)
+
+    # -- daemon-facing helpers ------------------------------------------------------------------
+    def observe_drain(self, seconds: float) -> None:
+        """One drain cycle took `seconds`."""
+        self.drain_duration.observe(seconds)
+
+    def count_enriched(self, rows: int) -> None:
+        """An enricher filled `rows` flows (its enrich() return value)."""
+        if rows > 0:
+            self.conntrack_enrichments.inc(rows)
+
+    def count_flows(self, batch: np.ndarray) -> None:
+        """Flows handed to the exporter (a FLOW_DTYPE batch), and the packets/octets they carry."""
+        n = len(batch)
+        if n == 0:
+            return
+        self.flows_exported.inc(n)
+        for value, direction in enumerate(DIRECTIONS):  # model.Direction: 0 ingress, 1 egress
+            rows = batch["direction"] == value
+            if rows.any():
+                self.packets_observed.labels(direction).inc(int(batch["packets"][rows].sum()))
+                self.octets_observed.labels(direction).inc(int(batch["octets"][rows].sum()))
+
+    def update_exporter(self, exporter: Any) -> None:
+        """Turn the exporter's cumulative per-collector stats into counter increments.
+
+        A new exporter object (config reload) starts its own totals at zero, so nothing is lost or
+        counted twice across a reload.
+        """
+        if exporter is not self._exporter:
+            self._exporter, self._seen = exporter, {}
+        for c in exporter.collectors:
+            st, session = c.stats, getattr(c.session, "stats", None)
+            now = {
+                "records": st.records,
+                "messages": st.messages,
+                "bytes": st.bytes,
+                "errors": st.error_count,
+                "refreshes": getattr(session, "template_refreshes", 0),
+            }
+            last = self._seen.get(c.name, {})
+            counters = {
+                "records": self.collector_records, "messages": self.collector_messages,
+                "bytes": self.collector_bytes, "errors": self.collector_errors,
+                "refreshes": self.template_refreshes,
+            }
+            for key, counter in counters.items():
+                delta = now[key] - last.get(key, 0)
+                child = counter.labels(c.name)
+                if delta > 0:
+                    child.inc(delta)
+            self._seen[c.name] = now
+
+    # -- HTTP ------------------------------------------------------------------------------------
+    def start_http(self, listen: str) -> None:
+        """Serve /metrics on `host:port` (metrics.listen) from a daemon thread."""
+        try:
+            host, port = split_host_port(listen)
+        except ValueError as e:
+            raise ConfigError(f"metrics.listen: {e} (got {listen!r})") from None
+        if self._server is not None:
+            raise RuntimeError("metrics HTTP server already started")
+        try:
+            self._server, _thread = start_http_server(port, host, registry=self.registry)
+        except OSError as e:
+            raise ConfigError(f"metrics.listen: cannot listen on {listen}: {e.strerror or e}") from None
+
+    @property
+    def http_address(self) -> tuple[str, int] | None:
+        """(host, port) actually bound, or None when not serving."""
+        if self._server is None:
+            return None
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def stop_http(self) -> None:
+        """Stop serving (daemon shutdown, tests)."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def render(self) -> bytes:
+        """The text exposition format, as served on /metrics."""
+        return generate_latest(self.registry)
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def sample_key(name: str, labels: dict[str, str]) -> str:
+    """`name{a="x",b="y"}` (labels sorted), or bare `name`: the keys of `parse`/`scrape` results."""
+    if not labels:
+        return name
+    inner = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(labels.items()))
+    return f"{name}{{{inner}}}"
+
+
+def parse(text: str) -> dict[str, float]:
+    """Text exposition -> {sample_key: value}, without the `_created` timestamps."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            out[sample_key(sample.name, dict(sample.labels))] = float(sample.value)
+    return out
+
+
+def scrape(url: str, timeout: float = 5.0) -> dict[str, float]:
+    """Fetch and parse a running daemon's metrics; `url` may also be a bare metrics.listen `host:port`."""
+    if "://" not in url:
+        url = f"http://{url}/metrics"
+    if not url.startswith(("http://", "https://")):
+        raise IpfixerError(f"cannot scrape {url}: only http:// and https:// URLs")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # http(s) only, checked above
+            text = response.read().decode("utf-8")
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        hint = "is ipfixer running, with metrics.listen set?"
+        raise IpfixerError(f"cannot scrape {url}: {reason} ({hint})") from None
+    try:
+        return parse(text)
+    except ValueError as e:
+        raise IpfixerError(f"{url}: not Prometheus text format: {e}") from None
