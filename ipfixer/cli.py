@@ -1,7 +1,184 @@
-"""Command-line entry point (placeholder until the appliance lands)."""
+"""The `ipfixer` command: argument parsing, and the one place where errors are reported to the user.
+
+Every command imports what it needs lazily, so `ipfixer check` does not pay for bcc or pyroute2.
+Exit status: 0 ok, 1 runtime failure, 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
 import sys
+from pathlib import Path
+from typing import Any
+
+from ipfixer.errors import ConfigError, IpfixerError, TemplateError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "ipfixer.yaml"
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ipfixer.config import load_config
+    from ipfixer.daemon import Daemon, setup_logging
+
+    config = load_config(args.config)
+    setup_logging(config.log_level)
+    daemon = Daemon(config, config_path=Path(args.config))
+    return daemon.run(duration_s=args.duration)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from ipfixer.config import load_config
+    from ipfixer.export.factory import load_config_templates
+
+    config = load_config(args.file)
+    try:
+        data, options = load_config_templates(config)
+    except ConfigError as exc:
+        raise ConfigError("\n".join(f"{args.file}: {line}" for line in str(exc).splitlines())) from None
+    names = sorted({t.name for t in [*data.values(), *options]})
+    print(f"{args.file}: ok ({len(config.collectors)} collector(s); templates {', '.join(names)})")
+    return EXIT_OK
+
+
+def _cmd_config_schema(args: argparse.Namespace) -> int:
+    from ipfixer.config import config_schema
+
+    print(json.dumps(config_schema(), indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+def _cmd_templates(args: argparse.Namespace) -> int:
+    from ipfixer.templates import DEFAULT_TEMPLATES_DIR, load_templates
+
+    templates = load_templates(Path(args.directory) if args.directory else DEFAULT_TEMPLATES_DIR)
+    for tpl in sorted(templates.values(), key=lambda t: t.template_id):
+        kind = f"options, scope {tpl.scope_count}" if tpl.is_options else "data"
+        print(f"{tpl.template_id:5d} {tpl.name} ({kind}, record length {tpl.record_length or 'variable'})")
+        for i, field in enumerate(tpl.fields):
+            el = field.element
+            ident = f"{el.pen}/{el.element_id}" if el.pen else str(el.element_id)
+            length = "var" if field.length == 65535 else str(field.length)
+            scope = " scope" if i < tpl.scope_count else ""
+            print(f"      {ident:>10} {el.name:<36} {el.data_type:<22} len {length}{scope}")
+    return EXIT_OK
+
+
+def _cmd_decode(args: argparse.Namespace) -> int:
+    from ipfixer.collector import decode_pcap, listen_and_print
+
+    if args.pcap:
+        return decode_pcap(Path(args.pcap), as_json=args.json, port=args.port)
+    return listen_and_print(args.listen, args.port, as_json=args.json, count=args.count, timeout_s=args.timeout)
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from ipfixer.config import load_config
+    from ipfixer.replay import replay_pcap
+
+    config = load_config(args.config)
+    summary = replay_pcap(Path(args.pcap), config, progress=not args.quiet)
+    print(json.dumps(summary, sort_keys=True))
+    return EXIT_OK
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from ipfixer.metrics import scrape
+
+    url = args.url
+    if url is None:
+        from ipfixer.config import load_config
+
+        listen = load_config(args.config).metrics.listen
+        if not listen:
+            raise ConfigError(f"{args.config}: metrics.listen: metrics are disabled (got None)")
+        url = f"http://{listen}/metrics"
+    values = scrape(url)
+    if args.json:
+        print(json.dumps(values, sort_keys=True))
+    else:
+        for name in sorted(values):
+            print(f"{name:<70} {values[name]:g}")
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ipfixer.demo import run_demo
+
+    return run_demo(duration_s=args.duration)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI grammar."""
+    p = argparse.ArgumentParser(prog="ipfixer", description="eBPF flow meter and IPFIX / NetFlow v9 exporter")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the exporter in the foreground")
+    run.add_argument("--config", "-c", default=str(DEFAULT_CONFIG), help="config file (default: %(default)s)")
+    run.add_argument("--duration", type=float, default=None, help="stop (and flush) after this many seconds")
+    run.set_defaults(func=_cmd_run)
+
+    check = sub.add_parser("check", help="validate a config file without starting")
+    check.add_argument("file", nargs="?", default=str(DEFAULT_CONFIG))
+    check.set_defaults(func=_cmd_check)
+
+    cfg = sub.add_parser("config", help="config helpers")
+    cfg_sub = cfg.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    schema = cfg_sub.add_parser("schema", help="print the config file's JSON schema")
+    schema.set_defaults(func=_cmd_config_schema)
+
+    tpl = sub.add_parser("templates", help="list templates with their elements, IANA ids and lengths")
+    tpl.add_argument("--directory", default=None)
+    tpl.set_defaults(func=_cmd_templates)
+
+    dec = sub.add_parser("decode", help="print the IPFIX / NetFlow v9 records received on a UDP port or in a pcap")
+    dec.add_argument("--listen", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    dec.add_argument("--port", type=int, default=4739, help="UDP port (default: %(default)s)")
+    dec.add_argument("--pcap", default=None, help="read datagrams from a capture file instead")
+    dec.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    dec.add_argument("--count", type=int, default=None, help="stop after this many messages")
+    dec.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
+    dec.set_defaults(func=_cmd_decode)
+
+    rep = sub.add_parser("replay", help="export the flows of a capture file (offline, like softflowd -r)")
+    rep.add_argument("pcap")
+    rep.add_argument("--config", "-c", default=str(DEFAULT_CONFIG))
+    rep.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    rep.set_defaults(func=_cmd_replay)
+
+    st = sub.add_parser("stats", help="show a running daemon's counters")
+    st.add_argument("--config", "-c", default=str(DEFAULT_CONFIG))
+    st.add_argument("--url", default=None, help="metrics URL (default: from the config's metrics.listen)")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=_cmd_stats)
+
+    demo = sub.add_parser("demo", help="build a lab of network namespaces, export its traffic, show the flows")
+    demo.add_argument("--duration", type=float, default=8.0)
+    demo.set_defaults(func=_cmd_demo)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("ipfixer: not yet", file=sys.stderr)
-    return 0
+    """Entry point; reports every ipfixer error once, without a traceback."""
+    args = build_parser().parse_args(argv)
+    try:
+        rc: Any = args.func(args)
+        return int(rc or 0)
+    except (ConfigError, TemplateError) as exc:
+        print(f"ipfixer: configuration error:\n{exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except IpfixerError as exc:
+        print(f"ipfixer: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except BrokenPipeError:
+        return EXIT_OK
+    finally:
+        logging.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""NFLOG packet source for kernels without eBPF: an nftables `log group N` rule copies packet headers to
+a netlink socket; each becomes a RawPacket for the same Accounter the ring-buffer spill feeds.
+
+The nfnetlink_log protocol (include/uapi/linux/netfilter/nfnetlink_log.h) is spoken directly on a raw
+AF_NETLINK/NETLINK_NETFILTER socket: pyroute2 (0.9) has no NFLOG support and the protocol we need is
+four config messages and one packet message with a handful of attributes, smaller than a dependency.
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+import socket
+import struct
+import subprocess
+import time
+from dataclasses import dataclass
+
+from ipfixer.clock import Clock, SystemClock
+from ipfixer.enrich.conntrack import NETLINK_NETFILTER, socket_in_netns
+from ipfixer.model import ETH_P_IP, ETH_P_IPV6, V4_MAPPED_PREFIX, Direction, FlowKey, RawPacket
+
+NFNL_SUBSYS_ULOG = 4
+NFULNL_MSG_PACKET = 0
+NFULNL_MSG_CONFIG = 1
+NFULA_CFG_CMD = 1
+NFULA_CFG_MODE = 2
+NFULA_CFG_QTHRESH = 5
+NFULNL_CFG_CMD_BIND = 1
+NFULNL_CFG_CMD_UNBIND = 2
+NFULNL_COPY_PACKET = 2
+# packet attributes
+NFULA_PACKET_HDR = 1
+NFULA_IFINDEX_INDEV = 4
+NFULA_IFINDEX_OUTDEV = 5
+NFULA_HWADDR = 8
+NFULA_PAYLOAD = 9
+NFULA_PREFIX = 10
+NFULA_HWHEADER = 16
+NLMSG_ERROR = 2
+NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
+NLA_TYPE_MASK = 0x3FFF
+# netfilter hooks: prerouting, input, forward -> ingress; output, postrouting -> egress
+_EGRESS_HOOKS = (3, 4)
+
+TABLE = "ipfixer"  # the only nft table this module ever creates or deletes
+PREFIX_IN = "ipfixer-in"
+PREFIX_OUT = "ipfixer-out"
+
+_ZERO_MAC = b"\x00" * 6
+_V6_EXT_HEADERS = (0, 43, 60, 51)  # hop-by-hop, routing, destination options, AH (44 fragment: below)
+
+
+def _nlmsg(
+    msg_type: int, flags: int, seq: int, family: int, res_id: int, attrs: list[tuple[int, bytes]]
+) -> bytes:
+    body = struct.pack("!BBH", family, 0, res_id)  # nfgenmsg; res_id is big-endian
+    for atype, payload in attrs:
+        nla = struct.pack("=HH", 4 + len(payload), atype) + payload
+        body += nla + b"\x00" * (-len(nla) % 4)
+    return struct.pack("=IHHII", 16 + len(body), msg_type, flags, seq, 0) + body
+
+
+def _attrs(data: bytes, off: int, end: int) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    while off + 4 <= end:
+        length, atype = struct.unpack_from("=HH", data, off)
+        if length < 4 or off + length > end:
+            break
+        out[atype & NLA_TYPE_MASK] = data[off + 4 : off + length]
+        off += (length + 3) & ~3
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedHeaders:
+    """What a RawPacket needs from an IP packet."""
+
+    ethertype: int
+    src: bytes
+    dst: bytes
+    sport: int
+    dport: int
+    protocol: int
+    octets: int
+    tos: int
+    tcp_flags: int
+
+
+def parse_ip(payload: bytes) -> ParsedHeaders | None:
+    """IPv4/IPv6 + TCP/UDP/SCTP ports or ICMP type/code (as 0, type*256+code); None if not IP/short."""
+    if len(payload) < 1:
+        return None
+    version = payload[0] >> 4
+    if version == 4 and len(payload) >= 20:
+        ihl = (payload[0] & 0x0F) * 4
+        tos, total = payload[1], struct.unpack_from("!H", payload, 2)[0]
+        frag = struct.unpack_from("!H", payload, 6)[0] & 0x1FFF
+        proto = payload[9]
+        src, dst = V4_MAPPED_PREFIX + payload[12:16], V4_MAPPED_PREFIX + payload[16:20]
+        l4 = ihl if frag == 0 else -1
+        ethertype = ETH_P_IP
+    elif version == 6 and len(payload) >= 40:
+        tos = ((payload[0] & 0x0F) << 4) | (payload[1] >> 4)
+        total = 40 + struct.unpack_from("!H", payload, 4)[0]
+        proto, src, dst = payload[6], payload[8:24], payload[24:40]
+        l4 = 40
+        for _ in range(8):  # bounded walk over extension headers
+            if proto in _V6_EXT_HEADERS and l4 + 8 <= len(payload):
+                proto, l4 = (
+                    payload[l4],
+                    l4 + ((payload[l4 + 1] + 2) * 4 if proto == 51 else (payload[l4 + 1] + 1) * 8),
+                )
+            elif proto == 44 and l4 + 8 <= len(payload):
+                first = (struct.unpack_from("!H", payload, l4 + 2)[0] & 0xFFF8) == 0
+                proto, l4 = payload[l4], (l4 + 8 if first else -1)
+            else:
+                break
+        ethertype = ETH_P_IPV6
+    else:
+        return None
+    sport = dport = flags = 0
+    if l4 >= 0 and l4 + 4 <= len(payload):
+        if proto in (6, 17, 132):
+            sport, dport = struct.unpack_from("!HH", payload, l4)
+            if proto == 6 and l4 + 14 <= len(payload):
+                flags = payload[l4 + 13]
+        elif proto in (1, 58):
+            dport = (payload[l4] << 8) | payload[l4 + 1]
+    return ParsedHeaders(ethertype, src, dst, sport, dport, proto, total, tos, flags)
+
+
+class NflogSource:
+    """Packets of one NFLOG group in one netns, as RawPackets.
+
+    The packet time is the monotonic receive time (NFULA_TIMESTAMP is wall-clock and only present for
+    timestamped skbs; delivery is immediate with queue threshold 1). Direction comes from the rule
+    prefix (PREFIX_IN / PREFIX_OUT) or else the hook; ifindex is the input device for ingress and the
+    output device for egress; octets is the IP total length, not the copied length.
+    """
+
+    def __init__(self, group: int, netns: str | None = None, clock: Clock | None = None,
+                 copy_range: int = 128, timeout_s: float = 5.0) -> None:  # fmt: skip
+        self.group = group
+        self.netns = netns
+        self.clock: Clock = clock or SystemClock()
+        self.received = 0
+        self.unparsed = 0
+        self.overruns = 0
+        self._seq = 0
+        self._sock = socket_in_netns(netns, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        try:
+            self._sock.bind((0, 0))
+            try:
+                self._sock.setsockopt(socket.SOL_SOCKET, 33, 4 << 20)  # SO_RCVBUFFORCE
+            except OSError:
+                pass
+            self._config([(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND]))], timeout_s)
+            self._config([(NFULA_CFG_MODE, struct.pack("!IBB", copy_range, NFULNL_COPY_PACKET, 0)),
+                          (NFULA_CFG_QTHRESH, struct.pack("!I", 1))], timeout_s)  # fmt: skip
+            self._sock.setblocking(False)
+        except BaseException:
+            self._sock.close()
+            raise
+
+    def _config(self, attrs: list[tuple[int, bytes]], timeout_s: float) -> None:
+        self._seq += 1
+        msg = _nlmsg((NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG, NLM_F_REQUEST | NLM_F_ACK, self._seq,
+                     socket.AF_UNSPEC, self.group, attrs)  # fmt: skip
+        self._sock.send(msg)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self._sock], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            data = self._sock.recv(65536)
+            off = 0
+            while off + 16 <= len(data):
+                length, mtype, _f, seq, _p = struct.unpack_from("=IHHII", data, off)
+                if mtype == NLMSG_ERROR and seq == self._seq:
+                    (err,) = struct.unpack_from("=i", data, off + 16)
+                    if err:
+                        raise OSError(
+                            -err, f"NFLOG group {self.group} config: {errno.errorcode.get(-err, err)}"
+                        )
+                    return
+                off += max((length + 3) & ~3, 16)
+        raise TimeoutError(f"NFLOG group {self.group}: no answer to config")
+
+    def fileno(self) -> int:
+        """The netlink fd, for the daemon's selector."""
+        return self._sock.fileno()
+
+    def poll(self, timeout_s: float = 0.0, max_packets: int = 100_000) -> list[RawPacket]:
+        """Wait up to timeout_s, then return every packet pending (at most max_packets)."""
+        out: list[RawPacket] = []
+        if self._sock.fileno() < 0:
+            return out
+        ready, _, _ = select.select([self._sock], [], [], max(0.0, timeout_s))
+        if not ready:
+            return out
+        while len(out) < max_packets:
+            try:
+                data = self._sock.recv(1 << 17)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:  # the kernel dropped log messages: socket overrun
+                    self.overruns += 1
+                    continue
+                raise
+            now = self.clock.mono_ns()
+            off = 0
+            while off + 20 <= len(data):
+                length, mtype = struct.unpack_from("=IH", data, off)
+                if length < 16 or off + length > len(data):
+                    break
+                if mtype == (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET:
+                    pkt = self._packet(data, off + 20, off + length, now)
+                    if pkt is not None:
+                        out.append(pkt)
+                off += (length + 3) & ~3
+        return out
+
+    def _packet(self, data: bytes, start: int, end: int, now: int) -> RawPacket | None:
+        self.received += 1
+        attrs = _attrs(data, start, end)
+        parsed = parse_ip(attrs.get(NFULA_PAYLOAD, b""))
+        if parsed is None:
+            self.unparsed += 1
+            return None
+        hook = attrs[NFULA_PACKET_HDR][2] if NFULA_PACKET_HDR in attrs else 0
+        prefix = attrs.get(NFULA_PREFIX, b"").rstrip(b"\x00").decode("ascii", "replace")
+        if prefix.startswith(PREFIX_OUT):
+            direction = Direction.EGRESS
+        elif prefix.startswith(PREFIX_IN):
+            direction = Direction.INGRESS
+        else:
+            direction = Direction.EGRESS if hook in _EGRESS_HOOKS else Direction.INGRESS
+        indev = struct.unpack("!I", attrs[NFULA_IFINDEX_INDEV])[0] if NFULA_IFINDEX_INDEV in attrs else 0
+        outdev = struct.unpack("!I", attrs[NFULA_IFINDEX_OUTDEV])[0] if NFULA_IFINDEX_OUTDEV in attrs else 0
+        ifindex = (outdev or indev) if direction == Direction.EGRESS else (indev or outdev)
+        src_mac = dst_mac = _ZERO_MAC
+        hw = attrs.get(NFULA_HWHEADER, b"")
+        if len(hw) >= 12:  # Ethernet header: only on ingress hooks
+            dst_mac, src_mac = hw[0:6], hw[6:12]
+        key = FlowKey(parsed.ethertype, int(direction), src_mac, dst_mac, parsed.src, parsed.dst,
+                      parsed.sport, parsed.dport, parsed.protocol, ifindex)  # fmt: skip
+        return RawPacket(
+            key=key, octets=parsed.octets, mono_ns=now, tcp_flags=parsed.tcp_flags, tos=parsed.tos
+        )
+
+    def close(self) -> None:
+        """Unbind the group and close the socket (idempotent)."""
+        if self._sock.fileno() < 0:
+            return
+        try:
+            self._sock.setblocking(True)
+            self._sock.settimeout(1.0)
+            self._seq += 1
+            self._sock.send(_nlmsg((NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG, NLM_F_REQUEST, self._seq,
+                                   socket.AF_UNSPEC, self.group,
+                                   [(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_UNBIND]))]))  # fmt: skip
+        except OSError:
+            pass  # closing the socket unbinds too
+        self._sock.close()
+
+
+def _nft(script: str, netns: str | None) -> subprocess.CompletedProcess[str]:
+    if netns is None:
+        cmd = ["nft", "-f", "-"]
+    elif netns.startswith("/"):
+        cmd = ["nsenter", f"--net={netns}", "nft", "-f", "-"]
+    else:
+        cmd = ["ip", "netns", "exec", netns, "nft", "-f", "-"]
+    return subprocess.run(cmd, input=script, capture_output=True, text=True, timeout=30, check=False)
+
+
+def install_nflog_rules(group: int, netns: str | None = None, match: str = "", snaplen: int = 128) -> None:
+    """(Re)create table inet ipfixer logging every packet (optionally only those matching `match`,
+    an nft expression) at prerouting (ingress) and postrouting (egress) to NFLOG group `group`."""
+
+    def rule(prefix: str) -> str:
+        return f'{match} log prefix "{prefix}" group {group} snaplen {snaplen}'.strip()
+
+    script = f"""table inet {TABLE} {{}}
+delete table inet {TABLE}
+table inet {TABLE} {{
+    chain nflog_in {{
+        type filter hook prerouting priority -400; policy accept;
+        {rule(PREFIX_IN)}
+    }}
+    chain nflog_out {{
+        type filter hook postrouting priority 400; policy accept;
+        {rule(PREFIX_OUT)}
+    }}
+}}
+"""
+    res = _nft(script, netns)
+    if res.returncode != 0:
+        raise OSError(f"nft: installing table inet {TABLE} failed: {res.stderr.strip()}")
+
+
+def remove_nflog_rules(netns: str | None = None) -> None:
+    """Delete table inet ipfixer if present (nothing else is touched)."""
+    _nft(f"table inet {TABLE} {{}}\ndelete table inet {TABLE}\n", netns)

@@ -1,0 +1,5 @@
+"""Userspace flow accounting (the Go Accounter's model) and the pure timeout rules."""
+
+from ipfixer.flows.accounter import Accounter
+
+__all__ = ["Accounter"]

@@ -1,0 +1,207 @@
+"""Templates: loaded from templates/*.yaml and validated against the InfoModel (RFC 7011 3.4).
+
+Templates are data, not code: each YAML file declares one Template (or Options Template) and every
+error names the file, the template id and the field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ipfixer.errors import InfoModelError, TemplateError
+from ipfixer.infomodel import FLOAT_TYPES, INTEGER_TYPES, VARLEN, VARLEN_TYPES, Element, InfoModel
+
+DEFAULT_TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+MIN_TEMPLATE_ID = 256  # RFC 7011 3.4.1: 0-255 are reserved for Set IDs
+
+
+@dataclass(frozen=True, slots=True)
+class TemplateField:
+    """One Field Specifier: an element and its encoded length (65535 = variable length)."""
+
+    element: Element
+    length: int
+
+    @property
+    def is_varlen(self) -> bool:
+        """True when the record carries the length (RFC 7011 7)."""
+        return self.length == VARLEN
+
+    @property
+    def name(self) -> str:
+        """The element name, the key of record values."""
+        return self.element.name
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """A Template Record (scope_count 0) or Options Template Record (scope fields first)."""
+
+    template_id: int
+    name: str
+    fields: tuple[TemplateField, ...]
+    scope_count: int = 0
+
+    @property
+    def is_options(self) -> bool:
+        """True for an Options Template (RFC 7011 3.4.2)."""
+        return self.scope_count > 0
+
+    @property
+    def record_length(self) -> int | None:
+        """Fixed Data Record length, or None if any field is variable-length."""
+        if any(f.is_varlen for f in self.fields):
+            return None
+        return sum(f.length for f in self.fields)
+
+    @property
+    def min_record_length(self) -> int:
+        """Smallest possible Data Record (variable-length fields empty: 1 byte each)."""
+        return sum(1 if f.is_varlen else f.length for f in self.fields)
+
+    @property
+    def scope_fields(self) -> tuple[TemplateField, ...]:
+        """The scope fields of an Options Template (empty otherwise)."""
+        return self.fields[: self.scope_count]
+
+
+def valid_lengths(element: Element) -> str:
+    """Human description of the lengths allowed for an element (RFC 7011 6.2, 7)."""
+    t, d = element.data_type, element.default_length
+    if t in INTEGER_TYPES:
+        return f"1..{d}"
+    if t == "float64":
+        return "4 or 8"
+    if t in VARLEN_TYPES:
+        return "1..65534 or 65535 (variable)"
+    return str(d)
+
+
+def check_length(element: Element, length: int) -> str | None:
+    """Why `length` is not a valid encoding of `element`, or None if it is."""
+    t, d = element.data_type, element.default_length
+    if t in ("basicList", "subTemplateList", "subTemplateMultiList"):
+        return f"data type {t} (RFC 6313) is not supported"
+    ok = (
+        (t in INTEGER_TYPES and 1 <= length <= d)  # RFC 7011 6.2 reduced-size encoding
+        or (t == "float64" and length in (4, 8))  # 6.2: float64 may be sent as float32
+        or (t in VARLEN_TYPES and 1 <= length <= VARLEN)  # fixed or variable length (7)
+        or length == d
+    )
+    if ok:
+        return None
+    if t in FLOAT_TYPES or t in INTEGER_TYPES:
+        return f"length {length} not allowed for {t} (allowed: {valid_lengths(element)}; RFC 7011 6.2)"
+    if length == VARLEN:
+        return f"variable length only for string/octetArray, not {t} (RFC 7011 7)"
+    return f"length {length} not allowed for {t}: reduced size only for integers/floats (RFC 7011 6.2)"
+
+
+def _parse_field(
+    spec: Any, index: int, where: str, infomodel: InfoModel, seen: set[tuple[int, int]]
+) -> TemplateField:
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, Mapping) or "name" not in spec:
+        raise TemplateError(f"{where} field {index}: expected an element name or {{name: ..., length: ...}}")
+    extra = set(spec) - {"name", "length", "enterprise"}
+    if extra:
+        raise TemplateError(f"{where} field {index} ({spec['name']}): unknown keys {sorted(extra)}")
+    name = spec["name"]
+    pen = spec.get("enterprise")
+    if pen is not None and (not isinstance(pen, int) or isinstance(pen, bool) or pen < 0):
+        raise TemplateError(f"{where} field {index} ({name}): enterprise must be a non-negative integer")
+    try:
+        element = infomodel.by_name(str(name), pen)
+    except InfoModelError as e:
+        raise TemplateError(f"{where} field {index}: {e}") from None
+    length = spec.get("length", element.default_length)
+    if not isinstance(length, int) or isinstance(length, bool):
+        raise TemplateError(f"{where} field {index} ({name}): length must be an integer")
+    why = check_length(element, length)
+    if why:
+        raise TemplateError(f"{where} field {index} ({name}): {why}")
+    key = (element.pen, element.element_id)
+    if key in seen:
+        raise TemplateError(f"{where} field {index} ({name}): element repeated in the template")
+    seen.add(key)
+    return TemplateField(element, length)
+
+
+def parse_template(doc: Any, source: str, infomodel: InfoModel) -> Template:
+    """Build a validated Template from a parsed YAML document; `source` names it in errors."""
+    if not isinstance(doc, Mapping):
+        raise TemplateError(f"{source}: expected a mapping with id, name, fields")
+    tid = doc.get("id")
+    if not isinstance(tid, int) or isinstance(tid, bool):
+        raise TemplateError(f"{source}: 'id' must be an integer")
+    where = f"{source}: template {tid}"
+    if not MIN_TEMPLATE_ID <= tid <= 65535:
+        raise TemplateError(f"{where}: template id must be 256..65535 (RFC 7011 3.4.1)")
+    extra = set(doc) - {"id", "name", "fields", "scope", "description"}
+    if extra:
+        raise TemplateError(f"{where}: unknown keys {sorted(extra)}")
+    name = doc.get("name")
+    if not isinstance(name, str) or not name.isidentifier():
+        raise TemplateError(f"{where}: 'name' must be an identifier")
+    scope = doc.get("scope", [])
+    fields = doc.get("fields")
+    if "scope" in doc and (not isinstance(scope, list) or not scope):
+        raise TemplateError(f"{where}: options template needs at least one scope field (RFC 7011 3.4.2.2)")
+    if not isinstance(fields, list) or not fields:
+        raise TemplateError(f"{where}: 'fields' must be a non-empty list")
+    seen: set[tuple[int, int]] = set()
+    parsed = tuple(_parse_field(spec, i, where, infomodel, seen) for i, spec in enumerate([*scope, *fields]))
+    for f in parsed[: len(scope)]:
+        if f.is_varlen:
+            raise TemplateError(f"{where} scope field {f.name}: scope fields must have a fixed length")
+    if len(parsed) > 65535:
+        raise TemplateError(f"{where}: too many fields")
+    t = Template(tid, name, parsed, len(scope))
+    if t.record_length is not None and t.record_length > 65535 - 20:
+        raise TemplateError(f"{where}: record length {t.record_length} cannot fit in a message")
+    return t
+
+
+def load_template_file(path: Path, infomodel: InfoModel | None = None) -> Template:
+    """Load and validate one template YAML file."""
+    infomodel = infomodel or InfoModel.load_default()
+    try:
+        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise TemplateError(f"{path}: cannot read: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise TemplateError(f"{path}: invalid YAML: {e}") from None
+    return parse_template(doc, str(path), infomodel)
+
+
+def load_templates(
+    directory: Path = DEFAULT_TEMPLATES_DIR, infomodel: InfoModel | None = None
+) -> dict[str, Template]:
+    """All templates/*.yaml in a directory, keyed by template name; ids and names must be unique."""
+    infomodel = infomodel or InfoModel.load_default()
+    out: dict[str, Template] = {}
+    ids: dict[int, Path] = {}
+    paths = sorted(Path(directory).glob("*.yaml"))
+    if not paths:
+        raise TemplateError(f"{directory}: no *.yaml template files")
+    for path in paths:
+        t = load_template_file(path, infomodel)
+        if t.template_id in ids:
+            raise TemplateError(f"{path}: template {t.template_id}: id already used by {ids[t.template_id]}")
+        if t.name in out:
+            raise TemplateError(f"{path}: template {t.template_id}: name {t.name!r} already used")
+        ids[t.template_id] = path
+        out[t.name] = t
+    return out
+
+
+def templates_by_id(templates: Sequence[Template] | Mapping[str, Template]) -> dict[int, Template]:
+    """Index templates by id."""
+    values = templates.values() if isinstance(templates, Mapping) else templates
+    return {t.template_id: t for t in values}

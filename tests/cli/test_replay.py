@@ -1,0 +1,72 @@
+"""`ipfixer replay` of a capture file the test writes: exact per-flow counts at a real UDP collector."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import Ether
+from scapy.utils import wrpcap
+
+from tests.cli.helpers import IPFIXER, UdpCollector, cli_env, totals_by_flow, write_config
+
+T0 = 1_700_000_000.0
+
+
+def _capture(path: Path) -> dict[tuple[object, ...], list[int]]:
+    pkts = []
+    expected: dict[tuple[object, ...], list[int]] = {}
+
+    def add(pkt, key, n, ip_len):  # type: ignore[no-untyped-def]
+        for i in range(n):
+            p = pkt.copy()
+            p.time = T0 + len(pkts) * 0.001
+            pkts.append(p)
+        expected[key] = [n, n * ip_len]
+
+    eth = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    add(eth / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=5000, dport=53) / (b"a" * 72),
+        ("10.0.0.1", "10.0.0.2", 5000, 53, 17), 7, 20 + 8 + 72)
+    add(eth / IP(src="10.0.0.2", dst="10.0.0.1") / TCP(sport=80, dport=40000, flags="A") / (b"b" * 200),
+        ("10.0.0.2", "10.0.0.1", 80, 40000, 6), 11, 20 + 20 + 200)
+    add(eth / IP(src="10.0.0.1", dst="10.0.0.9") / ICMP(type=8, code=0) / (b"c" * 56),
+        ("10.0.0.1", "10.0.0.9", 0, 8 * 256, 1), 3, 20 + 8 + 56)
+    add(eth / IPv6(src="2001:db8::1", dst="2001:db8::2") / UDP(sport=6000, dport=6001) / (b"d" * 10),
+        ("2001:db8::1", "2001:db8::2", 6000, 6001, 17), 5, 40 + 8 + 10)
+    pkts.append(Ether(type=0x0800) / b"\x45\x00")  # a truncated IPv4 packet: counted as malformed, not fatal
+    pkts[-1].time = T0 + 1
+    wrpcap(str(path), pkts)
+    return expected
+
+
+def test_replay_exact_counts(tmp_path: Path) -> None:
+    expected = _capture(tmp_path / "in.pcap")
+    coll = UdpCollector()
+    try:
+        cfg = write_config(tmp_path / "c.yaml", [{"address": "127.0.0.1", "port": coll.port}],
+                           cache={"accounter_max_entries": 2})  # forces evictions mid-file: sums stay exact
+        res = subprocess.run([*IPFIXER, "replay", str(tmp_path / "in.pcap"), "--config", str(cfg), "-q"],
+                             capture_output=True, text=True, timeout=120, env=cli_env())
+        assert res.returncode == 0, res.stderr
+        summary = json.loads(res.stdout)
+        assert summary["packets"] == 27 and summary["malformed"] == 1
+        coll.receive(5, until_idle=1.0)
+        records = coll.flow_records()
+        assert totals_by_flow(records) == {k: v for k, v in expected.items()}
+        starts = [r["flowStartMilliseconds"] for r in records]
+        assert min(starts) == int(T0 * 1000)  # capture time, not replay time
+        assert all(r["flowDirection"] == 0 for r in records)
+    finally:
+        coll.close()
+
+
+def test_replay_bad_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pcap"
+    bad.write_bytes(b"not a capture")
+    cfg = write_config(tmp_path / "c.yaml", [{"address": "127.0.0.1", "port": 9}])
+    res = subprocess.run([*IPFIXER, "replay", str(bad), "--config", str(cfg)], capture_output=True, text=True,
+                         timeout=60, env=cli_env())
+    assert res.returncode == 1 and "not a pcap" in res.stderr and "Traceback" not in res.stderr

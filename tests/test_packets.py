@@ -1,0 +1,50 @@
+"""The userspace packet parser (pcap replay, NFLOG) on frames crafted with scapy."""
+
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
+from scapy.layers.l2 import Dot1Q, Ether
+
+from ipfixer.model import ETH_P_IP, ETH_P_IPV6, to_addr16
+from ipfixer.packets import frame_key, parse_ethernet, parse_ip
+
+
+def test_ipv4_tcp_frame() -> None:
+    pkt = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src="10.1.0.1", dst="10.1.0.2", tos=0x28) / \
+        TCP(sport=1234, dport=80, flags="SA") / (b"x" * 100)
+    frame = parse_ethernet(bytes(pkt))
+    assert frame is not None and frame.ip is not None
+    key, octets, flags, tos = frame_key(frame, 1, 7)
+    assert (key.src_addr, key.dst_addr) == (to_addr16("10.1.0.1"), to_addr16("10.1.0.2"))
+    assert (key.src_port, key.dst_port, key.protocol, key.direction, key.ifindex) == (1234, 80, 6, 1, 7)
+    assert key.src_mac == bytes.fromhex("020000000001")
+    assert octets == 20 + 20 + 100 and flags == 0x12 and tos == 0x28
+
+
+def test_vlan_ipv6_icmp_and_ext_headers() -> None:
+    pkt = Ether() / Dot1Q(vlan=42) / IPv6(src="2001:db8::1", dst="2001:db8::2") / IPv6ExtHdrHopByHop() / \
+        ICMPv6EchoRequest()
+    frame = parse_ethernet(bytes(pkt))
+    assert frame is not None and frame.ip is not None
+    key, octets, _, _ = frame_key(frame, 0, 1)
+    assert key.vlan_id == 42 and key.ethertype == ETH_P_IPV6 and key.protocol == 58
+    assert key.dst_port == 128 * 256 and octets == len(bytes(pkt)) - 18
+
+
+def test_icmp_type_code_and_fragments() -> None:
+    ip = parse_ip(bytes(IP(src="1.1.1.1", dst="2.2.2.2") / ICMP(type=3, code=3)))
+    assert ip is not None and (ip.src_port, ip.dst_port) == (0, 3 * 256 + 3)
+    frag = parse_ip(bytes(IP(src="1.1.1.1", dst="2.2.2.2", frag=10, proto=17) / (b"y" * 30)))
+    assert frag is not None and (frag.src_port, frag.dst_port, frag.protocol) == (0, 0, 17)
+    frag6 = parse_ip(bytes(IPv6() / IPv6ExtHdrFragment(offset=5, nh=17) / (b"z" * 16)))
+    assert frag6 is not None and frag6.protocol == 17 and frag6.dst_port == 0
+
+
+def test_malformed_never_raises() -> None:
+    assert parse_ethernet(b"\x00" * 5) is None
+    assert parse_ip(b"") is None and parse_ip(b"\x45\x00") is None and parse_ip(b"\x4f" + b"\x00" * 30) is None
+    assert parse_ip(b"\x60" + b"\x00" * 10) is None
+    arp = parse_ethernet(bytes(Ether(type=0x0806) / (b"\x00" * 28)))
+    assert arp is not None and arp.ip is None and arp.ethertype == 0x0806
+    for n in range(0, 80):
+        parse_ethernet(bytes(Ether() / IPv6() / IPv6ExtHdrHopByHop() / UDP())[:n])
+    assert parse_ip(bytes(IP() / UDP()))  is not None and parse_ip(bytes(IP() / UDP())).ethertype == ETH_P_IP

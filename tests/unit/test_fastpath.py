@@ -1,0 +1,144 @@
+"""BatchEncoder: byte-identical to the construct path (hypothesis property), and its limits."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ipfixer.errors import EncodeError
+from ipfixer.infomodel import VARLEN, InfoModel
+from ipfixer.templates import Template, TemplateField, check_length, load_templates
+from ipfixer.wire import ipfix
+from ipfixer.wire.fastpath import BatchEncoder
+
+IM = InfoModel.load_default()
+TS = load_templates()
+BYTES_LEN = {"ipv4Address": 4, "ipv6Address": 16, "macAddress": 6}
+NTP_MAX = {
+    "dateTimeMicroseconds": (2**32 - 2_208_988_801) * 10**6,
+    "dateTimeNanoseconds": (2**32 - 2_208_988_801) * 10**9,
+}
+
+# Elements covering every fixed-length type the fast path supports.
+CANDIDATES = [
+    "sourceIPv4Address", "sourceIPv6Address", "sourceMacAddress", "octetDeltaCount", "packetDeltaCount",
+    "sourceTransportPort", "protocolIdentifier", "ingressInterface", "flowStartMilliseconds", "flowStartSeconds",
+    "flowStartMicroseconds", "flowStartNanoseconds", "samplingProbability", "dataRecordsReliability",
+    "mplsTopLabelTTL", "ctState", "ctMark", "ctZone", "cgroupId", "interfaceName",
+]  # fmt: skip
+
+
+@st.composite
+def templates(draw: st.DrawFn) -> Template:
+    names = draw(st.lists(st.sampled_from(CANDIDATES), min_size=1, max_size=12, unique=True))
+    fields = []
+    for n in names:
+        e = IM.by_name(n)
+        d = e.default_length
+        if d == VARLEN:
+            length = draw(st.integers(1, 24))  # fixed-length string
+        elif e.data_type.startswith(("unsigned", "signed")):
+            length = draw(st.integers(1, d))  # RFC 7011 6.2 reduced size, incl. 3, 5, 6, 7
+        elif e.data_type == "float64":
+            length = draw(st.sampled_from([4, 8]))
+        else:
+            length = d
+        assert check_length(e, length) is None
+        fields.append(TemplateField(e, length))
+    return Template(300, "p", tuple(fields))
+
+
+def value_strategy(f: TemplateField) -> st.SearchStrategy[Any]:
+    t, n = f.element.data_type, f.length
+    if t.startswith("unsigned") or t in ("dateTimeSeconds", "dateTimeMilliseconds"):
+        return st.integers(0, 2 ** (8 * n) - 1)
+    if t.startswith("signed"):
+        return st.integers(-(2 ** (8 * n - 1)), 2 ** (8 * n - 1) - 1)
+    if t in NTP_MAX:
+        return st.integers(0, NTP_MAX[t])
+    if t == "float64":
+        return st.floats(width=32 if n == 4 else 64, allow_nan=False)
+    if t == "boolean":
+        return st.booleans()
+    return st.binary(min_size=BYTES_LEN.get(t, n), max_size=BYTES_LEN.get(t, n))
+
+
+@st.composite
+def batches(draw: st.DrawFn) -> tuple[Template, list[dict[str, Any]]]:
+    t = draw(templates())
+    n = draw(st.integers(0, 8))
+    rows = [{f.name: draw(value_strategy(f)) for f in t.fields if draw(st.integers(0, 9))} for _ in range(n)]
+    return t, rows
+
+
+def to_columns(t: Template, rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    cols: dict[str, np.ndarray] = {}
+    for f in t.fields:
+        if all(f.name not in r for r in rows) and rows:
+            continue  # a missing column
+        vals = [r.get(f.name) for r in rows]
+        dt = f.element.data_type
+        if dt in BYTES_LEN or dt in ("string", "octetArray"):
+            k = BYTES_LEN.get(dt, f.length)
+            cols[f.name] = np.array([list(v) for v in vals], dtype=np.uint8).reshape(len(rows), k)
+        elif dt == "float64":
+            cols[f.name] = np.array(vals, dtype=np.float64)
+        elif dt == "boolean":
+            cols[f.name] = np.array(vals)
+        elif dt.startswith("signed"):
+            cols[f.name] = np.array(vals, dtype=np.int64)
+        else:
+            cols[f.name] = np.array(vals, dtype=np.uint64)
+    return cols
+
+
+@settings(max_examples=300, deadline=None)
+@given(batches())
+def test_byte_identical_to_construct(batch: tuple[Template, list[dict[str, Any]]]) -> None:
+    t, rows = batch
+    # where a column exists, a row without the value holds the column's zero (not "absent")
+    for f in t.fields:
+        if any(f.name in r for r in rows):
+            dt = f.element.data_type
+            zero: Any = False if dt == "boolean" else 0.0 if dt == "float64" else 0
+            if dt in BYTES_LEN or dt in ("string", "octetArray"):
+                zero = bytes(BYTES_LEN.get(dt, f.length))
+            for r in rows:
+                r.setdefault(f.name, zero)
+    enc = BatchEncoder(t)
+    assert enc.encode(to_columns(t, rows), len(rows)) == ipfix.encode_data_records(t, rows)
+
+
+def test_default_templates_and_flow_dtype_addresses() -> None:
+    t = TS["ipv4_nat_flow"]
+    enc = BatchEncoder(t)
+    assert enc.record_length == t.record_length
+    mapped = np.zeros((2, 16), np.uint8)
+    mapped[:, 10:12] = 0xFF
+    mapped[:, 12:] = [10, 0, 0, 1]
+    cols = {"sourceIPv4Address": mapped, "ctState": np.array([0x22, 0x01], np.uint8),
+            "destinationIPv4Address": np.array([0xC0000201, 1], np.uint32)}  # fmt: skip
+    rec = {
+        "sourceIPv4Address": ipaddress.IPv4Address("10.0.0.1"),
+        "ctState": 0x22,
+        "destinationIPv4Address": "192.0.2.1",
+    }
+    assert enc.encode(cols, 2)[: t.record_length] == ipfix.encode_data_records(t, [rec])
+
+
+def test_errors() -> None:
+    with pytest.raises(EncodeError, match="variable length"):
+        BatchEncoder(Template(300, "v", (TemplateField(IM.by_name("interfaceName"), VARLEN),)))
+    t = Template(300, "r", (TemplateField(IM.by_name("octetDeltaCount"), 3),))
+    enc = BatchEncoder(t)
+    with pytest.raises(EncodeError, match="does not fit in 3"):
+        enc.encode({"octetDeltaCount": np.array([2**24], np.uint64)}, 1)
+    with pytest.raises(EncodeError, match="shape"):
+        enc.encode({"octetDeltaCount": np.array([1, 2], np.uint64)}, 1)
+    with pytest.raises(EncodeError, match="negative"):
+        enc.encode({"octetDeltaCount": np.array([-1], np.int64)}, 1)

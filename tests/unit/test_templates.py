@@ -1,0 +1,101 @@
+"""Template files: shipped templates load; every rule names file, template id and field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ipfixer.errors import TemplateError
+from ipfixer.infomodel import VARLEN, InfoModel
+from ipfixer.templates import DEFAULT_TEMPLATES_DIR, load_template_file, load_templates
+
+IM = InfoModel.load_default()
+FLOW_FIELDS = [
+    "sourceTransportPort", "destinationTransportPort", "protocolIdentifier", "tcpControlBits",
+    "ipClassOfService", "octetDeltaCount", "packetDeltaCount", "flowStartMilliseconds", "flowEndMilliseconds",
+    "flowDirection", "ingressInterface", "egressInterface", "sourceMacAddress", "destinationMacAddress",
+    "ethernetType", "vlanId", "flowEndReason",
+]  # fmt: skip
+
+
+def test_shipped_templates() -> None:
+    ts = load_templates()
+    assert {t.template_id for t in ts.values()} == {256, 257, 258, 259, 260, 261}
+    v4, v6 = ts["ipv4_flow"], ts["ipv6_flow"]
+    assert [f.name for f in v4.fields[2:]] == FLOW_FIELDS == [f.name for f in v6.fields[2:]]
+    assert v4.fields[0].name == "sourceIPv4Address" and v6.fields[1].name == "destinationIPv6Address"
+    assert v4.record_length == 73 and v6.record_length == 97 and not v4.is_options
+    nat = ts["ipv6_nat_flow"]
+    assert {
+        "postNATSourceIPv6Address",
+        "postNAPTSourceTransportPort",
+        "ctState",
+        "ctMark",
+        "ctZone",
+        "cgroupId",
+    } <= {f.name for f in nat.fields}
+    stats, sampling = ts["options_exporter_stats"], ts["options_sampling"]
+    assert stats.is_options and [f.name for f in stats.scope_fields] == [
+        "observationDomainId",
+        "meteringProcessId",
+    ]
+    assert sampling.scope_count == 1 and {"samplingInterval", "samplingAlgorithm"} <= {
+        f.name for f in sampling.fields
+    }
+
+
+def write(tmp_path: Path, body: str, name: str = "t.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(body)
+    return p
+
+
+def test_reduced_size_and_varlen(tmp_path: Path) -> None:
+    p = write(tmp_path, "id: 300\nname: x\nfields:\n  - {name: octetDeltaCount, length: 3}\n"
+              "  - {name: interfaceName, length: 65535}\n  - {name: samplingProbability, length: 4}\n")  # fmt: skip
+    t = load_template_file(p, IM)
+    assert [f.length for f in t.fields][:2] == [3, VARLEN]
+    assert t.record_length is None and t.min_record_length == 8
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [("id: 255\nname: x\nfields: [vlanId]\n", r"t\.yaml: template 255: template id must be 256"),
+     ("id: 300\nname: x\nfields: [vlanId, sourceIPv4Adress]\n",
+      r"t\.yaml: template 300 field 1: unknown element 'sourceIPv4Adress' \(did you mean 'sourceIPv4Address'\?\)"),
+     ("id: 300\nname: x\nfields: [{name: octetDeltaCount, length: 9}]\n", r"field 0 \(octetDeltaCount\): length 9"),
+     ("id: 300\nname: x\nfields: [{name: sourceIPv4Address, length: 2}]\n", "reduced size only for integers"),
+     ("id: 300\nname: x\nfields: [{name: vlanId, length: 65535}]\n", "length 65535 not allowed"),
+     ("id: 300\nname: x\nfields: [{name: sourceIPv6Address, length: 65535}]\n", "variable length only"),
+     ("id: 300\nname: x\nfields: [{name: float32Thing, length: 4}]\n", "unknown element"),
+     ("id: 300\nname: x\nscope: []\nfields: [vlanId]\n", "at least one scope field"),
+     ("id: 300\nname: x\nfields: [vlanId, vlanId]\n", r"field 1 \(vlanId\): element repeated"),
+     ("id: 300\nname: x\nfields: [{name: ctState, enterprise: 1}]\n", "with enterprise number 1"),
+     ("id: 300\nname: x\nfields: [{name: vlanId, size: 1}]\n", "unknown keys"),
+     ("id: 300\nname: x\nfields: []\n", "non-empty list"),
+     ("id: 300\nname: x\nfields: [\n", "invalid YAML")],
+)  # fmt: skip
+def test_invalid(tmp_path: Path, body: str, match: str) -> None:
+    with pytest.raises(TemplateError, match=match):
+        load_template_file(write(tmp_path, body), IM)
+
+
+def test_float64_reduced_and_enterprise_lookup(tmp_path: Path) -> None:
+    ie = IM.by_name("ctState")
+    assert ie.pen
+    p = write(tmp_path, "id: 300\nname: x\nscope: [observationDomainId]\n"
+              "fields: [{name: ctState, enterprise: 57999}, cgroupId]\n")  # fmt: skip
+    t = load_template_file(p, IM)
+    assert t.is_options and t.fields[1].element == ie and t.fields[2].element.pen == 57999
+
+
+def test_duplicate_ids_across_files(tmp_path: Path) -> None:
+    write(tmp_path, "id: 300\nname: a\nfields: [vlanId]\n", "a.yaml")
+    write(tmp_path, "id: 300\nname: b\nfields: [vlanId]\n", "b.yaml")
+    with pytest.raises(TemplateError, match=r"b\.yaml: template 300: id already used by .*a\.yaml"):
+        load_templates(tmp_path, IM)
+
+
+def test_default_dir() -> None:
+    assert DEFAULT_TEMPLATES_DIR.name == "templates" and (DEFAULT_TEMPLATES_DIR / "ipv4_flow.yaml").exists()
