@@ -14,7 +14,6 @@ changes the calling thread); the rest of the process stays where it is.
 from __future__ import annotations
 
 import collections
-import ctypes
 import errno
 import ipaddress
 import logging
@@ -22,16 +21,16 @@ import os
 import select
 import socket
 import struct
-import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 import numpy as np
 from pyroute2.netlink.nfnetlink.nfctsocket import nfct_msg
 
 from ipfixer.model import V4_MAPPED_PREFIX
+from ipfixer.netns import socket_in_netns
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,6 @@ NLM_F_REQUEST = 0x1
 NLM_F_DUMP = 0x300
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
-CLONE_NEWNET = 0x40000000
 
 # enum ip_conntrack_status (include/uapi/linux/netfilter/nf_conntrack_common.h)
 IPS_EXPECTED = 1 << 0
@@ -85,47 +83,6 @@ CT_DNAT = 0x80
 _ICMP_PROTOS = (1, 58)
 _ICMP_ERROR_TYPES = {1: (3, 4, 5, 11, 12), 58: (1, 2, 3, 4)}  # dest unreach, quench, redirect, time, param
 
-_libc = ctypes.CDLL(None, use_errno=True)
-T = TypeVar("T")
-
-
-def in_netns(netns: str | None, fn: Callable[[], T], timeout_s: float = 10.0) -> T:
-    """Run fn in a thread that has joined netns (a name under /var/run/netns or a path); None = here.
-
-    Sockets created by fn stay in that netns after the thread ends, which is how every netlink and
-    test socket of this package reaches a namespace without moving the whole process.
-    """
-    if netns is None:
-        return fn()
-    path = netns if netns.startswith("/") else f"/var/run/netns/{netns}"
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns({path}): {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, name=f"netns:{netns}", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
-        raise TimeoutError(f"running in netns {netns} took over {timeout_s}s")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]  # type: ignore[no-any-return]
-
-
-def socket_in_netns(netns: str | None, family: int, type_: int, proto: int = 0) -> socket.socket:
-    """A socket created inside netns (see in_netns)."""
-    return in_netns(netns, lambda: socket.socket(family, type_, proto))
 
 
 class ConnKey(NamedTuple):

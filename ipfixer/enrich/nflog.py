@@ -17,8 +17,9 @@ import time
 from dataclasses import dataclass
 
 from ipfixer.clock import Clock, SystemClock
-from ipfixer.enrich.conntrack import NETLINK_NETFILTER, socket_in_netns
+from ipfixer.enrich.conntrack import NETLINK_NETFILTER
 from ipfixer.model import ETH_P_IP, ETH_P_IPV6, V4_MAPPED_PREFIX, Direction, FlowKey, RawPacket
+from ipfixer.netns import socket_in_netns
 
 NFNL_SUBSYS_ULOG = 4
 NFULNL_MSG_PACKET = 0

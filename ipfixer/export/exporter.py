@@ -12,6 +12,7 @@ import os
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -104,17 +105,12 @@ class Exporter:
             self.refresh_templates(now_wall_ns)
             return
         for c in self.collectors:
-            self._run(c, lambda c=c: c.session.messages(batch, now_wall_ns), flows=True)
+            self._run(c, partial(c.session.messages, batch, now_wall_ns), flows=True)
 
     def export_records(self, records: Sequence[FlowRecord], now_wall_ns: int) -> None:
         """The per-record path (templates with variable-length fields)."""
         for c in self.collectors:
-
-            def build(c: Collector = c) -> list[Message]:
-                data = c.session.datagrams_from_records(records, now_wall_ns)
-                return [Message(d, 0, 0, False) for d in data]
-
-            self._run(c, build, flows=True)
+            self._run(c, partial(_record_messages, c.session, records, now_wall_ns), flows=True)
 
     def export_options(
         self, template: str | int | Template, values_list: Sequence[Mapping[str, Any]], now_wall_ns: int
@@ -125,16 +121,12 @@ class Exporter:
                 c.session.options_template(template)
             except EncodeError:
                 continue
-            self._run(c, lambda c=c: c.session.options_messages(template, values_list, now_wall_ns), flows=False)
+            self._run(c, partial(c.session.options_messages, template, values_list, now_wall_ns), flows=False)
 
     def refresh_templates(self, now_wall_ns: int) -> None:
         """Send a templates-only message to each collector whose refresh is due (idle periods)."""
         for c in self.collectors:
-            self._run(
-                c,
-                lambda c=c: [Message(d, 0, 0, True) for d in c.session.template_datagrams(now_wall_ns)],
-                flows=False,
-            )
+            self._run(c, partial(c.session.template_messages, now_wall_ns), flows=False)
 
     # -- statistics options records (RFC 7011 4.1 / 4.2) ---------------------------------------
     def stats_values(self, name: str, ignored_packets: int = 0, ignored_octets: int = 0) -> dict[str, Any]:
@@ -168,8 +160,8 @@ class Exporter:
         for c in self.collectors:
             t = _find_options(c.session, lambda names: STATS_FIELD in names)
             if t is not None:
-                vals = records[c.name]
-                self._run(c, lambda c=c, t=t, v=vals: c.session.options_messages(t, v, now_wall_ns), flows=False)
+                build = partial(c.session.options_messages, t, records[c.name], now_wall_ns)
+                self._run(c, build, flows=False)
 
     def export_sampling(self, now_wall_ns: int, values: Mapping[str, Any]) -> None:
         """Send the sampling configuration record to collectors whose session has a sampling template."""
@@ -177,7 +169,7 @@ class Exporter:
             t = _find_options(c.session, lambda names: any(s in names for s in SAMPLING_FIELDS))
             if t is not None:
                 v = [{"observationDomainId": c.session.domain_id, **values}]
-                self._run(c, lambda c=c, t=t, v=v: c.session.options_messages(t, v, now_wall_ns), flows=False)
+                self._run(c, partial(c.session.options_messages, t, v, now_wall_ns), flows=False)
 
     def close(self) -> None:
         """Close every transport."""
@@ -190,3 +182,7 @@ def _find_options(session: ExportSession, pred: Callable[[set[str]], bool]) -> T
         if pred({f.name for f in t.fields}):
             return t
     return None
+
+
+def _record_messages(session: ExportSession, records: Sequence[FlowRecord], now_wall_ns: int) -> list[Message]:
+    return session.record_messages(records, now_wall_ns)

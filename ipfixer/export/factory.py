@@ -38,19 +38,24 @@ def load_config_templates(config: Config) -> tuple[dict[int, Template], list[Tem
 def build_exporter(config: Config, boot_wall_ns: int) -> Exporter:
     """One ExportSession and UdpTransport per configured collector."""
     data, options = load_config_templates(config)
-    collectors = []
-    for c in config.collectors:
-        session = ExportSession(
-            c.protocol,
-            config.observation_domain_id,
-            data,
-            options,
-            max_message_size=c.max_message_size,
-            template_refresh_s=c.template_refresh,
-            template_refresh_messages=c.template_refresh_messages,
-            boot_wall_ns=boot_wall_ns,
-        )
-        collectors.append((c.name, session, UdpTransport(c.address, c.port)))
+    collectors: list[tuple[str, ExportSession, UdpTransport]] = []
+    try:
+        for c in config.collectors:
+            session = ExportSession(
+                c.protocol,
+                config.observation_domain_id,
+                data,
+                options,
+                max_message_size=c.max_message_size,
+                template_refresh_s=c.template_refresh,
+                template_refresh_messages=c.template_refresh_messages,
+                boot_wall_ns=boot_wall_ns,
+            )
+            collectors.append((c.name, session, UdpTransport(c.address, c.port)))
+    except BaseException:
+        for _, _, transport in collectors:
+            transport.close()
+        raise
     return Exporter(collectors)
 
 

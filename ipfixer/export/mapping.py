@@ -138,9 +138,11 @@ def _column(batch: np.ndarray, m: ColumnMapping, sys_boot_ms: int | None) -> np.
     """Apply one transform to a whole batch."""
     t = m.transform
     if t is Transform.INT or t is Transform.BYTES:
-        return np.ascontiguousarray(batch[m.column])
+        col: np.ndarray = np.ascontiguousarray(batch[m.column])
+        return col
     if t is Transform.IPV4:
-        return np.ascontiguousarray(batch[m.column][:, 12:16])
+        col = np.ascontiguousarray(batch[m.column][:, 12:16])
+        return col
     if t is Transform.ICMP:
         icmp = np.isin(batch["protocol"], (IPPROTO_ICMP, IPPROTO_ICMPV6))
         return np.where(icmp, batch[m.column], 0).astype(np.uint16)
@@ -153,8 +155,9 @@ def _column(batch: np.ndarray, m: ColumnMapping, sys_boot_ms: int | None) -> np.
             raise EncodeError(f"element {m.element!r} needs the exporter's boot time (sys_boot_ms)")
         # A flow seen before the exporter booted is clamped to uptime 0; uptime wraps at 2^32 ms
         # (49.7 days) exactly as a router's sysUpTime does (RFC 3954 5.1).
-        rel = batch[m.column].astype(np.int64) - np.int64(sys_boot_ms)
-        return (np.maximum(rel, 0) % UINT32_MOD).astype(np.uint32)
+        rel: np.ndarray = batch[m.column].astype(np.int64) - np.int64(sys_boot_ms)
+        uptime: np.ndarray = (np.maximum(rel, 0) % UINT32_MOD).astype(np.uint32)
+        return uptime
     raise EncodeError(f"element {m.element!r} has no batch column (per-record path only)")
 
 

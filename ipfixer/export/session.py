@@ -292,6 +292,10 @@ class ExportSession:
 
     def datagrams_from_records(self, records: Sequence[FlowRecord], now_wall_ns: int) -> list[bytes]:
         """Encode FlowRecords one by one with construct (needed for variable-length fields)."""
+        return [m.data for m in self.record_messages(records, now_wall_ns)]
+
+    def record_messages(self, records: Sequence[FlowRecord], now_wall_ns: int) -> list[Message]:
+        """Like datagrams_from_records(), with record counts per message."""
         groups: list[_Records] = []
         by_tid: dict[int, list[FlowRecord]] = {}
         for r in records:
@@ -303,7 +307,7 @@ class ExportSession:
         for tid, t in self._data_templates.items():
             if by_tid.get(tid):
                 groups.append(self._encode_records(t, by_tid[tid]))
-        return [m.data for m in self._pack(groups, now_wall_ns, options=False)]
+        return self._pack(groups, now_wall_ns, options=False)
 
     def options_datagrams(
         self, template: str | int | Template, values_list: Sequence[Mapping[str, Any]], now_wall_ns: int
@@ -337,10 +341,14 @@ class ExportSession:
     def template_datagrams(self, now_wall_ns: int, force: bool = False) -> list[bytes]:
         """A templates-only message when a refresh is due (or forced): keeps an idle session decodable
         by a collector that restarted (RFC 7011 8.4)."""
+        return [m.data for m in self.template_messages(now_wall_ns, force)]
+
+    def template_messages(self, now_wall_ns: int, force: bool = False) -> list[Message]:
+        """Like template_datagrams()."""
         if not (force or self.templates_due(now_wall_ns)):
             return []
         self._last_templates_ns = None
-        return [m.data for m in self._pack([], now_wall_ns, options=False, templates_only=True)]
+        return self._pack([], now_wall_ns, options=False, templates_only=True)
 
     # -- packing -------------------------------------------------------------------------------
     def _encode_records(self, t: Template, records: Sequence[FlowRecord]) -> _Records:

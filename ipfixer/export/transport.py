@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import socket
 from collections import Counter
+from typing import Self
 
 from ipfixer.errors import TransportError
 
@@ -81,7 +82,7 @@ class UdpTransport:
             self._sock.close()
             self._sock = None
 
-    def __enter__(self) -> UdpTransport:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

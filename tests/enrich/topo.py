@@ -8,7 +8,7 @@ import socket
 import subprocess
 from dataclasses import dataclass, field
 
-from ipfixer.enrich.conntrack import in_netns
+from ipfixer.netns import in_netns
 
 _counter = itertools.count()
 

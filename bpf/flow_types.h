@@ -1,0 +1,81 @@
+/* flow_types.h — the ONLY struct definitions shared by ipfixer's BPF programs and userspace.
+ *
+ * Userspace never re-declares these: bcc exposes each map's key/leaf as a ctypes type generated from
+ * this file, and ipfixer/kernel turns them into numpy dtypes. Layout rules: fields naturally aligned,
+ * every hole is an explicit pad field that the program zeroes (the key is hashed byte for byte).
+ */
+#ifndef IPFIXER_FLOW_TYPES_H
+#define IPFIXER_FLOW_TYPES_H
+
+#ifndef FLOW_MAP_ENTRIES
+#define FLOW_MAP_ENTRIES 65536
+#endif
+#ifndef SPILL_RING_PAGES
+#define SPILL_RING_PAGES 64          /* must be a power of two */
+#endif
+
+#define FLOW_DIR_INGRESS 0           /* IPFIX IE 61 flowDirection */
+#define FLOW_DIR_EGRESS 1
+
+/* One flow (60 bytes, 4-aligned). IPv4 addresses are ::ffff:a.b.c.d (RFC 4038). */
+struct flow_key {
+    __u16 ethertype;                 /* payload ethertype after VLAN tags, host order */
+    __u8  direction;                 /* FLOW_DIR_* */
+    __u8  protocol;                  /* IP protocol, 0 for non-IP */
+    __u16 vlan_id;                   /* outer VLAN id (0 = untagged) */
+    __u16 src_port;                  /* host order; ICMP: 0 */
+    __u16 dst_port;                  /* host order; ICMP/ICMPv6: type*256+code */
+    __u8  src_mac[6];
+    __u8  dst_mac[6];
+    __u8  pad0[2];                   /* zero */
+    __u32 ifindex;                   /* observation interface */
+    __u8  src_addr[16];
+    __u8  dst_addr[16];
+};
+
+/* Counters of one flow (48 bytes). The map is a shared BPF_HASH updated with atomic adds, not a
+ * per-CPU hash: netobserv measured ~80% byte loss with non-atomic updates, and a per-CPU hash costs
+ * memory x CPUs, leaves stale per-CPU slots and makes the drain sum CPUs in userspace. Measured here
+ * (benchmarks/datapath.py) the atomic add costs no visible per-packet time over the parse itself. */
+struct flow_metrics {
+    __u64 packets;                   /* __sync_fetch_and_add */
+    __u64 octets;                    /* IP-layer octets, __sync_fetch_and_add */
+    __u64 first_ns;                  /* bpf_ktime_get_ns() at insert */
+    __u64 last_ns;                   /* bpf_ktime_get_ns() of the latest packet (plain store) */
+    __u64 tcp_flags;                 /* OR of TCP flags (u64: bcc's target only has 64-bit atomic OR) */
+    __u8  tos;                       /* latest IPv4 TOS / IPv6 traffic class */
+    __u8  pad0[7];
+};
+
+/* One packet that did not fit in the flow map, sent to userspace through the ring buffer (88 bytes). */
+struct spill_record {
+    struct flow_key key;
+    __u32 packets;                   /* max(gso_segs, 1) */
+    __u64 octets;
+    __u64 ts_ns;                     /* bpf_ktime_get_ns() */
+    __u8  tcp_flags;
+    __u8  tos;
+    __u8  pad0[6];
+};
+
+/* Per-CPU counter array indices (BPF_PERCPU_ARRAY counters, __u64). Keep COUNTER_NAMES in
+ * ipfixer/kernel/program.py in the same order. */
+enum ipfixer_counter {
+    CNT_PACKETS = 0,                 /* frames seen by the classifier */
+    CNT_MAP_FULL,                    /* insert failed E2BIG / ENOMEM: map full */
+    CNT_INSERT_RACE,                 /* insert failed EEXIST: another CPU inserted first (then added) */
+    CNT_INSERT_BUSY,                 /* insert failed EBUSY: bucket lock busy */
+    CNT_INSERT_OTHER,                /* insert failed for another reason */
+    CNT_SPILLED,                     /* packets sent to the ring buffer */
+    CNT_RINGBUF_FAIL,                /* ring buffer full: packet lost (counted here) */
+    CNT_TRUNC_L2,                    /* frame shorter than its Ethernet/VLAN header */
+    CNT_TRUNC_L3,                    /* IP header cut short */
+    CNT_TRUNC_L4,                    /* transport header cut short */
+    CNT_MALFORMED,                   /* bad IP version / IHL */
+    CNT_NON_IP,                      /* neither IPv4 nor IPv6 */
+    CNT_IPV6_EXT_LIMIT,              /* too many IPv6 extension headers to walk */
+    CNT_FRAGMENT,                    /* non-first IP fragment (no ports) */
+    CNT_MAX
+};
+
+#endif

@@ -1,0 +1,193 @@
+"""The daemon: the one module that wires the stages, owns the loop and handles signals.
+
+kernel map / ring buffer -> Accounter -> FLOW_DTYPE batches -> enrichment -> Exporter -> UDP.
+Everything runs in one thread: the ring buffer is polled with a timeout that ends at the next drain,
+so no lock is needed and SIGHUP/SIGTERM are acted on between two polls.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+
+from ipfixer.clock import Clock, SystemClock
+from ipfixer.config import Config, load_config
+from ipfixer.errors import ConfigError, IpfixerError
+from ipfixer.export.factory import build_exporter, load_config_templates, sampling_values
+
+log = logging.getLogger("ipfixer")
+
+
+def setup_logging(level: str) -> None:
+    """Structured (key=value) logs on stderr."""
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="ts=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s",
+    )
+
+
+@dataclass
+class _Signals:
+    stop: bool = False
+    reload: bool = False
+    received: list[int] = field(default_factory=list)
+
+    def handler(self, signum: int, frame: FrameType | None) -> None:
+        self.received.append(signum)
+        if signum == signal.SIGHUP:
+            self.reload = True
+        else:
+            self.stop = True
+
+
+class Daemon:
+    """ipfixer's exporting appliance, configured by a validated Config."""
+
+    def __init__(self, config: Config, config_path: Path | None = None, clock: Clock | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.clock = clock or SystemClock()
+        self.signals = _Signals()
+        self.boot_wall_ns = self.clock.wall_ns()
+        self._metrics: Any = None
+        self._meter: Any = None
+        self._exporter: Any = None
+        self._enrichers: list[Any] = []
+        self._next_stats_ns = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def run(self, duration_s: float | None = None) -> int:
+        """Run until SIGTERM/SIGINT (or `duration_s`), then flush every flow and detach."""
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self.signals.handler)
+        self._start()
+        deadline = None if duration_s is None else time.monotonic() + duration_s
+        try:
+            self._loop(deadline)
+        finally:
+            self._shutdown()
+        return 0
+
+    def _start(self) -> None:
+        from ipfixer.meter import Meter
+        from ipfixer.metrics import Metrics
+
+        cfg = self.config
+        self._metrics = Metrics()
+        if cfg.metrics.listen:
+            self._metrics.start_http(cfg.metrics.listen)
+            log.info("metrics listen=%s", cfg.metrics.listen)
+        self._exporter = build_exporter(cfg, self.boot_wall_ns)
+        self._enrichers = self._build_enrichers(cfg)
+        self._meter = Meter(cfg, self.clock, self._metrics)
+        self._meter.start()
+        self._send_options(force=True)
+        log.info("started interfaces=%s collectors=%s", ",".join(self._meter.interfaces()),
+                 ",".join(f"{c.protocol}://{c.address}:{c.port}" for c in cfg.collectors))
+
+    def _build_enrichers(self, cfg: Config) -> list[Any]:
+        enrichers: list[Any] = []
+        if cfg.enrichment.conntrack:
+            from ipfixer.enrich.conntrack import ConntrackTable
+
+            table = ConntrackTable()
+            if table.available:
+                enrichers.append(table)
+        return enrichers
+
+    def _loop(self, deadline: float | None) -> None:
+        interval_ns = int(self.config.timeouts.drain_interval * 1e9)
+        next_drain = self.clock.mono_ns() + interval_ns
+        while not self.signals.stop:
+            now = self.clock.mono_ns()
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            if now >= next_drain:
+                self._cycle()
+                next_drain = now + interval_ns
+            if self.signals.reload:
+                self.signals.reload = False
+                self._reload()
+            wait_ms = max(0, min(250, (next_drain - self.clock.mono_ns()) // 1_000_000))
+            self._meter.poll(int(wait_ms))
+
+    def _cycle(self) -> None:
+        """One drain: expired kernel flows + Accounter evictions -> enrichment -> export."""
+        started = time.perf_counter()
+        batches = self._meter.drain()
+        self._export(batches)
+        self._metrics.observe_drain(time.perf_counter() - started)
+        self._send_options(force=False)
+
+    def _export(self, batches: list[np.ndarray]) -> None:
+        batches = [b for b in batches if len(b)]
+        if not batches:
+            self._exporter.refresh_templates(self.clock.wall_ns())  # idle: templates still go out on time
+            return
+        batch = np.concatenate(batches) if len(batches) > 1 else batches[0]
+        for enricher in self._enrichers:
+            try:
+                self._metrics.count_enriched(enricher.enrich(batch))
+            except IpfixerError as exc:
+                log.warning("enrichment failed: %s", exc)
+        now = self.clock.wall_ns()
+        self._exporter.export(batch, now)
+        self._metrics.count_flows(batch)
+        self._metrics.update_exporter(self._exporter)
+
+    def _send_options(self, force: bool) -> None:
+        now = self.clock.wall_ns()
+        if not force and now < self._next_stats_ns:
+            return
+        self._next_stats_ns = now + int(self.config.templates.stats_interval * 1e9)
+        self._exporter.export_stats(now, self._meter.ignored_packets() if self._meter else 0)
+        self._exporter.export_sampling(now, sampling_values(self.config))
+
+    def _reload(self) -> None:
+        """SIGHUP: re-read the config; collectors, timeouts and interfaces change, no packet is lost:
+        flows still in the kernel map stay there and go to the new collectors at the next drain."""
+        if self.config_path is None:
+            log.warning("reload requested but no config file to reload")
+            return
+        try:
+            new = load_config(self.config_path)
+            new_exporter = build_exporter(new, self.boot_wall_ns)
+            load_config_templates(new)
+        except (ConfigError, IpfixerError) as exc:
+            log.error("reload rejected, keeping the running config: %s", str(exc).replace("\n", "; "))
+            return
+        self._cycle()  # what was due goes out on the old collectors before they change
+        old_exporter, self._exporter = self._exporter, new_exporter
+        old_exporter.close()
+        self.config = new
+        self._meter.reconfigure(new)
+        self._send_options(force=True)
+        log.info("reloaded config=%s collectors=%s", self.config_path,
+                 ",".join(f"{c.protocol}://{c.address}:{c.port}" for c in new.collectors))
+
+    def _shutdown(self) -> None:
+        """Flush everything still in the kernel map and the Accounter, then detach."""
+        try:
+            if self._meter is not None and self._exporter is not None:
+                self._export(self._meter.flush())
+                self._send_options(force=True)
+                log.info("flushed remaining flows")
+        finally:
+            if self._meter is not None:
+                self._meter.stop()
+            if self._exporter is not None:
+                self._exporter.close()
+            if self._metrics is not None:
+                self._metrics.stop_http()
+            log.info("stopped")
+
+

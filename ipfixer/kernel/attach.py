@@ -1,0 +1,317 @@
+"""Attach the classifier to clsact ingress/egress with pyroute2, and detach only what is ours.
+
+Rules (netobserv's lesson: never break another tool's tc setup):
+- the clsact qdisc is created only if absent, and we remember whether we created it;
+- ipfixer's filters carry a fixed priority/handle (FILTER_PRIO) and a TCA_BPF_NAME starting with
+  "ipfixer_", which is how remove_stale() recognises filters left by a crashed run;
+- detach deletes our filters, and the qdisc only if we created it and no other filter remains.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fnmatch
+import logging
+import os
+import select
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.rtnl import RTMGRP_LINK
+from pyroute2.netlink.rtnl.marshal import MarshalRtnl
+
+from ipfixer.errors import KernelError
+
+log = logging.getLogger(__name__)
+
+FILTER_PRIO = 0x0F1F  # tc "pref" and handle of ipfixer's filters
+FILTER_NAME_PREFIX = "ipfixer_"
+PARENT_INGRESS = 0xFFFFFFF2  # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)
+PARENT_EGRESS = 0xFFFFFFF3
+CLSACT_HANDLE = 0xFFFF0000
+_PARENTS = {"ingress": PARENT_INGRESS, "egress": PARENT_EGRESS}
+
+
+def directions(which: str) -> tuple[str, ...]:
+    """'ingress' | 'egress' | 'both' -> the clsact hooks to use."""
+    if which == "both":
+        return ("ingress", "egress")
+    if which in _PARENTS:
+        return (which,)
+    raise ValueError(f"direction must be ingress, egress or both, not {which!r}")
+
+
+@dataclass(frozen=True)
+class InterfaceSelector:
+    """Which interfaces to meter: shell-style globs on the name; exclude wins over include."""
+
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ("lo",)
+
+    def matches(self, name: str) -> bool:
+        """Whether an interface of this name is selected."""
+        if any(fnmatch.fnmatchcase(name, pat) for pat in self.exclude):
+            return False
+        return any(fnmatch.fnmatchcase(name, pat) for pat in self.include)
+
+
+@dataclass
+class Attachment:
+    """What ipfixer put on one interface."""
+
+    ifindex: int
+    ifname: str
+    hooks: list[str] = field(default_factory=list)
+    created_qdisc: bool = False
+
+
+def _filter_name(msg: Any) -> str:
+    opts = msg.get_attr("TCA_OPTIONS")
+    if not opts:
+        return ""
+    return str(opts.get_attr("TCA_BPF_NAME") or "")
+
+
+class Attacher:
+    """Puts ipfixer's ingress/egress programs on interfaces of one network namespace."""
+
+    def __init__(self, ingress_fd: int, egress_fd: int, direction: str = "both",
+                 netns: str | None = None) -> None:
+        self.fds = {"ingress": ingress_fd, "egress": egress_fd}
+        self.hooks = directions(direction)
+        self.netns = netns
+        self.ipr = IPRoute(netns=netns) if netns else IPRoute()
+        self.attached: dict[int, Attachment] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Close the netlink socket (does not detach)."""
+        self.ipr.close()
+
+    def __enter__(self) -> Attacher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach_all()
+        self.close()
+
+    def resolve(self, iface: str | int) -> tuple[int, str]:
+        """(ifindex, ifname) of an interface given by name or index."""
+        try:
+            if isinstance(iface, int):
+                link = self.ipr.get_links(iface)[0]
+            else:
+                idx = self.ipr.link_lookup(ifname=iface)
+                if not idx:
+                    raise KernelError(f"interface {iface!r} not found")
+                link = self.ipr.get_links(idx[0])[0]
+        except KernelError:
+            raise
+        except Exception as exc:
+            raise KernelError(f"interface {iface!r}: {exc}") from exc
+        return int(link["index"]), str(link.get_attr("IFLA_IFNAME"))
+
+    def _has_clsact(self, ifindex: int) -> bool:
+        return any(q.get_attr("TCA_KIND") == "clsact" for q in self.ipr.get_qdiscs(index=ifindex))
+
+    def _filters(self, ifindex: int, hook: str) -> list[Any]:
+        return [f for f in self.ipr.get_filters(index=ifindex, parent=_PARENTS[hook]) if f["handle"]]
+
+    def attach(self, iface: str | int) -> Attachment:
+        """Add our filters on the selected hooks, creating clsact only if absent. Idempotent."""
+        ifindex, ifname = self.resolve(iface)
+        with self._lock:
+            if ifindex in self.attached:
+                return self.attached[ifindex]
+            att = Attachment(ifindex, ifname)
+            try:
+                if not self._has_clsact(ifindex):
+                    self.ipr.tc("add", "clsact", ifindex)
+                    att.created_qdisc = True
+                self._remove_ours(ifindex)  # a stale filter of a previous run at our prio
+                for hook in self.hooks:
+                    self.ipr.tc(
+                        "add-filter", "bpf", ifindex, FILTER_PRIO, fd=self.fds[hook],
+                        name=f"{FILTER_NAME_PREFIX}{hook}", parent=_PARENTS[hook], classid=1,
+                        direct_action=True, prio=FILTER_PRIO,
+                    )
+                    att.hooks.append(hook)
+            except Exception as exc:
+                self._undo(att)
+                raise KernelError(f"attaching to {ifname} (ifindex {ifindex}) failed: {exc}") from exc
+            self.attached[ifindex] = att
+            log.info("attached to %s (%d) %s", ifname, ifindex, ",".join(att.hooks))
+            return att
+
+    def _remove_ours(self, ifindex: int) -> int:
+        removed = 0
+        for hook, parent in _PARENTS.items():
+            for f in self._filters(ifindex, hook):
+                if f.get_attr("TCA_KIND") == "bpf" and _filter_name(f).startswith(FILTER_NAME_PREFIX):
+                    prio = (f["info"] >> 16) & 0xFFFF
+                    self.ipr.tc("del-filter", "bpf", ifindex, f["handle"], parent=parent, prio=prio)
+                    removed += 1
+        return removed
+
+    def _undo(self, att: Attachment) -> None:
+        try:
+            self._remove_ours(att.ifindex)
+            if att.created_qdisc and not any(self._filters(att.ifindex, h) for h in _PARENTS):
+                self.ipr.tc("del", "clsact", att.ifindex)
+        except Exception as exc:  # the interface may be gone: nothing left to clean
+            log.debug("cleanup of ifindex %d: %s", att.ifindex, exc)
+
+    def detach(self, iface: str | int) -> None:
+        """Remove our filters (and the qdisc if we created it and nothing else uses it)."""
+        ifindex = iface if isinstance(iface, int) else self.resolve(iface)[0]
+        with self._lock:
+            att = self.attached.pop(ifindex, None)
+            if att is not None:
+                self._undo(att)
+
+    def forget(self, ifindex: int) -> None:
+        """Drop state for an interface that vanished (its filters went with it)."""
+        with self._lock:
+            self.attached.pop(ifindex, None)
+
+    def detach_all(self) -> None:
+        """Detach from every interface we attached to."""
+        for ifindex in list(self.attached):
+            self.detach(ifindex)
+
+    def remove_stale(self, ifaces: Iterable[str | int] | None = None) -> int:
+        """Remove ipfixer filters left by a crashed run (all interfaces when ifaces is None)."""
+        if ifaces is None:
+            targets = [int(link["index"]) for link in self.ipr.get_links()]
+        else:
+            targets = []
+            for i in ifaces:
+                try:
+                    targets.append(self.resolve(i)[0])
+                except KernelError:
+                    continue
+        removed = 0
+        with self._lock:
+            for ifindex in targets:
+                if ifindex in self.attached:
+                    continue
+                try:
+                    removed += self._remove_ours(ifindex)
+                except Exception as exc:
+                    log.debug("stale filter scan of %d: %s", ifindex, exc)
+        return removed
+
+    def attach_selected(self, selector: InterfaceSelector) -> list[Attachment]:
+        """Attach to every current interface the selector matches."""
+        out = []
+        for link in self.ipr.get_links():
+            name = str(link.get_attr("IFLA_IFNAME"))
+            if selector.matches(name):
+                out.append(self.attach(int(link["index"])))
+        return out
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+def _link_socket(netns: str | None) -> socket.socket:
+    """A non-blocking rtnetlink socket subscribed to link events, opened inside netns if given.
+
+    A raw socket rather than pyroute2's IPRoute: pyroute2 0.9 queues multicast messages in its own
+    asyncio loop, so select() on its fd misses events that arrived in the same datagram."""
+    def make() -> socket.socket:
+        s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, socket.NETLINK_ROUTE)
+        s.bind((0, RTMGRP_LINK))
+        return s
+
+    if not netns:
+        return make()
+    libc = ctypes.CDLL(None, use_errno=True)
+    here = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    there = os.open(f"/var/run/netns/{netns}", os.O_RDONLY)
+    try:
+        if libc.setns(there, _CLONE_NEWNET) != 0:
+            raise KernelError(f"cannot enter netns {netns}: {os.strerror(ctypes.get_errno())}")
+        try:
+            return make()
+        finally:
+            if libc.setns(here, _CLONE_NEWNET) != 0:
+                raise KernelError("cannot return to the original netns")
+    finally:
+        os.close(here)
+        os.close(there)
+
+
+class LinkWatcher:
+    """Follows RTM_NEWLINK/RTM_DELLINK to attach selected interfaces that appear later and forget
+    vanished ones. Poll-based: call poll() from the thread that owns the Attacher (pyroute2 0.9
+    sockets belong to the thread that created them); each poll waits at most timeout_s."""
+
+    def __init__(self, attacher: Attacher, selector: InterfaceSelector,
+                 on_error: Callable[[str, Exception], None] | None = None) -> None:
+        self.attacher = attacher
+        self.selector = selector
+        self.on_error = on_error
+        self.events = 0
+        self._mon = _link_socket(attacher.netns)
+        self._marshal = MarshalRtnl()
+        self._closed = False
+
+    def start(self) -> list[Attachment]:
+        """Attach to every interface that matches now (later ones arrive through poll())."""
+        return self.attacher.attach_selected(self.selector)
+
+    def poll(self, timeout_s: float = 0.0, max_rounds: int = 64) -> int:
+        """Apply pending link events, waiting up to timeout_s for the first; returns events applied."""
+        applied = 0
+        wait = timeout_s
+        for _ in range(max_rounds):  # bounded even under an event storm
+            ready, _, _ = select.select([self._mon], [], [], wait)
+            if not ready:
+                break
+            wait = 0.0
+            try:
+                data = self._mon.recv(1 << 20)
+            except BlockingIOError:
+                break
+            except OSError as exc:  # ENOBUFS: events were lost; resync from a link dump
+                log.warning("link monitor overrun (%s): resyncing", exc)
+                self.attacher.attach_selected(self.selector)
+                continue
+            for msg in self._marshal.parse(data):
+                if msg.get("event") in ("RTM_NEWLINK", "RTM_DELLINK"):
+                    self.events += 1
+                    applied += 1
+                    self.handle(msg)
+        return applied
+
+    def run(self, stop: threading.Event, poll_s: float = 0.2) -> None:
+        """Poll until stop is set (for a thread that also created the Attacher)."""
+        while not stop.is_set():
+            self.poll(poll_s)
+
+    def stop(self) -> None:
+        """Close the monitor socket."""
+        if not self._closed:
+            self._closed = True
+            self._mon.close()
+
+    def handle(self, msg: Any) -> None:
+        """Apply one link message."""
+        event = msg.get("event")
+        ifindex = int(msg["index"])
+        name = str(msg.get_attr("IFLA_IFNAME") or "")
+        if event == "RTM_DELLINK":
+            self.attacher.forget(ifindex)
+        elif event == "RTM_NEWLINK" and name and self.selector.matches(name):
+            if ifindex not in self.attacher.attached:
+                try:
+                    self.attacher.attach(ifindex)
+                except Exception as exc:
+                    log.warning("attach to new interface %s failed: %s", name, exc)
+                    if self.on_error:
+                        self.on_error(name, exc)

@@ -1,0 +1,195 @@
+"""Turn kernel flow-map entries into FLOW_DTYPE batches, removing what is exported atomically.
+
+Never read-then-delete (it loses the packets counted in between). Two strategies, both measured by
+benchmarks/datapath.py (1M flows, this VM, where a bpf() syscall costs ~3 us):
+
+- "take_all" (default): BPF_MAP_LOOKUP_AND_DELETE_BATCH takes every entry (atomic per element,
+  ~0.9 us/flow in the kernel); flows that have not expired are carried in userspace and merged with
+  the entry the kernel starts for them (vectorised, by a 64-bit key hash verified on full keys).
+  1M flows all expiring: ~1.5 s.
+- "per_key": a BPF_MAP_LOOKUP_BATCH snapshot decides, then BPF_MAP_LOOKUP_AND_DELETE_ELEM per
+  expiring flow; long-lived flows stay in the kernel map. ~3 us per expiring flow: 1M -> ~5 s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ipfixer.clock import Clock
+from ipfixer.flows.expiry import expiry_reasons, wall_ms
+from ipfixer.model import FLOW_DTYPE, Direction, EndReason, empty_batch
+from ipfixer.kernel.program import libbpf, map_batch
+
+
+class Drainer:
+    """Exports idle, active-timeout and finished (FIN/RST) flows from the kernel flow map."""
+
+    def __init__(
+        self,
+        flows: Any,
+        clock: Clock,
+        active_timeout_ns: int,
+        idle_timeout_ns: int,
+        interface_namer: Callable[[int], str] | None = None,
+        strategy: str = "take_all",
+    ) -> None:
+        if strategy not in ("take_all", "per_key"):
+            raise ValueError(f"strategy must be take_all or per_key, not {strategy!r}")
+        self.strategy = strategy
+        self.flows = flows  # bcc HashTable (flow_key -> flow_metrics)
+        self.clock = clock
+        self.active_timeout_ns = active_timeout_ns
+        self.idle_timeout_ns = idle_timeout_ns
+        self.interface_namer = interface_namer
+        self.key_dtype = np.dtype(flows.Key)
+        self.leaf_dtype = np.dtype(flows.Leaf)
+        self.capacity = int(flows.max_entries)
+        self.map_fd = int(flows.map_fd)
+        names = [n for n in self.key_dtype.names or () if not n.startswith("pad")]
+        # Same-named key fields at FLOW_DTYPE's offsets: one C-level structured copy instead of one
+        # strided pass per field (0.09 s instead of 0.6 s for 1M flows).
+        self._key_src = np.dtype({"names": names, "formats": [self.key_dtype.fields[n][0] for n in names],
+                                  "offsets": [self.key_dtype.fields[n][1] for n in names],
+                                  "itemsize": self.key_dtype.itemsize})
+        self._key_dst = np.dtype({"names": names, "formats": [FLOW_DTYPE.fields[n][0] for n in names],
+                                  "offsets": [FLOW_DTYPE.fields[n][1] for n in names],
+                                  "itemsize": FLOW_DTYPE.itemsize})
+        self._carry_keys = np.empty(0, dtype=self.key_dtype)
+        self._carry_leaves = np.empty(0, dtype=self.leaf_dtype)
+        self.drains = 0
+        self.exported_flows = 0
+        self.vanished = 0  # expiring keys already gone when deleted (another drainer): not exported twice
+
+    def interface_name(self, ifindex: int) -> str:
+        """Name of an observation interface for enrichment (empty when no namer is set)."""
+        return self.interface_namer(ifindex) if self.interface_namer else ""
+
+    @property
+    def carried(self) -> int:
+        """Flows held in userspace between drains (take_all strategy)."""
+        return len(self._carry_keys)
+
+    def drain(self, now_mono_ns: int | None = None) -> np.ndarray:
+        """Export and remove flows that are idle, past the active timeout, or ended (FIN/RST)."""
+        if self.strategy == "per_key":
+            return self._drain_per_key(now_mono_ns)
+        now_wall = self.clock.wall_ns()
+        now_mono = self.clock.mono_ns()
+        decide_at = now_mono if now_mono_ns is None else now_mono_ns
+        keys, leaves = self._take_all()
+        reasons = expiry_reasons(
+            leaves["first_ns"], leaves["last_ns"], leaves["tcp_flags"], keys["protocol"],
+            decide_at, self.idle_timeout_ns, self.active_timeout_ns,
+        )
+        go = reasons != 0
+        self._carry_keys, self._carry_leaves = keys[~go], leaves[~go]
+        batch = self._to_batch(keys[go], leaves[go], reasons[go], now_wall, now_mono)
+        self.drains += 1
+        self.exported_flows += len(batch)
+        return batch
+
+    def _take_all(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every flow: the kernel map's entries (atomically removed) merged with the carry."""
+        keys, leaves = map_batch(self.map_fd, self.key_dtype, self.leaf_dtype, self.capacity, delete=True)
+        ck, cl = self._carry_keys, self._carry_leaves
+        self._carry_keys = np.empty(0, dtype=self.key_dtype)
+        self._carry_leaves = np.empty(0, dtype=self.leaf_dtype)
+        if len(ck) == 0:
+            return keys, leaves
+        if len(keys) == 0:
+            return ck, cl
+        _, ci, ni = np.intersect1d(_key_hash(ck), _key_hash(keys), assume_unique=False, return_indices=True)
+        same = np.all(_key_words(ck)[ci] == _key_words(keys)[ni], axis=1)  # a hash collision is no match
+        ci, ni = ci[same], ni[same]
+        cl = cl.copy()
+        cl["packets"][ci] += leaves["packets"][ni]
+        cl["octets"][ci] += leaves["octets"][ni]
+        cl["first_ns"][ci] = np.minimum(cl["first_ns"][ci], leaves["first_ns"][ni])
+        cl["last_ns"][ci] = np.maximum(cl["last_ns"][ci], leaves["last_ns"][ni])
+        cl["tcp_flags"][ci] |= leaves["tcp_flags"][ni]
+        cl["tos"][ci] = leaves["tos"][ni]
+        rest = np.ones(len(keys), dtype=bool)
+        rest[ni] = False
+        return np.concatenate([ck, keys[rest]]), np.concatenate([cl, leaves[rest]])
+
+    def _drain_per_key(self, now_mono_ns: int | None) -> np.ndarray:
+        now_wall = self.clock.wall_ns()
+        now_mono = self.clock.mono_ns()
+        decide_at = now_mono if now_mono_ns is None else now_mono_ns
+        keys, leaves = map_batch(self.map_fd, self.key_dtype, self.leaf_dtype, self.capacity, delete=False)
+        if len(keys) == 0:
+            return empty_batch(0)
+        reasons = expiry_reasons(
+            leaves["first_ns"],
+            leaves["last_ns"],
+            leaves["tcp_flags"],
+            keys["protocol"],
+            decide_at,
+            self.idle_timeout_ns,
+            self.active_timeout_ns,
+        )
+        sel = np.flatnonzero(reasons)
+        keys = np.ascontiguousarray(keys[sel])
+        reasons = reasons[sel]
+        taken = np.empty(len(keys), dtype=self.leaf_dtype)
+        found = np.ones(len(keys), dtype=bool)
+        fn = libbpf().bpf_map_lookup_and_delete_elem  # argtypes set: plain ints are pointers
+        kbase, ksize = keys.ctypes.data, self.key_dtype.itemsize
+        vbase, vsize = taken.ctypes.data, self.leaf_dtype.itemsize
+        fd = self.map_fd
+        for i in range(len(keys)):
+            if fn(fd, kbase + i * ksize, vbase + i * vsize) < 0:
+                found[i] = False
+        self.vanished += int(len(found) - found.sum())
+        batch = self._to_batch(keys[found], taken[found], reasons[found], now_wall, now_mono)
+        self.drains += 1
+        self.exported_flows += len(batch)
+        return batch
+
+    def flush(self) -> np.ndarray:
+        """Export and remove every flow (shutdown): flowEndReason forced end."""
+        now_wall = self.clock.wall_ns()
+        now_mono = self.clock.mono_ns()
+        keys, leaves = self._take_all()
+        reasons = np.full(len(keys), EndReason.FORCED_END, dtype=np.uint8)
+        batch = self._to_batch(keys, leaves, reasons, now_wall, now_mono)
+        self.exported_flows += len(batch)
+        return batch
+
+    def _to_batch(
+        self, keys: np.ndarray, leaves: np.ndarray, reasons: np.ndarray, now_wall: int, now_mono: int
+    ) -> np.ndarray:
+        out = empty_batch(len(keys))
+        out.view(self._key_dst)[...] = np.ascontiguousarray(keys).view(self._key_src)
+        out["packets"] = leaves["packets"]
+        out["octets"] = leaves["octets"]
+        out["start_ms"] = wall_ms(leaves["first_ns"], now_wall, now_mono)
+        out["end_ms"] = wall_ms(leaves["last_ns"], now_wall, now_mono)
+        out["tcp_flags"] = (leaves["tcp_flags"] & 0xFF).astype(np.uint8)
+        out["tos"] = leaves["tos"]
+        out["end_reason"] = reasons
+        ingress = keys["direction"] == Direction.INGRESS
+        out["ingress_if"] = np.where(ingress, keys["ifindex"], 0)
+        out["egress_if"] = np.where(ingress, 0, keys["ifindex"])
+        assert out.dtype == FLOW_DTYPE
+        return out
+
+
+def _key_words(keys: np.ndarray) -> np.ndarray:
+    """Keys as rows of u32 words (the key is 4-aligned, its padding zeroed by the program)."""
+    raw = np.ascontiguousarray(keys).view(np.uint8).reshape(len(keys), keys.dtype.itemsize)
+    return raw.view(np.uint32)
+
+
+def _key_hash(keys: np.ndarray) -> np.ndarray:
+    """A 64-bit multiplicative hash of each key (vectorised; collisions are checked by the caller)."""
+    words = _key_words(keys).astype(np.uint64)
+    h = np.full(len(keys), 0xCBF29CE484222325, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(words.shape[1]):
+            h = (h ^ words[:, j]) * np.uint64(0x100000001B3)
+            h ^= h >> np.uint64(29)
+    return h

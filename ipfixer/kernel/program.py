@@ -1,0 +1,251 @@
+"""Compile and load bpf/flow_tc.c with bcc, and the few raw bpf() calls bcc lacks (through libbpf).
+
+Struct layouts come from bpf/flow_types.h only: bcc generates the ctypes key/leaf types from it and
+we derive numpy dtypes from those, so no layout is repeated in Python.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ipfixer.errors import KernelError
+
+BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+PROGRAM_FILE = BPF_DIR / "flow_tc.c"
+INGRESS_FUNC = "ipfixer_ingress"
+EGRESS_FUNC = "ipfixer_egress"
+
+# Same order as enum ipfixer_counter in bpf/flow_types.h.
+COUNTER_NAMES: tuple[str, ...] = (
+    "packets",
+    "map_full",
+    "insert_race",
+    "insert_busy",
+    "insert_other",
+    "spilled",
+    "ringbuf_fail",
+    "trunc_l2",
+    "trunc_l3",
+    "trunc_l4",
+    "malformed",
+    "non_ip",
+    "ipv6_ext_limit",
+    "fragment",
+)
+
+
+@dataclass
+class LoadedProgram:
+    """The loaded classifier: program fds, map handles and the dtypes of their entries."""
+
+    bpf: Any  # bcc.BPF
+    ingress_fd: int
+    egress_fd: int
+    flows: Any  # bcc HashTable of flow_key -> flow_metrics
+    counters: Any  # bcc PerCpuArray of u64
+    spill: Any  # bcc RingBuf of spill_record
+    key_dtype: np.dtype
+    leaf_dtype: np.dtype
+    spill_dtype: np.dtype
+    map_entries: int
+    ring_pages: int
+    _closed: bool = field(default=False, repr=False)
+
+    def counter_values(self) -> dict[str, int]:
+        """Kernel counters summed over CPUs, by name."""
+        out: dict[str, int] = {}
+        for i, name in enumerate(COUNTER_NAMES):
+            out[name] = int(sum(self.counters[ctypes.c_int(i)]))
+        return out
+
+    def close(self) -> None:
+        """Unload programs and maps (tc filters keep their own program reference)."""
+        if not self._closed:
+            self._closed = True
+            self.bpf.cleanup()
+
+
+def load_program(
+    map_entries: int = 65536, ring_pages: int = 64, extra_cflags: tuple[str, ...] = ()
+) -> LoadedProgram:
+    """Compile flow_tc.c with the map size and ring size as -D flags and load both entry points."""
+    if map_entries < 1:
+        raise KernelError(f"flow map size must be >= 1, got {map_entries}")
+    if ring_pages < 1 or ring_pages & (ring_pages - 1):
+        raise KernelError(f"ring buffer pages must be a power of two, got {ring_pages}")
+    if not PROGRAM_FILE.is_file():
+        raise KernelError(f"BPF source not found at {PROGRAM_FILE}")
+    try:
+        from bcc import BPF
+    except ImportError as exc:
+        raise KernelError("bcc is not importable (python3-bpfcc); run ./setup.sh") from exc
+    headers = Path(f"/lib/modules/{os.uname().release}/build")
+    if not headers.exists():
+        raise KernelError(f"kernel headers missing at {headers}; run ./setup.sh")
+    cflags = [
+        f"-I{BPF_DIR}",
+        f"-DFLOW_MAP_ENTRIES={int(map_entries)}",
+        f"-DSPILL_RING_PAGES={int(ring_pages)}",
+        "-Wno-unused-function",
+        *extra_cflags,
+    ]
+    try:
+        bpf = BPF(src_file=str(PROGRAM_FILE).encode(), cflags=cflags)
+    except Exception as exc:  # bcc raises plain Exception on compile errors
+        raise KernelError(
+            f"compiling {PROGRAM_FILE} failed ({exc}); are kernel headers installed? run ./setup.sh"
+        ) from exc
+    try:
+        ingress = bpf.load_func(INGRESS_FUNC.encode(), BPF.SCHED_CLS)
+        egress = bpf.load_func(EGRESS_FUNC.encode(), BPF.SCHED_CLS)
+        flows = bpf[b"flows"]
+        layout = bpf[b"spill_layout"]
+        prog = LoadedProgram(
+            bpf=bpf,
+            ingress_fd=ingress.fd,
+            egress_fd=egress.fd,
+            flows=flows,
+            counters=bpf[b"counters"],
+            spill=bpf[b"spill"],
+            key_dtype=np.dtype(flows.Key),
+            leaf_dtype=np.dtype(flows.Leaf),
+            spill_dtype=np.dtype(layout.Leaf),
+            map_entries=map_entries,
+            ring_pages=ring_pages,
+        )
+    except Exception as exc:
+        bpf.cleanup()
+        raise KernelError(f"loading the BPF classifier failed (verifier or permissions): {exc}") from exc
+    return prog
+
+
+# --- raw bpf() calls through libbpf (bcc 0.26 lacks per-key lookup-and-delete and test runs) ---
+
+
+class _BatchOpts(ctypes.Structure):
+    _fields_ = [("sz", ctypes.c_size_t), ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+class _TestRunOpts(ctypes.Structure):
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("data_in", ctypes.c_void_p),
+        ("data_out", ctypes.c_void_p),
+        ("data_size_in", ctypes.c_uint32),
+        ("data_size_out", ctypes.c_uint32),
+        ("ctx_in", ctypes.c_void_p),
+        ("ctx_out", ctypes.c_void_p),
+        ("ctx_size_in", ctypes.c_uint32),
+        ("ctx_size_out", ctypes.c_uint32),
+        ("retval", ctypes.c_uint32),
+        ("repeat", ctypes.c_int),
+        ("duration", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("cpu", ctypes.c_uint32),
+        ("batch_size", ctypes.c_uint32),
+    ]
+
+
+_LIB: ctypes.CDLL | None = None
+
+
+def libbpf() -> ctypes.CDLL:
+    """libbpf.so.1 (shipped with Debian's bcc), loaded once."""
+    global _LIB
+    if _LIB is None:
+        name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+        try:
+            lib = ctypes.CDLL(name, use_errno=True)
+        except OSError as exc:
+            raise KernelError(f"libbpf not found ({exc}); run ./setup.sh") from exc
+        vp, u32p = ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)
+        lib.bpf_map_lookup_and_delete_elem.argtypes = [ctypes.c_int, vp, vp]
+        lib.bpf_map_lookup_and_delete_elem.restype = ctypes.c_int
+        for fn in (lib.bpf_map_lookup_batch, lib.bpf_map_lookup_and_delete_batch):
+            fn.argtypes = [ctypes.c_int, vp, vp, vp, vp, u32p, ctypes.POINTER(_BatchOpts)]
+            fn.restype = ctypes.c_int
+        lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.POINTER(_TestRunOpts)]
+        lib.bpf_prog_test_run_opts.restype = ctypes.c_int
+        _LIB = lib
+    return _LIB
+
+
+def map_batch(
+    map_fd: int, key_dtype: np.dtype, leaf_dtype: np.dtype, capacity: int, delete: bool, chunk: int = 16384
+) -> tuple[np.ndarray, np.ndarray]:
+    """All entries of a hash map as (keys, leaves) arrays, with BPF_MAP_LOOKUP(_AND_DELETE)_BATCH.
+
+    With delete=True each element is copied and removed under its bucket lock: atomic per element."""
+    lib = libbpf()
+    fn = lib.bpf_map_lookup_and_delete_batch if delete else lib.bpf_map_lookup_batch
+    keys = np.empty(capacity + chunk, dtype=key_dtype)
+    leaves = np.empty(capacity + chunk, dtype=leaf_dtype)
+    opts = _BatchOpts(ctypes.sizeof(_BatchOpts), 0, 0)
+    in_tok = ctypes.create_string_buffer(64)
+    out_tok = ctypes.create_string_buffer(64)
+    n = 0
+    first = True
+    while n < capacity + chunk:
+        count = ctypes.c_uint32(min(chunk, capacity + chunk - n))
+        ret = fn(
+            map_fd,
+            None if first else in_tok,
+            out_tok,
+            keys.ctypes.data + n * key_dtype.itemsize,
+            leaves.ctypes.data + n * leaf_dtype.itemsize,
+            ctypes.byref(count),
+            ctypes.byref(opts),
+        )
+        err = ctypes.get_errno() if ret < 0 else 0
+        n += count.value
+        if ret < 0 and (err == errno.ENOENT or -ret == errno.ENOENT):
+            break
+        if ret < 0:
+            if (err == errno.ENOSPC or -ret == errno.ENOSPC) and count.value == 0:
+                chunk *= 2  # a bucket holds more than chunk elements: retry bigger
+                keys = np.resize(keys, n + capacity + chunk)
+                leaves = np.resize(leaves, n + capacity + chunk)
+                continue
+            raise KernelError(f"bpf map batch {'lookup_and_delete' if delete else 'lookup'}: {os.strerror(err or -ret)}")
+        ctypes.memmove(in_tok, out_tok, 64)
+        first = False
+    if n < capacity // 2:  # do not pin a mostly empty buffer
+        return keys[:n].copy(), leaves[:n].copy()
+    return keys[:n], leaves[:n]
+
+
+def prog_test_run(prog_fd: int, frame: bytes, ctx: bytes | None = None, repeat: int = 1) -> tuple[int, int]:
+    """Run a loaded program once on a frame (BPF_PROG_TEST_RUN): returns (retval, duration_ns).
+
+    ctx, if given, is a struct __sk_buff (zero except mark, priority, ifindex, cb, tstamp,
+    wire_len, gso_segs, gso_size)."""
+    lib = libbpf()
+    data = ctypes.create_string_buffer(frame, len(frame))
+    out = ctypes.create_string_buffer(len(frame) + 256)
+    opts = _TestRunOpts()
+    opts.sz = ctypes.sizeof(_TestRunOpts)
+    opts.data_in = ctypes.cast(data, ctypes.c_void_p)
+    opts.data_size_in = len(frame)
+    opts.data_out = ctypes.cast(out, ctypes.c_void_p)
+    opts.data_size_out = len(out)
+    opts.repeat = repeat
+    if ctx is not None:
+        cbuf = ctypes.create_string_buffer(ctx, len(ctx))
+        cout = ctypes.create_string_buffer(len(ctx))
+        opts.ctx_in = ctypes.cast(cbuf, ctypes.c_void_p)
+        opts.ctx_size_in = len(ctx)
+        opts.ctx_out = ctypes.cast(cout, ctypes.c_void_p)
+        opts.ctx_size_out = len(ctx)
+    ret = lib.bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts))
+    if ret < 0:
+        raise KernelError(f"BPF_PROG_TEST_RUN failed: {os.strerror(-ret)}")
+    # retval is the program's int return (TC_ACT_UNSPEC = -1 shows as 0xffffffff).
+    return ctypes.c_int32(opts.retval).value, int(opts.duration)

@@ -1,0 +1,200 @@
+"""The kernel meter as one unit for the daemon: program, attachments, link watcher, drain, spill path.
+
+It owns the instance lock (one ipfixer per network namespace, since stale-filter cleanup and the
+link watcher act on every matching interface of the namespace) and turns the kernel's counters into
+metrics. Every batch it returns is a FLOW_DTYPE array, from the kernel map or from the Accounter.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ipfixer.caps import check_capabilities
+from ipfixer.clock import Clock
+from ipfixer.config import Config
+from ipfixer.errors import IpfixerError
+
+log = logging.getLogger("ipfixer.meter")
+
+
+def interface_name(ifindex: int) -> str:
+    """Name of an interface of this namespace by index ('' when it has gone)."""
+    try:
+        return socket.if_indextoname(ifindex)
+    except OSError:
+        return ""
+
+
+class NamespaceLock:
+    """An flock per network namespace: a second ipfixer metering the same namespace is refused."""
+
+    def __init__(self, lock_dir: Path) -> None:
+        self.path = Path(lock_dir) / f"netns-{os.stat('/proc/self/ns/net').st_ino}.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise IpfixerError(
+                f"another ipfixer (pid {owner}) already meters the interfaces of this network namespace "
+                f"(lock {self.path}); stop it first"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class Meter:
+    """Loads the classifier, attaches it, and yields flow batches from the map and the spill path."""
+
+    def __init__(self, config: Config, clock: Clock, metrics: Any) -> None:
+        self.config = config
+        self.clock = clock
+        self.metrics = metrics
+        self._lock = NamespaceLock(config.lock_dir)
+        self._prog: Any = None
+        self._attacher: Any = None
+        self._watcher: Any = None
+        self._drainer: Any = None
+        self._spill: Any = None
+        self._pending: list[np.ndarray] = []
+        self._last_counters: dict[str, int] = {}
+
+    def start(self) -> None:
+        """Everything needed before the first packet is counted; undone on failure."""
+        from ipfixer.flows.accounter import Accounter
+        from ipfixer.kernel.attach import Attacher, InterfaceSelector, LinkWatcher
+        from ipfixer.kernel.drain import Drainer
+        from ipfixer.kernel.program import load_program
+        from ipfixer.kernel.spill import SpillConsumer
+
+        cfg = self.config
+        check_capabilities()
+        self._lock.acquire()
+        try:
+            self._prog = load_program(cfg.cache.kernel_map_entries, cfg.cache.ring_buffer_pages,
+                                      sampling_cflags(cfg.sampling.interval))
+            self._attacher = Attacher(self._prog.ingress_fd, self._prog.egress_fd, cfg.interfaces.direction)
+            stale = self._attacher.remove_stale()
+            if stale:
+                log.warning("removed %d stale ipfixer filter(s) left by an earlier run", stale)
+            selector = InterfaceSelector(tuple(cfg.interfaces.include), tuple(cfg.interfaces.exclude))
+            self._watcher = LinkWatcher(self._attacher, selector)
+            self._watcher.start()
+            accounter = Accounter(cfg.cache.accounter_max_entries, int(cfg.cache.accounter_evict_timeout * 1e9),
+                                  self.clock, interface_name)
+            self._spill = SpillConsumer(self._prog.bpf, self._prog.spill, self._prog.spill_dtype, accounter)
+            self._drainer = Drainer(self._prog.flows, self.clock, int(cfg.timeouts.active * 1e9),
+                                    int(cfg.timeouts.idle * 1e9), interface_name)
+        except BaseException:
+            self.stop()
+            raise
+
+    def interfaces(self) -> list[str]:
+        """Names of the interfaces currently metered."""
+        if self._attacher is None:
+            return []
+        return sorted(a.ifname for a in self._attacher.attached.values())
+
+    def poll(self, timeout_ms: int) -> None:
+        """Wait up to timeout_ms for spilled packets and account them (the daemon's idle wait)."""
+        self._pending.extend(self._spill.poll(timeout_ms))
+
+    def drain(self) -> list[np.ndarray]:
+        """Flows due for export: expired kernel entries plus whatever the Accounter evicted."""
+        out, self._pending = self._pending, []
+        out.append(self._drainer.drain())
+        self._update_metrics()
+        return out
+
+    def flush(self) -> list[np.ndarray]:
+        """Every flow still held, kernel map and Accounter (shutdown)."""
+        out, self._pending = self._pending, []
+        if self._spill is not None:
+            out.extend(self._spill.flush())
+        if self._drainer is not None:
+            out.append(self._drainer.flush())
+        self._update_metrics()
+        return out
+
+    def ignored_packets(self) -> int:
+        """Packets observed but not accounted (ring buffer full): ignoredPacketTotalCount."""
+        return self._last_counters.get("ringbuf_fail", 0)
+
+    def reconfigure(self, config: Config) -> None:
+        """Apply a reloaded config: timeouts and the interface selection (map sizes need a restart)."""
+        from ipfixer.kernel.attach import InterfaceSelector, directions
+
+        old = self.config
+        self.config = config
+        self._drainer.active_timeout_ns = int(config.timeouts.active * 1e9)
+        self._drainer.idle_timeout_ns = int(config.timeouts.idle * 1e9)
+        if (config.cache.kernel_map_entries, config.cache.ring_buffer_pages, config.sampling.interval) != (
+                old.cache.kernel_map_entries, old.cache.ring_buffer_pages, old.sampling.interval):
+            log.warning("cache sizes and sampling change only at restart; keeping the running ones")
+        selector = InterfaceSelector(tuple(config.interfaces.include), tuple(config.interfaces.exclude))
+        hooks = directions(config.interfaces.direction)
+        for att in list(self._attacher.attached.values()):
+            if not selector.matches(att.ifname) or tuple(self._attacher.hooks) != hooks:
+                self._attacher.detach(att.ifindex)
+        self._attacher.hooks = hooks
+        self._watcher.selector = selector
+        self._attacher.attach_selected(selector)
+
+    def _update_metrics(self) -> None:
+        counters = self._prog.counter_values()
+        last, self._last_counters = self._last_counters, counters
+
+        def delta(name: str) -> int:
+            return max(0, counters.get(name, 0) - last.get(name, 0))
+
+        m = self.metrics
+        m.overflow_packets.inc(delta("spilled"))
+        m.ringbuf_losses.inc(delta("ringbuf_fail"))
+        m.malformed_packets.inc(delta("trunc_l2") + delta("trunc_l3") + delta("trunc_l4") + delta("malformed"))
+        m.accounter_evictions.inc(max(0, self._spill.accounter.evictions - getattr(self, "_evictions", 0)))
+        self._evictions = self._spill.accounter.evictions
+        m.kernel_map_fill_ratio.set(len(self._prog.flows) / max(1, self._prog.map_entries))
+
+    def counters(self) -> dict[str, int]:
+        """The kernel's counters (summed over CPUs) as of the last drain."""
+        return dict(self._last_counters)
+
+    def stop(self) -> None:
+        """Detach our filters, unload the program, release the lock. Safe to call twice."""
+        try:
+            if self._watcher is not None:
+                self._watcher.stop()
+                self._watcher = None
+            if self._attacher is not None:
+                self._attacher.detach_all()
+                self._attacher.close()
+                self._attacher = None
+            if self._prog is not None:
+                self._prog.close()
+                self._prog = None
+        finally:
+            self._lock.release()
+
+
+def sampling_cflags(interval: int) -> tuple[str, ...]:
+    """The classifier meters 1 in `interval` packets (random), a compile-time constant."""
+    return (f"-DSAMPLING_INTERVAL={int(interval)}",) if interval > 1 else ()

@@ -1,0 +1,149 @@
+"""The daemon end to end: `ipfixer run` as a subprocess in a namespace the test builds, the real
+kernel path, real UDP export to a socket in that namespace. Exact counts of traffic the test sent."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ipfixer.lab import Lab
+from ipfixer.netns import in_netns
+from ipfixer.wire.decode import Decoder
+from tests.cli.helpers import IPFIXER, UdpCollector, cli_env, totals_by_flow, write_config
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    with Lab() as lab:
+        yield lab
+
+
+def collector_in(ns: str) -> UdpCollector:
+    """A UdpCollector whose socket lives in the namespace."""
+    coll = UdpCollector.__new__(UdpCollector)
+    coll.sock = in_netns(ns, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    coll.sock.bind(("127.0.0.1", 0))
+    coll.sock.settimeout(0.2)
+    coll.port = coll.sock.getsockname()[1]
+    coll.decoder = Decoder()
+    coll.messages = []
+    return coll
+
+
+def start_daemon(lab: Lab, cfg: Path, log: Path) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(["ip", "netns", "exec", lab.ns_a, *IPFIXER, "run", "--config", str(cfg)],
+                            stdout=subprocess.DEVNULL, stderr=log.open("wb"), env=cli_env())
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # started = the log line after attach
+        if b"msg=started" in log.read_bytes() or proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, log.read_text()
+    return proc
+
+
+def stop_daemon(proc: subprocess.Popen[bytes], log: Path) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        assert proc.wait(timeout=30) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
+def base_config(tmp_path: Path, lab: Lab, port: int, **extra: object) -> Path:
+    return write_config(tmp_path / "ipfixer.yaml", [{"address": "127.0.0.1", "port": port}],
+                        interfaces={"include": [lab.veth_a], "exclude": []}, lock_dir=str(tmp_path / "lock"),
+                        timeouts={"active": "60s", "idle": "30s", "drain_interval": "500ms"}, **extra)
+
+
+def test_sigterm_flushes_exact_counts(tmp_path: Path, lab: Lab) -> None:
+    coll = collector_in(lab.ns_a)
+    log = tmp_path / "ipfixer.log"
+    proc = start_daemon(lab, base_config(tmp_path, lab, coll.port), log)
+    try:
+        lab.send_udp(lab.ns_b, lab.v4_a, 40001, 9001, [100] * 7 + [300] * 3)
+        lab.send_udp(lab.ns_b, lab.v6_a, 40002, 9002, [50] * 4)
+    finally:
+        stop_daemon(proc, log)
+    coll.receive(5, until_idle=1.0)
+    coll.close()
+    totals = totals_by_flow(coll.flow_records())
+    assert totals[(lab.v4_b, lab.v4_a, 40001, 9001, 17)] == [10, 7 * 128 + 3 * 328]
+    assert totals[(lab.v6_b, lab.v6_a, 40002, 9002, 17)] == [4, 4 * (40 + 8 + 50)]
+    recs = [r for r in coll.flow_records() if r.get("destinationTransportPort") == 9001]
+    assert {r["flowDirection"] for r in recs} == {0}  # seen arriving on veth_a: ingress
+    assert {r["ingressInterface"] for r in recs} == {lab.ifindex(lab.ns_a, lab.veth_a)}
+    assert {r["flowEndReason"] for r in recs} == {4}  # forced end: flushed at shutdown
+    # nothing of ipfixer's left on the interface
+    out = subprocess.run(["tc", "-n", lab.ns_a, "filter", "show", "dev", lab.veth_a, "ingress"],
+                         capture_output=True, text=True, timeout=10).stdout
+    assert "ipfixer" not in out
+
+
+def test_sighup_moves_export_without_loss(tmp_path: Path, lab: Lab) -> None:
+    first, second = collector_in(lab.ns_a), collector_in(lab.ns_a)
+    log = tmp_path / "ipfixer.log"
+    cfg = base_config(tmp_path, lab, first.port)
+    proc = start_daemon(lab, cfg, log)
+    try:
+        lab.send_udp(lab.ns_b, lab.v4_a, 40011, 9011, [200] * 5)
+        base_config(tmp_path, lab, second.port)
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while b"msg=reloaded" not in log.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert b"msg=reloaded" in log.read_bytes(), log.read_text()
+        lab.send_udp(lab.ns_b, lab.v4_a, 40011, 9011, [200] * 6)
+    finally:
+        stop_daemon(proc, log)
+    for c in (first, second):
+        c.receive(5, until_idle=1.0)
+        c.close()
+    key = (lab.v4_b, lab.v4_a, 40011, 9011, 17)
+    a = totals_by_flow(first.flow_records()).get(key, [0, 0])
+    b = totals_by_flow(second.flow_records()).get(key, [0, 0])
+    assert [a[0] + b[0], a[1] + b[1]] == [11, 11 * 228]
+    assert b[0] >= 6  # everything after the reload went to the new collector
+
+
+def test_invalid_reload_keeps_running(tmp_path: Path, lab: Lab) -> None:
+    coll = collector_in(lab.ns_a)
+    log = tmp_path / "ipfixer.log"
+    cfg = base_config(tmp_path, lab, coll.port)
+    proc = start_daemon(lab, cfg, log)
+    try:
+        cfg.write_text(cfg.read_text() + "\nbogus_key: 1\n")
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while b"reload rejected" not in log.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert b"bogus_key" in log.read_bytes()
+        lab.send_udp(lab.ns_b, lab.v4_a, 40021, 9021, [10] * 3)
+    finally:
+        stop_daemon(proc, log)
+    coll.receive(5, until_idle=1.0)
+    coll.close()
+    assert totals_by_flow(coll.flow_records())[(lab.v4_b, lab.v4_a, 40021, 9021, 17)] == [3, 3 * 38]
+
+
+def test_second_instance_refused(tmp_path: Path, lab: Lab) -> None:
+    log = tmp_path / "ipfixer.log"
+    cfg = base_config(tmp_path, lab, 9)
+    proc = start_daemon(lab, cfg, log)
+    try:
+        res = subprocess.run(["ip", "netns", "exec", lab.ns_a, *IPFIXER, "run", "--config", str(cfg)],
+                             capture_output=True, text=True, timeout=60, env=cli_env())
+        assert res.returncode == 1
+        assert "already meters" in res.stderr and "Traceback" not in res.stderr
+    finally:
+        stop_daemon(proc, log)

@@ -1,0 +1,165 @@
+"""ipfixer -> real UDP on lo -> tshark's cflow dissector: every field of every record, and the message
+headers (sequence numbers, domain / source id, v9 count and sysUptime), decode to what we sent."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from ipfixer.export import ExportSession, UdpTransport
+from ipfixer.model import ETH_P_IP, ETH_P_IPV6, FlowRecord, addr16_to_str, records_to_batch
+from ipfixer.templates import load_templates
+
+pytestmark = pytest.mark.interop
+
+
+def make_session(protocol: str, boot_ms: int, max_message_size: int = 300) -> ExportSession:
+    ts = load_templates()
+    return ExportSession(
+        protocol,  # type: ignore[arg-type]
+        7,
+        {ETH_P_IP: ts["ipv4_flow"], ETH_P_IPV6: ts["ipv6_flow"]},
+        [ts["options_exporter_stats"], ts["options_sampling"]],
+        max_message_size=max_message_size,  # 300: the 5 flows span several messages
+        boot_wall_ns=boot_ms * 1_000_000,
+    )
+
+
+def tshark_abs_ms(text: str) -> int:
+    """'Nov 28, 2026 22:27:58.034000000 UTC' -> Unix ms."""
+    day, frac = text.removesuffix(" UTC").rsplit(".", 1)
+    dt = datetime.strptime(day, "%b %d, %Y %H:%M:%S").replace(tzinfo=UTC)
+    return int(dt.timestamp()) * 1000 + int(frac[:3])
+
+
+def seconds_to_ms(text: str) -> int:
+    return int(Decimal(text) * 1000)
+
+
+def expected_tshark(r: FlowRecord, protocol: str, boot_ms: int) -> dict[str, Any]:
+    v4 = r.ethertype == ETH_P_IP
+    exp: dict[str, Any] = {
+        ("cflow.srcaddr" if v4 else "cflow.srcaddrv6"): addr16_to_str(r.src_addr),
+        ("cflow.dstaddr" if v4 else "cflow.dstaddrv6"): addr16_to_str(r.dst_addr),
+        "cflow.srcport": r.src_port, "cflow.dstport": r.dst_port, "cflow.protocol": r.protocol,
+        "cflow.tcpflags": r.tcp_flags, "cflow.tos": r.tos, "cflow.octets": r.octets, "cflow.packets": r.packets,
+        "cflow.direction": r.direction, "cflow.inputint": r.ingress_if, "cflow.outputint": r.egress_if,
+        "cflow.srcmac": r.src_mac.hex(":"), "cflow.dstmac": r.dst_mac.hex(":"),
+        "cflow.ethernet_type": r.ethertype, "cflow.vlanid": r.vlan_id, "cflow.flow_end_reason": r.end_reason,
+    }  # fmt: skip
+    if protocol == "ipfix":  # flowStart/EndMilliseconds: absolute
+        exp.update({"abstimestart": r.start_ms, "abstimeend": r.end_ms})
+    else:  # FIRST/LAST_SWITCHED: ms since the exporter booted (RFC 3954 8)
+        exp.update({"timestart": r.start_ms - boot_ms, "timeend": r.end_ms - boot_ms})
+    return exp
+
+
+def decoded(flow: dict[str, Any], keys: list[str]) -> dict[str, Any]:
+    """tshark's strings for `keys` turned into the numbers/text we sent."""
+    times = flow.get("cflow.timedelta_tree", {})
+    out: dict[str, Any] = {}
+    for k in keys:
+        if k in ("abstimestart", "abstimeend"):
+            out[k] = tshark_abs_ms(times[f"cflow.{k}"]) if f"cflow.{k}" in times else "<absent>"
+        elif k in ("timestart", "timeend"):
+            out[k] = seconds_to_ms(times[f"cflow.{k}"]) if f"cflow.{k}" in times else "<absent>"
+        else:
+            v = flow.get(k, "<absent>")
+            if isinstance(v, str) and not k.endswith(("addr", "addrv6", "mac")):
+                v = int(v, 16) if v.startswith("0x") else int(v)
+            out[k] = v
+    return out
+
+
+def send_all(port: int, datagrams: list[bytes]) -> None:
+    with UdpTransport("127.0.0.1", port) as t:
+        for d in datagrams:
+            assert t.send(d), t.errors
+
+
+@pytest.mark.parametrize("protocol", ["ipfix", "netflow9"])
+def test_every_field_and_header_decodes_in_tshark(
+    tshark: Any, known_flows: list[FlowRecord], base_ms: int, protocol: str
+) -> None:
+    boot_ms = base_ms - 3_600_000 + 123
+    session = make_session(protocol, boot_ms)
+    now_ms = base_ms + 2_345
+    datagrams = session.datagrams(records_to_batch(known_flows), now_ms * 1_000_000)
+    assert len(datagrams) >= 3 and all(len(d) <= 300 for d in datagrams)
+    cap = tshark(len(datagrams))
+    send_all(cap.port, datagrams)
+    flows = cap.finish()
+    assert len(cap.packets) == len(datagrams)
+
+    assert len(flows) == len(known_flows)
+    for r, f in zip(known_flows, flows):  # one template per family, in template order: v4 first
+        exp = expected_tshark(r, protocol, boot_ms)
+        assert decoded(f, list(exp)) == exp
+
+    # headers: IPFIX sequence = data records before (RFC 7011 3.1); v9 = packets before (RFC 3954 5.1)
+    per_packet = []
+    for p in cap.packets:
+        n = [0]
+
+        def count(node: Any, n: list[int] = n) -> None:
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    n[0] += k.startswith("Flow ") and isinstance(v, dict)
+                    count(v)
+
+        count(p)
+        per_packet.append(n[0])
+    assert sum(per_packet) == len(known_flows)
+    seqs = [int(p["cflow.sequence"]) for p in cap.packets]
+    if protocol == "ipfix":
+        assert seqs == [sum(per_packet[:i]) for i in range(len(per_packet))]
+        assert {p["cflow.od_id"] for p in cap.packets} == {"7"}
+        assert {int(p["cflow.timestamp_tree"]["cflow.exporttime"]) for p in cap.packets} == {now_ms // 1000}
+    else:
+        assert seqs == list(range(len(datagrams)))
+        assert {p["cflow.source_id"] for p in cap.packets} == {"7"}
+        # count = template records (2 data templates + 2 options templates in the first packet) + data
+        assert [int(p["cflow.count"]) for p in cap.packets] == [per_packet[0] + 4] + per_packet[1:]
+        uptime = {seconds_to_ms(p["cflow.sysuptime"]) for p in cap.packets}
+        assert uptime == {(now_ms // 1000) * 1000 - boot_ms}
+
+
+@pytest.mark.parametrize("protocol", ["ipfix", "netflow9"])
+def test_options_records_decode_in_tshark(tshark: Any, base_ms: int, protocol: str) -> None:
+    session = make_session(protocol, base_ms - 60_000, max_message_size=1452)
+    now = base_ms * 1_000_000
+    stats = {
+        "observationDomainId": 7, "meteringProcessId": 4242, "exportedMessageTotalCount": 11,
+        "exportedFlowRecordTotalCount": 222, "exportedOctetTotalCount": 3333, "ignoredPacketTotalCount": 4,
+        "ignoredOctetTotalCount": 5, "notSentFlowTotalCount": 6, "systemInitTimeMilliseconds": base_ms - 60_000,
+    }  # fmt: skip
+    sampling = {"observationDomainId": 7, "samplingInterval": 100, "samplingAlgorithm": 1,
+                "samplingPacketInterval": 1, "samplingPacketSpace": 99}  # fmt: skip
+    datagrams = session.options_datagrams("options_exporter_stats", [stats], now)
+    datagrams += session.options_datagrams("options_sampling", [sampling], now)
+    cap = tshark(len(datagrams))
+    send_all(cap.port, datagrams)
+    flows = cap.finish()
+    assert len(flows) == 2
+    s, smp = flows
+    assert {k: s[k] for k in ("cflow.packetsexp", "cflow.flowsexp", "cflow.octetsexp", "cflow.ignore_packets",
+                              "cflow.ignore_octets", "cflow.notsent_flows")} == {
+        "cflow.packetsexp": "11", "cflow.flowsexp": "222", "cflow.octetsexp": "3333",
+        "cflow.ignore_packets": "4", "cflow.ignore_octets": "5", "cflow.notsent_flows": "6",
+    }  # fmt: skip
+    assert tshark_abs_ms(s["cflow.sys_init_time"]) == base_ms - 60_000
+    assert {k: smp[k] for k in ("cflow.sampling_interval", "cflow.sampling_algorithm",
+                                "cflow.sampling_packet_interval", "cflow.sampling_packet_space")} == {
+        "cflow.sampling_interval": "100", "cflow.sampling_algorithm": "1",
+        "cflow.sampling_packet_interval": "1", "cflow.sampling_packet_space": "99",
+    }  # fmt: skip
+    if protocol == "ipfix":  # scope fields as IPFIX elements (RFC 7011 3.4.2.2)
+        assert (s["cflow.od_id"], s["cflow.mp_id"], smp["cflow.od_id"]) == ("7", "4242", "7")
+    else:  # v9 scope: observationDomainId and meteringProcessId both as System scope (RFC 3954 6.1)
+        assert (s["cflow.scope_system"], s["cflow.scope_system#2"]) == ("00:00:00:07", "00:00:10:92")
+        assert smp["cflow.scope_system"] == "00:00:00:07"
+    # options data records count in the IPFIX sequence number (RFC 7011 3.1); v9 counts packets
+    assert [int(p["cflow.sequence"]) for p in cap.packets] == [0, 1]

@@ -1,0 +1,32 @@
+"""Kernel test fixtures: a freshly loaded classifier, and two network namespaces joined by a veth pair.
+
+Every namespace, qdisc, filter and program made here is removed in a finally, even when a test fails."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from ipfx_net import NetPair, _make_pair, delete_netns, unique
+
+
+@pytest.fixture
+def netpair() -> Iterator[NetPair]:
+    """Two namespaces joined by a veth pair, removed afterwards."""
+    ns_a, ns_b = unique("ipfxA"), unique("ipfxB")
+    try:
+        yield _make_pair(ns_a, ns_b)
+    finally:
+        delete_netns(ns_a, ns_b)
+
+
+@pytest.fixture
+def program():  # type: ignore[no-untyped-def]
+    """A freshly compiled and loaded classifier (default map size), unloaded afterwards."""
+    from ipfixer.kernel.program import load_program
+
+    prog = load_program(map_entries=4096)
+    try:
+        yield prog
+    finally:
+        prog.close()

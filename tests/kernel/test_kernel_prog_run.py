@@ -1,0 +1,191 @@
+"""The classifier on crafted frames through BPF_PROG_TEST_RUN: frame in, exact map contents out."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import numpy as np
+import pytest
+from scapy.all import ARP, ICMP, IP, SCTP, TCP, UDP, Dot1AD, Dot1Q, Ether, ICMPv6EchoRequest, IPv6, Raw
+from scapy.layers.inet6 import IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
+
+from ipfixer.kernel.program import map_batch, prog_test_run
+from ipfixer.model import to_addr16
+
+pytestmark = pytest.mark.root
+
+MAC_S, MAC_D = "02:00:00:00:00:01", "02:00:00:00:00:02"
+TC_ACT_UNSPEC = -1
+SKB_CTX_SIZE = 192  # struct __sk_buff
+GSO_SEGS_OFF, GSO_SIZE_OFF = 164, 176
+
+
+def eth() -> Any:
+    return Ether(src=MAC_S, dst=MAC_D)
+
+
+def entries(prog: Any) -> list[tuple[dict[str, Any], dict[str, int]]]:
+    keys, leaves = map_batch(prog.flows.map_fd, prog.key_dtype, prog.leaf_dtype, prog.map_entries, delete=False)
+    out = []
+    for k, v in zip(keys, leaves):
+        key = {n: (bytes(k[n]) if k[n].shape else int(k[n])) for n in prog.key_dtype.names}
+        out.append((key, {n: int(v[n]) for n in ("packets", "octets", "tcp_flags", "tos")}))
+    return out
+
+
+def only(prog: Any) -> tuple[dict[str, Any], dict[str, int]]:
+    got = entries(prog)
+    assert len(got) == 1, got
+    return got[0]
+
+
+def run_frame(prog: Any, frame: Any, egress: bool = False, ctx: bytes | None = None) -> None:
+    ret, _ = prog_test_run(prog.egress_fd if egress else prog.ingress_fd, bytes(frame), ctx)
+    assert ret == TC_ACT_UNSPEC  # observe only: let the next filter decide
+
+
+def test_ipv4_udp_exact(program: Any) -> None:
+    frame = eth() / IP(src="10.1.2.3", dst="10.9.8.7", tos=0xB8) / UDP(sport=4321, dport=53) / Raw(b"q" * 100)
+    for _ in range(3):
+        run_frame(program, frame)
+    key, m = only(program)
+    assert key["ethertype"] == 0x0800 and key["direction"] == 0 and key["protocol"] == 17
+    assert (key["src_port"], key["dst_port"], key["vlan_id"]) == (4321, 53, 0)
+    assert key["src_mac"] == bytes.fromhex("020000000001") and key["dst_mac"] == bytes.fromhex("020000000002")
+    assert key["src_addr"] == to_addr16("10.1.2.3") and key["dst_addr"] == to_addr16("10.9.8.7")
+    assert key["pad0"] == b"\0\0" and key["ifindex"] == 1  # test runs happen on lo
+    assert m == {"packets": 3, "octets": 3 * 128, "tcp_flags": 0, "tos": 0xB8}
+    assert program.counter_values()["packets"] == 3
+
+
+def test_egress_direction_and_ipv6_tcp_flags(program: Any) -> None:
+    base = eth() / IPv6(src="2001:db8::1", dst="2001:db8::2", tc=0x28)
+    run_frame(program, base / TCP(sport=40000, dport=443, flags="S"), egress=True)
+    run_frame(program, base / TCP(sport=40000, dport=443, flags="PA") / Raw(b"z" * 10), egress=True)
+    key, m = only(program)
+    assert key["ethertype"] == 0x86DD and key["direction"] == 1 and key["protocol"] == 6
+    assert key["src_addr"] == to_addr16("2001:db8::1") and (key["src_port"], key["dst_port"]) == (40000, 443)
+    assert m == {"packets": 2, "octets": 60 + 70, "tcp_flags": 0x02 | 0x18, "tos": 0x28}
+
+
+def test_ipv6_extension_headers_are_skipped(program: Any) -> None:
+    frame = (eth() / IPv6(src="2001:db8::1", dst="2001:db8::2") / IPv6ExtHdrHopByHop()
+             / IPv6ExtHdrDestOpt() / UDP(sport=1, dport=2) / Raw(b"a" * 4))
+    run_frame(program, frame)
+    key, m = only(program)
+    assert (key["protocol"], key["src_port"], key["dst_port"]) == (17, 1, 2)
+    assert m["octets"] == len(bytes(frame)) - 14
+
+
+def test_ipv6_non_first_fragment_has_no_ports(program: Any) -> None:
+    frame = (eth() / IPv6(src="2001:db8::1", dst="2001:db8::2") / IPv6ExtHdrFragment(offset=10, nh=17)
+             / Raw(b"b" * 16))
+    run_frame(program, frame)
+    key, m = only(program)
+    assert (key["protocol"], key["src_port"], key["dst_port"]) == (17, 0, 0)
+    assert program.counter_values()["fragment"] == 1
+
+
+def test_ipv4_fragments_ports_only_on_first(program: Any) -> None:
+    first = eth() / IP(src="10.0.0.1", dst="10.0.0.2", flags="MF", frag=0, proto=17) / UDP(sport=7, dport=9)
+    later = eth() / IP(src="10.0.0.1", dst="10.0.0.2", frag=100, proto=17) / Raw(b"c" * 30)
+    run_frame(program, first)
+    run_frame(program, later)
+    got = sorted((k["src_port"], k["dst_port"], m["packets"], m["octets"]) for k, m in entries(program))
+    assert got == [(0, 0, 1, 50), (7, 9, 1, 28)]
+    assert program.counter_values()["fragment"] == 1
+
+
+@pytest.mark.parametrize(
+    ("frame", "dst_port", "proto"),
+    [
+        (IP(src="10.0.0.1", dst="10.0.0.2") / ICMP(type=8, code=0), 8 * 256, 1),
+        (IP(src="10.0.0.1", dst="10.0.0.2") / ICMP(type=3, code=3), 3 * 256 + 3, 1),
+        (IPv6(src="2001:db8::1", dst="2001:db8::2") / ICMPv6EchoRequest(), 128 * 256, 58),
+    ],
+)
+def test_icmp_type_code_in_dst_port(program: Any, frame: Any, dst_port: int, proto: int) -> None:
+    run_frame(program, eth() / frame)
+    key, _ = only(program)
+    assert (key["src_port"], key["dst_port"], key["protocol"]) == (0, dst_port, proto)
+
+
+def test_sctp_ports(program: Any) -> None:
+    run_frame(program, eth() / IP(src="10.0.0.1", dst="10.0.0.2") / SCTP(sport=3868, dport=2905))
+    key, m = only(program)
+    assert (key["protocol"], key["src_port"], key["dst_port"]) == (132, 3868, 2905)
+    assert m["octets"] == 20 + 12
+
+
+def test_vlan_and_qinq_record_outer_id(program: Any) -> None:
+    inner = IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=5, dport=6)
+    run_frame(program, eth() / Dot1Q(vlan=42) / inner)
+    run_frame(program, eth() / Dot1AD(vlan=300) / Dot1Q(vlan=7) / inner)
+    got = sorted((k["vlan_id"], k["ethertype"], k["src_port"], m["octets"]) for k, m in entries(program))
+    assert got == [(42, 0x0800, 5, 28), (300, 0x0800, 5, 28)]
+
+
+
+
+def test_truncated_and_malformed_are_counted_never_lost(program: Any) -> None:
+    udp = eth() / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1, dport=2) / Raw(b"d" * 20)
+    run_frame(program, bytes(udp)[:14 + 20 + 4])  # UDP header cut
+    run_frame(program, bytes(eth() / Dot1Q(vlan=9) / IP(src="10.0.0.1", dst="10.0.0.2"))[:14 + 4 + 12])
+    run_frame(program, bytes(eth() / Dot1Q(vlan=9))[:14 + 2])  # VLAN tag cut
+    bad = bytearray(bytes(eth() / IP(src="10.0.0.1", dst="10.0.0.2") / UDP()))
+    bad[14] = 0x43  # version 4, IHL 3
+    run_frame(program, bytes(bad))
+    c = program.counter_values()
+    assert (c["trunc_l4"], c["trunc_l3"], c["trunc_l2"], c["malformed"]) == (1, 1, 1, 1)
+    assert c["packets"] == 4
+    assert sum(m["packets"] for _, m in entries(program)) == 4
+    by_kind = {(k["ethertype"], k["vlan_id"], k["protocol"]): m["octets"] for k, m in entries(program)}
+    assert by_kind[(0x0800, 0, 17)] == 48  # IPv4 tot_len of the cut UDP packet
+    assert by_kind[(0x0800, 9, 0)] == 12  # what is left of the cut IP header
+    assert by_kind[(0x8100, 0, 0)] == 2  # the tag itself was cut: no VLAN id, 2 bytes left
+
+
+def test_non_ip_keyed_by_ethertype(program: Any) -> None:
+    run_frame(program, eth() / ARP(psrc="10.0.0.1", pdst="10.0.0.2"))
+    run_frame(program, Ether(src=MAC_S, dst="01:80:c2:00:00:0e", type=0x88CC) / Raw(b"\0" * 30))
+    got = sorted((k["ethertype"], k["src_addr"], m["octets"]) for k, m in entries(program))
+    assert got == [(0x0806, b"\0" * 16, 28), (0x88CC, b"\0" * 16, 30)]
+    assert program.counter_values()["non_ip"] == 2
+
+
+def test_gso_super_packet_counts_wire_packets(program: Any) -> None:
+    payload = 3 * 1000
+    frame = eth() / IP(src="10.0.0.1", dst="10.0.0.2") / TCP(sport=1, dport=2, flags="A") / Raw(b"e" * payload)
+    ctx = bytearray(SKB_CTX_SIZE)
+    struct.pack_into("<I", ctx, GSO_SEGS_OFF, 3)
+    struct.pack_into("<I", ctx, GSO_SIZE_OFF, 1000)
+    run_frame(program, frame, ctx=bytes(ctx))
+    _, m = only(program)
+    assert m["packets"] == 3
+    assert m["octets"] == payload + 3 * 40  # every segment carries its own IP+TCP header
+
+
+def test_full_map_spills_to_ring_buffer() -> None:
+    from ipfixer.clock import SystemClock
+    from ipfixer.flows.accounter import Accounter
+    from ipfixer.kernel.program import load_program
+    from ipfixer.kernel.spill import SpillConsumer
+
+    prog = load_program(map_entries=8, ring_pages=8)
+    try:
+        acc = Accounter(max_entries=1000, evict_timeout_ns=10**12, clock=SystemClock())
+        consumer = SpillConsumer(prog.bpf, prog.spill, prog.spill_dtype, acc)
+        for port in range(20):
+            for _ in range(2):
+                run_frame(prog, eth() / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=port + 1, dport=9))
+        assert len(entries(prog)) == 8
+        c = prog.counter_values()
+        assert c["map_full"] == 24 and c["spilled"] == 24 and c["ringbuf_fail"] == 0
+        assert consumer.poll(100) == []
+        batch = acc.flush()
+        assert len(batch) == 12 and int(batch["packets"].sum()) == 24
+        assert set(batch["src_port"].tolist()) | {k["src_port"] for k, _ in entries(prog)} == set(range(1, 21))
+        assert np.all(batch["octets"] == 2 * 28)
+    finally:
+        prog.close()
