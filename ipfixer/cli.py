@@ -19,25 +19,33 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "ipfixer.ya
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _load_checked(path: str) -> Any:
+    """The config file, validated, with the templates it names loaded and checked too."""
     from ipfixer.config import load_config
+    from ipfixer.export.factory import load_config_templates
+
+    config = load_config(path)
+    try:
+        load_config_templates(config)
+    except ConfigError as exc:
+        raise ConfigError("\n".join(f"{path}: {line}" for line in str(exc).splitlines())) from None
+    return config
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
     from ipfixer.daemon import Daemon, setup_logging
 
-    config = load_config(args.config)
+    config = _load_checked(args.config)
     setup_logging(config.log_level)
     daemon = Daemon(config, config_path=Path(args.config))
     return daemon.run(duration_s=args.duration)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from ipfixer.config import load_config
     from ipfixer.export.factory import load_config_templates
 
-    config = load_config(args.file)
-    try:
-        data, options = load_config_templates(config)
-    except ConfigError as exc:
-        raise ConfigError("\n".join(f"{args.file}: {line}" for line in str(exc).splitlines())) from None
+    config = _load_checked(args.file)
+    data, options = load_config_templates(config)
     names = sorted({t.name for t in [*data.values(), *options]})
     print(f"{args.file}: ok ({len(config.collectors)} collector(s); templates {', '.join(names)})")
     return EXIT_OK
@@ -75,10 +83,9 @@ def _cmd_decode(args: argparse.Namespace) -> int:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from ipfixer.config import load_config
     from ipfixer.replay import replay_pcap
 
-    config = load_config(args.config)
+    config = _load_checked(args.config)
     summary = replay_pcap(Path(args.pcap), config, progress=not args.quiet)
     print(json.dumps(summary, sort_keys=True))
     return EXIT_OK

@@ -73,6 +73,7 @@ def listen_and_print(address: str, port: int, as_json: bool = False, count: int 
         sock.bind((address, port))
     except OSError as exc:
         raise IpfixerError(f"cannot listen on {address}:{port}: {exc.strerror}") from None
+    print(f"ipfixer decode: listening on udp {address}:{port}", file=sys.stderr, flush=True)
     decoder = Decoder()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     seen = 0

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 
 from ipfixer.errors import KernelError
@@ -125,3 +128,32 @@ class Lab:
 
     def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
+
+
+def start_ipfixer(ns: str, config: Path, log: Path, *args: str, timeout_s: float = 90.0,
+                  env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """`ipfixer run` inside a namespace, returned once it logged that it started (attached)."""
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", ns, sys.executable, "-m", "ipfixer.cli", "run", "--config", str(config), *args],
+        stdout=subprocess.DEVNULL, stderr=log.open("wb"), env=env)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        if b"msg=started" in log.read_bytes():
+            return proc
+        time.sleep(0.1)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(5)
+    raise KernelError(f"ipfixer did not start in {ns}: {log.read_text(errors='replace')[-2000:]}")
+
+
+def stop_ipfixer(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> int:
+    """SIGTERM (flush and detach), wait bounded, kill if it hangs; the exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+        return -9

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ipfixer.lab import Lab
+from ipfixer.lab import Lab, start_ipfixer, stop_ipfixer
 from ipfixer.netns import in_netns
 from ipfixer.wire.decode import Decoder
 from tests.cli.helpers import IPFIXER, UdpCollector, cli_env, totals_by_flow, write_config
@@ -39,25 +39,11 @@ def collector_in(ns: str) -> UdpCollector:
 
 
 def start_daemon(lab: Lab, cfg: Path, log: Path) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(["ip", "netns", "exec", lab.ns_a, *IPFIXER, "run", "--config", str(cfg)],
-                            stdout=subprocess.DEVNULL, stderr=log.open("wb"), env=cli_env())
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # started = the log line after attach
-        if b"msg=started" in log.read_bytes() or proc.poll() is not None:
-            break
-        time.sleep(0.1)
-    assert proc.poll() is None, log.read_text()
-    return proc
+    return start_ipfixer(lab.ns_a, cfg, log, env=cli_env())
 
 
 def stop_daemon(proc: subprocess.Popen[bytes], log: Path) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        assert proc.wait(timeout=30) == 0, log.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
+    assert stop_ipfixer(proc) == 0, log.read_text()
 
 
 def base_config(tmp_path: Path, lab: Lab, port: int, **extra: object) -> Path:

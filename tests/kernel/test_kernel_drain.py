@@ -22,9 +22,14 @@ def udp(sport: int) -> bytes:
     return bytes(Ether() / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=sport, dport=9))
 
 
-def test_idle_fin_active_and_flush(program: Any) -> None:
+STRATEGIES = pytest.mark.parametrize("strategy", ["take_all", "per_key"])
+
+
+@STRATEGIES
+def test_idle_fin_active_and_flush(program: Any, strategy: str) -> None:
     clock = SystemClock()
-    d = Drainer(program.flows, clock, active_timeout_ns=3600_000 * MS, idle_timeout_ns=30 * MS)
+    d = Drainer(program.flows, clock, active_timeout_ns=3600_000 * MS, idle_timeout_ns=30 * MS,
+                strategy=strategy)
     wall0 = clock.wall_ns() // MS
     prog_test_run(program.ingress_fd, udp(1))
     time.sleep(0.05)
@@ -56,9 +61,12 @@ def test_idle_fin_active_and_flush(program: Any) -> None:
     assert len(d.flush()) == 0
 
 
-def test_drain_never_loses_counts_under_traffic(program: Any) -> None:
+@STRATEGIES
+@pytest.mark.parametrize("timeout_ns", [0, 3600_000 * MS])
+def test_drain_never_loses_counts_under_traffic(program: Any, strategy: str, timeout_ns: int) -> None:
     """Drain repeatedly while packets keep arriving: the sum of exported deltas is every packet."""
-    d = Drainer(program.flows, SystemClock(), active_timeout_ns=0, idle_timeout_ns=0)
+    d = Drainer(program.flows, SystemClock(), active_timeout_ns=timeout_ns, idle_timeout_ns=timeout_ns,
+                strategy=strategy)
     frames = [udp(p) for p in range(1, 6)]
     total = 0
     exported = 0
@@ -69,3 +77,19 @@ def test_drain_never_loses_counts_under_traffic(program: Any) -> None:
         exported += int(d.drain()["packets"].sum())
     exported += int(d.flush()["packets"].sum())
     assert exported == total
+
+
+def test_take_all_carries_live_flows_into_one_record(program: Any) -> None:
+    d = Drainer(program.flows, SystemClock(), 3600_000 * MS, 3600_000 * MS, strategy="take_all")
+    prog_test_run(program.ingress_fd, udp(1))
+    prog_test_run(program.ingress_fd, udp(2))
+    assert len(d.drain()) == 0 and d.carried == 2
+    assert len(program.flows.items()) == 0  # taken out of the kernel map, held in userspace
+    prog_test_run(program.ingress_fd, udp(1))
+    prog_test_run(program.ingress_fd, udp(3))
+    assert len(d.drain()) == 0 and d.carried == 3
+    batch = d.flush()
+    got = sorted((int(r["src_port"]), int(r["packets"]), int(r["octets"])) for r in batch)
+    assert got == [(1, 2, 56), (2, 1, 28), (3, 1, 28)]
+    r1 = batch[batch["src_port"] == 1][0]
+    assert r1["start_ms"] <= r1["end_ms"] and d.carried == 0

@@ -1,0 +1,123 @@
+"""The real `ipfixer` CLI as a subprocess: config errors (status 2, key path, bad value, no traceback),
+check/templates/schema, decode of what the exporter sent, and the demo leaving nothing behind."""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ipfixer.clock import FakeClock
+from ipfixer.config import load_config
+from ipfixer.export.factory import build_exporter
+from ipfixer.model import FlowRecord, records_to_batch, to_addr16
+from tests.cli.helpers import IPFIXER, cli_env, write_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def ipfixer(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*IPFIXER, *args], capture_output=True, text=True, timeout=timeout,
+                          env=env or cli_env(), cwd=ROOT)
+
+
+BAD_CONFIGS = [
+    ("collectors: [{address: 127.0.0.1, port: 4739}]\ntimeouts: {activ: 30s}\n", "timeouts.activ", "'30s'"),
+    ("collectors: [{address: 127.0.0.1, port: 4739, protocol: sflow}]\n", "collectors[0].protocol", "'sflow'"),
+    ("collectors: [{address: 127.0.0.1, port: 70000}]\n", "collectors[0].port", "70000"),
+    ("collectors: [{address: 127.0.0.1}]\ntimeouts: {idle: fast}\n", "timeouts.idle", "'fast'"),
+    ("collectors: []\n", "collectors", "[]"),
+    ("collectors: [{address: 127.0.0.1}]\ntimeouts: {active: 10s, idle: 20s}\n", "timeouts.idle", "20"),
+    ("collectors: [{address: 127.0.0.1}]\nbogus: 1\n", "bogus", "1"),
+    ("collectors: [{address: 127.0.0.1}\n", "YAML", ""),
+    ("collectors: [{address: 127.0.0.1}]\ntemplates: {ipv4: no_such_template}\n", "templates.ipv4",
+     "'no_such_template'"),
+]
+
+
+@pytest.mark.parametrize("text,key,value", BAD_CONFIGS)
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_config_errors_exit_2_with_key_path(tmp_path: Path, text: str, key: str, value: str, command: str) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    res = ipfixer(*(["check", str(cfg)] if command == "check" else ["run", "--config", str(cfg)]))
+    assert res.returncode == 2, res.stderr
+    assert str(cfg) in res.stderr and key in res.stderr and value in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_several_errors_at_once_and_missing_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("collectors: [{address: 127.0.0.1, port: 0, protocol: v5}]\nlog_level: loud\n")
+    res = ipfixer("check", str(cfg))
+    assert res.returncode == 2
+    for key in ("collectors[0].port", "collectors[0].protocol", "log_level"):
+        assert key in res.stderr
+    res = ipfixer("check", str(tmp_path / "absent.yaml"))
+    assert res.returncode == 2 and "absent.yaml" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_env_override_error_names_variable(tmp_path: Path) -> None:
+    env = cli_env() | {"IPFIXER_TIMEOUTS__ACTIV": "30s"}
+    res = ipfixer("check", "config/ipfixer.yaml", env=env)
+    assert res.returncode == 2 and "IPFIXER_TIMEOUTS__ACTIV" in res.stderr
+
+
+def test_check_templates_schema() -> None:
+    assert ipfixer("check", "config/ipfixer.yaml").returncode == 0
+    for example in sorted((ROOT / "config" / "examples").glob("*.yaml")):
+        res = ipfixer("check", str(example))
+        assert res.returncode == 0, res.stderr
+    out = ipfixer("templates").stdout
+    assert "256 ipv4_flow" in out and "61 flowDirection" in out and "57999/1" in out
+    schema = json.loads(ipfixer("config", "schema").stdout)
+    assert schema == json.loads((ROOT / "config" / "ipfixer.schema.json").read_text())
+
+
+def test_decode_prints_what_the_exporter_sent(tmp_path: Path) -> None:
+    """`ipfixer decode --json` on a UDP port, fed by the same Exporter `run` uses."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # a free port for the decoder
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([*IPFIXER, "decode", "--port", str(port), "--json", "--count", "2", "--timeout", "30"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+    try:
+        cfg = load_config(write_config(tmp_path / "c.yaml", [{"address": "127.0.0.1", "port": port}]))
+        clock = FakeClock()
+        exporter = build_exporter(cfg, clock.wall_ns())
+        rec = FlowRecord(src_addr=to_addr16("192.0.2.1"), dst_addr=to_addr16("198.51.100.7"), src_port=1234,
+                         dst_port=443, protocol=6, packets=12, octets=3456, start_ms=1_700_000_000_123,
+                         end_ms=1_700_000_001_456, direction=1, egress_if=3, tcp_flags=0x1B, end_reason=3)
+        ready, _, _ = select.select([proc.stderr], [], [], 30)  # the decoder says when it is bound
+        assert ready and "listening" in proc.stderr.readline()  # type: ignore[union-attr]
+        exporter.export(records_to_batch([rec]), clock.wall_ns())
+        exporter.export_stats(clock.wall_ns())
+        exporter.close()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    rows = [json.loads(line) for line in out.splitlines()]
+    flows = [r for r in rows if not r["options"]]
+    assert flows and flows[0]["sourceIPv4Address"] == "192.0.2.1"
+    assert flows[0]["destinationIPv4Address"] == "198.51.100.7"
+    assert (flows[0]["packetDeltaCount"], flows[0]["octetDeltaCount"]) == (12, 3456)
+    assert (flows[0]["flowStartMilliseconds"], flows[0]["flowEndMilliseconds"]) == (1_700_000_000_123,
+                                                                                    1_700_000_001_456)
+    assert (flows[0]["flowDirection"], flows[0]["egressInterface"], flows[0]["flowEndReason"]) == (1, 3, 3)
+
+
+@pytest.mark.root
+def test_demo_runs_and_leaves_nothing() -> None:
+    before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10).stdout
+    res = ipfixer("demo", "--duration", "4", timeout=180)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "flow records received; lab removed" in res.stdout
+    assert " udp " in res.stdout and " icmp " in res.stdout
+    after = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10).stdout
+    assert [n for n in after.split() if n.startswith("ipfx")] == [n for n in before.split() if n.startswith("ipfx")]
