@@ -74,7 +74,7 @@ def rx_packets() -> int:
 def blast(mac_a: str, mac_b: str, count: int, flows: int) -> tuple[float, float, int]:
     """trafgen count frames; returns (wall ns/pkt, cpu ns/pkt, packets received)."""
     cfg = (f"{{ eth(da={mac_a}, sa={mac_b}), ipv4(saddr=10.250.0.2, daddr=10.250.0.99, ttl=64), "
-           f"udp(sp=dinc(1024, {1023 + flows}, 1), dp=9), fill(0x41, 18) }}")
+           f"udp(sp={'dinc(1024, %d, 1)' % (1023 + flows) if flows > 1 else '1024'}, dp=9), fill(0x41, 18) }}")
     rx0, cpu0, t0 = rx_packets(), cpu_busy_ns(), time.monotonic_ns()
     _trafgen(cfg, count)
     time.sleep(0.2)  # let the receive backlog drain
@@ -103,6 +103,11 @@ def datapath(count: int, flows: int, runs: int) -> None:
     prog = load_program(map_entries=65536)
     try:
         base = best_of(runs, mac_a, mac_b, count, flows)
+        ns(NS_A, "tc", "qdisc", "add", "dev", VA, "clsact")
+        try:
+            bare = best_of(runs, mac_a, mac_b, count, flows)  # the hook without any filter
+        finally:
+            ns(NS_A, "tc", "qdisc", "del", "dev", VA, "clsact")
         att = Attacher(prog.ingress_fd, prog.egress_fd, "both", netns=NS_A)
         try:
             att.attach(VA)
@@ -129,7 +134,7 @@ def datapath(count: int, flows: int, runs: int) -> None:
                 Path(p).unlink(missing_ok=True)
         print(f"datapath: {count} x 64-byte UDP frames, {flows} flows, trafgen -> veth, best of {runs}")
         print(f"  {'mode':<12}{'wall ns/pkt':>12}{'cpu ns/pkt':>12}{'received':>10}{'cpu ratio':>10}")
-        for name, r in (("none", base), ("ipfixer", ipfx), ("softflowd", soft)):
+        for name, r in (("none", base), ("clsact only", bare), ("ipfixer", ipfx), ("softflowd", soft)):
             print(f"  {name:<12}{r[0]:>12.0f}{r[1]:>12.0f}{r[2]:>10}{r[1] / base[1]:>10.2f}")
         print(f"  ipfixer added {ipfx[1] - base[1]:.0f} cpu ns/pkt, softflowd {soft[1] - base[1]:.0f}; "
               f"ipfixer metered {metered} packets (last run, all runs share the map)")
@@ -214,7 +219,7 @@ def drains(sizes: list[int]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--packets", type=int, default=2_000_000)
-    ap.add_argument("--flows", type=int, default=256)
+    ap.add_argument("--flows", type=int, default=256, help="distinct UDP source ports (1-65535)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--skip-datapath", action="store_true")
     args = ap.parse_args()

@@ -12,8 +12,9 @@ import select
 import socket
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, TextIO
+from typing import Any, TextIO
 
 from ipfixer.errors import DecodeError, IpfixerError
 from ipfixer.wire.decode import DecodedMessage, Decoder

@@ -61,7 +61,7 @@ class Daemon:
         self._metrics: Any = None
         self._meter: Any = None
         self._exporter: Any = None
-        self._enrichers: list[Any] = []
+        self._enrichment: Any = None
         self._next_stats_ns = 0
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -78,31 +78,32 @@ class Daemon:
         return 0
 
     def _start(self) -> None:
-        from ipfixer.meter import Meter
         from ipfixer.metrics import Metrics
 
         cfg = self.config
-        self._metrics = Metrics()
+        self._metrics = Metrics([c.name for c in cfg.collectors])
         if cfg.metrics.listen:
             self._metrics.start_http(cfg.metrics.listen)
             log.info("metrics listen=%s", cfg.metrics.listen)
         self._exporter = build_exporter(cfg, self.boot_wall_ns)
-        self._enrichers = self._build_enrichers(cfg)
-        self._meter = Meter(cfg, self.clock, self._metrics)
+        e = cfg.enrichment
+        if e.conntrack or e.nat_events or e.cgroups:
+            from ipfixer.enrich.pipeline import Enrichment
+
+            self._enrichment = Enrichment(cfg, self.clock)
+            self._enrichment.start()
+        if cfg.source == "nflog":
+            from ipfixer.enrich.nflog_meter import NflogMeter
+
+            self._meter = NflogMeter(cfg, self.clock, self._metrics)
+        else:
+            from ipfixer.meter import Meter
+
+            self._meter = Meter(cfg, self.clock, self._metrics)
         self._meter.start()
         self._send_options(force=True)
         log.info("started interfaces=%s collectors=%s", ",".join(self._meter.interfaces()),
                  ",".join(f"{c.protocol}://{c.address}:{c.port}" for c in cfg.collectors))
-
-    def _build_enrichers(self, cfg: Config) -> list[Any]:
-        enrichers: list[Any] = []
-        if cfg.enrichment.conntrack:
-            from ipfixer.enrich.conntrack import ConntrackTable
-
-            table = ConntrackTable()
-            if table.available:
-                enrichers.append(table)
-        return enrichers
 
     def _loop(self, deadline: float | None) -> None:
         interval_ns = int(self.config.timeouts.drain_interval * 1e9)
@@ -119,11 +120,15 @@ class Daemon:
                 self._reload()
             wait_ms = max(0, min(250, (next_drain - self.clock.mono_ns()) // 1_000_000))
             self._meter.poll(int(wait_ms))
+            if self._enrichment is not None:
+                self._enrichment.poll()
 
     def _cycle(self) -> None:
         """One drain: expired kernel flows + Accounter evictions -> enrichment -> export."""
         started = time.perf_counter()
         batches = self._meter.drain()
+        if self._enrichment is not None:
+            batches.append(self._enrichment.nat_event_batch())
         self._export(batches)
         self._metrics.observe_drain(time.perf_counter() - started)
         self._send_options(force=False)
@@ -134,9 +139,9 @@ class Daemon:
             self._exporter.refresh_templates(self.clock.wall_ns())  # idle: templates still go out on time
             return
         batch = np.concatenate(batches) if len(batches) > 1 else batches[0]
-        for enricher in self._enrichers:
+        if self._enrichment is not None:
             try:
-                self._metrics.count_enriched(enricher.enrich(batch))
+                self._metrics.count_enriched(self._enrichment.enrich(batch))
             except IpfixerError as exc:
                 log.warning("enrichment failed: %s", exc)
         now = self.clock.wall_ns()
@@ -184,6 +189,8 @@ class Daemon:
         finally:
             if self._meter is not None:
                 self._meter.stop()
+            if self._enrichment is not None:
+                self._enrichment.close()
             if self._exporter is not None:
                 self._exporter.close()
             if self._metrics is not None:

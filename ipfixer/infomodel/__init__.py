@@ -156,11 +156,11 @@ def _read_csv(path: Path) -> tuple[list[Element], str]:
     if not required <= set(header):
         raise InfoModelError(f"{path}:{lines[0][0]}: header must have columns {sorted(required)}")
     elements = []
-    for (lineno, _), row in zip(lines[1:], reader):
+    for (lineno, _), row in zip(lines[1:], reader, strict=False):
         where = f"{path}:{lineno}"
         if len(row) != len(header):
             raise InfoModelError(f"{where}: expected {len(header)} columns, got {len(row)}")
-        rec = dict(zip(header, row))
+        rec = dict(zip(header, row, strict=True))
         try:
             eid = int(rec["id"])
             pen = int(rec.get("pen") or 0)

@@ -21,7 +21,7 @@ def _capture(path: Path) -> dict[tuple[object, ...], list[int]]:
     expected: dict[tuple[object, ...], list[int]] = {}
 
     def add(pkt, key, n, ip_len):  # type: ignore[no-untyped-def]
-        for i in range(n):
+        for _ in range(n):
             p = pkt.copy()
             p.time = T0 + len(pkts) * 0.001
             pkts.append(p)

@@ -95,7 +95,7 @@ def test_every_field_and_header_decodes_in_tshark(
     assert len(cap.packets) == len(datagrams)
 
     assert len(flows) == len(known_flows)
-    for r, f in zip(known_flows, flows):  # one template per family, in template order: v4 first
+    for r, f in zip(known_flows, flows, strict=True):  # one template per family, in template order: v4 first
         exp = expected_tshark(r, protocol, boot_ms)
         assert decoded(f, list(exp)) == exp
 
