@@ -74,7 +74,7 @@ def rx_packets() -> int:
 def blast(mac_a: str, mac_b: str, count: int, flows: int) -> tuple[float, float, int]:
     """trafgen count frames; returns (wall ns/pkt, cpu ns/pkt, packets received)."""
     cfg = (f"{{ eth(da={mac_a}, sa={mac_b}), ipv4(saddr=10.250.0.2, daddr=10.250.0.99, ttl=64), "
-           f"udp(sp={'dinc(1024, %d, 1)' % (1023 + flows) if flows > 1 else '1024'}, dp=9), fill(0x41, 18) }}")
+           f"udp(sp={f'dinc(1024, {1023 + flows}, 1)' if flows > 1 else '1024'}, dp=9), fill(0x41, 18) }}")
     rx0, cpu0, t0 = rx_packets(), cpu_busy_ns(), time.monotonic_ns()
     _trafgen(cfg, count)
     time.sleep(0.2)  # let the receive backlog drain

@@ -20,8 +20,8 @@ import numpy as np
 
 from ipfixer.clock import Clock
 from ipfixer.flows.expiry import expiry_reasons, wall_ms
-from ipfixer.model import FLOW_DTYPE, Direction, EndReason, empty_batch
 from ipfixer.kernel.program import libbpf, map_batch
+from ipfixer.model import FLOW_DTYPE, Direction, EndReason, empty_batch
 
 
 class Drainer:
@@ -48,15 +48,10 @@ class Drainer:
         self.leaf_dtype = np.dtype(flows.Leaf)
         self.capacity = int(flows.max_entries)
         self.map_fd = int(flows.map_fd)
-        names = [n for n in self.key_dtype.names or () if not n.startswith("pad")]
         # Same-named key fields at FLOW_DTYPE's offsets: one C-level structured copy instead of one
         # strided pass per field (0.09 s instead of 0.6 s for 1M flows).
-        self._key_src = np.dtype({"names": names, "formats": [self.key_dtype.fields[n][0] for n in names],
-                                  "offsets": [self.key_dtype.fields[n][1] for n in names],
-                                  "itemsize": self.key_dtype.itemsize})
-        self._key_dst = np.dtype({"names": names, "formats": [FLOW_DTYPE.fields[n][0] for n in names],
-                                  "offsets": [FLOW_DTYPE.fields[n][1] for n in names],
-                                  "itemsize": FLOW_DTYPE.itemsize})
+        self._key_src = _fields_view(self.key_dtype, self.key_dtype)
+        self._key_dst = _fields_view(self.key_dtype, FLOW_DTYPE)
         self._carry_keys = np.empty(0, dtype=self.key_dtype)
         self._carry_leaves = np.empty(0, dtype=self.leaf_dtype)
         self.drains = 0
@@ -193,3 +188,17 @@ def _key_hash(keys: np.ndarray) -> np.ndarray:
             h = (h ^ words[:, j]) * np.uint64(0x100000001B3)
             h ^= h >> np.uint64(29)
     return h
+
+
+def _fields_view(names_from: np.dtype, layout: np.dtype) -> np.dtype:
+    """A dtype with names_from's non-padding fields at their offsets in layout (same itemsize)."""
+    fields: Any = layout.fields or {}
+    names = [n for n in names_from.names or () if not n.startswith("pad")]
+    spec: dict[str, Any] = {
+        "names": names,
+        "formats": [fields[n][0] for n in names],
+        "offsets": [fields[n][1] for n in names],
+        "itemsize": layout.itemsize,
+    }
+    out: np.dtype = np.dtype(spec)  # type: ignore[call-overload]
+    return out

@@ -114,10 +114,12 @@ def test_decode_prints_what_the_exporter_sent(tmp_path: Path) -> None:
 
 @pytest.mark.root
 def test_demo_runs_and_leaves_nothing() -> None:
-    before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10).stdout
     res = ipfixer("demo", "--duration", "4", timeout=180)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "flow records received; lab removed" in res.stdout
     assert " udp " in res.stdout and " icmp " in res.stdout
+    lab_line = res.stdout.splitlines()[0].split()  # "lab: NS_A/VETH_A (...) <-> NS_B/VETH_B (...)"
+    namespaces = {lab_line[1].split("/")[0], lab_line[5].split("/")[0]}
+    assert all(ns.startswith("ipfx") for ns in namespaces)
     after = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10).stdout
-    assert [n for n in after.split() if n.startswith("ipfx")] == [n for n in before.split() if n.startswith("ipfx")]
+    assert not namespaces & {line.split()[0] for line in after.splitlines() if line.strip()}

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ipfx_net import NetPair, in_ns, run, unique, wait_until
+from ipfx_net import NetPair, in_ns, unique, wait_until
 
 from ipfixer.kernel.attach import Attacher, InterfaceSelector, LinkWatcher
 from ipfixer.kernel.program import libbpf

@@ -28,7 +28,7 @@ def eth() -> Any:
 def entries(prog: Any) -> list[tuple[dict[str, Any], dict[str, int]]]:
     keys, leaves = map_batch(prog.flows.map_fd, prog.key_dtype, prog.leaf_dtype, prog.map_entries, delete=False)
     out = []
-    for k, v in zip(keys, leaves):
+    for k, v in zip(keys, leaves, strict=True):
         key = {n: (bytes(k[n]) if k[n].shape else int(k[n])) for n in prog.key_dtype.names}
         out.append((key, {n: int(v[n]) for n in ("packets", "octets", "tcp_flags", "tos")}))
     return out

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from ipfx_net import NetPair, in_ns, run, wait_until
+from ipfx_net import NetPair, in_ns
 
 from ipfixer.clock import SystemClock
 from ipfixer.flows.accounter import Accounter

@@ -36,7 +36,9 @@ def test_shipped_templates() -> None:
         "ctMark",
         "ctZone",
         "cgroupId",
+        "natEvent",
     } <= {f.name for f in nat.fields}
+    assert "natEvent" in {f.name for f in ts["ipv4_nat_flow"].fields}  # NAT event rows share the template
     stats, sampling = ts["options_exporter_stats"], ts["options_sampling"]
     assert stats.is_options and [f.name for f in stats.scope_fields] == [
         "observationDomainId",

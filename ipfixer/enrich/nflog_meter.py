@@ -1,0 +1,233 @@
+"""NFLOG as the daemon's packet source, for kernels without eBPF: the same interface as ipfixer.meter.Meter.
+
+nftables rules in ipfixer's own table (`table inet ipfixer`, see ipfixer.enrich.nflog) copy the
+headers of every packet of the selected interfaces to an NFLOG group; NflogSource turns them into
+RawPackets and an Accounter aggregates them into flows.
+
+Accounter evict timeout: `timeouts.idle`, not `cache.accounter_evict_timeout`. Here the Accounter is
+the whole flow cache (there is no kernel map behind it), so its timer decides how late a flow reaches
+the collector, which is what timeouts.idle means to the user; accounter_evict_timeout tunes the eBPF
+spill path, a side path whose flows are a small overflow. A flow longer than idle is split in
+several records (flowEndReason 2), like the eBPF path splits at the active timeout.
+
+Flows also end early: TCP FIN/RST and, with `enrichment.conntrack`, a conntrack DESTROY of their
+connection evict that flow at the next drain with flowEndReason 3 (end of flow detected).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import subprocess
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ipfixer.clock import Clock
+from ipfixer.config import Config
+from ipfixer.enrich.conntrack import ConnKey
+from ipfixer.enrich.events import ConntrackEvents, destroyed_keys
+from ipfixer.enrich.nflog import PREFIX_IN, PREFIX_OUT, TABLE, NflogSource, remove_nflog_rules
+from ipfixer.errors import IpfixerError
+from ipfixer.flows.accounter import Accounter
+from ipfixer.meter import NamespaceLock, interface_name
+from ipfixer.model import EndReason, FlowKey, RawPacket
+
+log = logging.getLogger("ipfixer.nflog")
+
+TCP_FIN_RST = 0x01 | 0x04
+SNAPLEN = 128  # headers only: IPv6 + extension headers + TCP fit
+_NFT_GLOB = re.compile(r"^[A-Za-z0-9_.:@-]+\*?$")  # what nft's iifname string matching can express
+
+
+class EndingAccounter(Accounter):
+    """An Accounter that can also evict chosen flows (ended ones) without touching the others."""
+
+    def evict_where(self, pred: Callable[[FlowKey, int], bool], reason: int) -> np.ndarray | None:
+        """Evict the flows for which pred(key, tcp_flags seen) holds, with the given end reason; None if
+        there are none. The periodic eviction timer is not reset by this."""
+        take = {k: m for k, m in self._cache.items() if pred(k, m[4])}
+        if not take:
+            return None
+        keep = {k: m for k, m in self._cache.items() if k not in take}
+        last = self._last_evict_mono
+        self._cache = take
+        batch = self._evict(reason)
+        self._cache, self._last_evict_mono = keep, last
+        return batch
+
+
+def nft_ruleset(group: int, include: tuple[str, ...], exclude: tuple[str, ...], direction: str) -> str:
+    """The `table inet ipfixer` script: one log rule per include glob and hook, excludes as `!=`.
+
+    Globs nft cannot express (only a trailing `*` is supported) fall back to logging every interface;
+    the meter then filters by name in userspace, so the selection is the same either way.
+    """
+    exact = all(_NFT_GLOB.match(g) for g in (*include, *exclude))
+    chains = []
+    for hook, chain, prefix, dev, prio in (("prerouting", "nflog_in", PREFIX_IN, "iifname", -400),
+                                           ("postrouting", "nflog_out", PREFIX_OUT, "oifname", 400)):  # fmt: skip
+        if direction != "both" and (direction == "ingress") != (hook == "prerouting"):
+            continue
+        log_stmt = f'log prefix "{prefix}" group {group} snaplen {SNAPLEN}'
+        if exact:
+            excl = " ".join(f'{dev} != "{g}"' for g in exclude)
+            rules = [f'{dev} "{g}" {excl} {log_stmt}'.replace("  ", " ") for g in include]
+        else:
+            rules = [log_stmt]
+        body = "\n        ".join(rules)
+        chains.append(f"    chain {chain} {{\n        type filter hook {hook} priority {prio}; policy accept;\n"
+                      f"        {body}\n    }}")  # fmt: skip
+    return f"table inet {TABLE} {{}}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n" + "\n".join(chains) + "\n}\n"
+
+
+def _nft(script: str) -> None:
+    res = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True, timeout=30, check=False)
+    if res.returncode != 0:
+        raise IpfixerError(f"nft: installing table inet {TABLE} failed: {res.stderr.strip()}")
+
+
+class NflogMeter:
+    """nft `log group N` rules + NflogSource + Accounter, driven by the daemon like Meter."""
+
+    def __init__(self, config: Config, clock: Clock, metrics: Any) -> None:
+        self.config = config
+        self.clock = clock
+        self.metrics = metrics
+        self._lock = NamespaceLock(config.lock_dir)
+        self._source: NflogSource | None = None
+        self._accounter: EndingAccounter | None = None
+        self._events: ConntrackEvents | None = None
+        self._selector: Any = None
+        self._names: dict[int, str] = {}
+        self._pending: list[np.ndarray] = []
+        self._destroyed: set[bytes] = set()
+        self._installed = False
+        self._last_unparsed = 0
+        self._last_evictions = 0
+
+    def start(self) -> None:
+        """Lock the namespace, install the rules, bind the NFLOG group; undone on failure."""
+        cfg = self.config
+        self._lock.acquire()
+        try:
+            self._apply_selection(cfg)
+            self._source = NflogSource(cfg.enrichment.nflog_group, clock=self.clock, copy_range=SNAPLEN)
+            self._accounter = EndingAccounter(cfg.cache.accounter_max_entries, int(cfg.timeouts.idle * 1e9),
+                                              self.clock, interface_name)  # fmt: skip
+            if cfg.enrichment.conntrack:
+                self._events = ConntrackEvents(clock=self.clock, kinds=("destroy",))
+        except BaseException:
+            self.stop()
+            raise
+
+    def _apply_selection(self, cfg: Config) -> None:
+        from ipfixer.kernel.attach import InterfaceSelector
+
+        i = cfg.interfaces
+        self._selector = InterfaceSelector(tuple(i.include), tuple(i.exclude))
+        self._names.clear()
+        _nft(nft_ruleset(cfg.enrichment.nflog_group, tuple(i.include), tuple(i.exclude), i.direction))
+        self._installed = True
+
+    def interfaces(self) -> list[str]:
+        """Names of the interfaces of this namespace the rules select right now."""
+        if self._selector is None:
+            return []
+        return sorted(name for _, name in socket.if_nameindex() if self._selector.matches(name))
+
+    def _selected(self, ifindex: int) -> bool:
+        name = self._names.get(ifindex)
+        if name is None:
+            name = interface_name(ifindex)
+            if len(self._names) > 4096:
+                self._names.clear()
+            self._names[ifindex] = name
+        return bool(name) and self._selector.matches(name)
+
+    def poll(self, timeout_ms: int) -> None:
+        """Wait up to timeout_ms for logged packets and account them (the daemon's idle wait)."""
+        assert self._source is not None and self._accounter is not None
+        pkts = self._source.poll(timeout_ms / 1000.0)
+        self._account(pkts)
+        if self._events is not None and self._events.available:
+            self._events.poll(0.0)
+            for key in destroyed_keys(self._events.drain()):
+                if len(self._destroyed) < 65536:
+                    self._destroyed.add(key.packed())
+
+    def _account(self, pkts: list[RawPacket]) -> None:
+        assert self._accounter is not None
+        selected = [p for p in pkts if self._selected(p.key.ifindex)]
+        self._pending.extend(self._accounter.account_all(selected))
+
+    def drain(self) -> list[np.ndarray]:
+        """Flows due: ended ones (FIN/RST, conntrack DESTROY), full-cache and timer evictions."""
+        assert self._accounter is not None
+        self.poll(0)
+        out, self._pending = self._pending, []
+        ended = self._accounter.evict_where(self._ended, EndReason.END_OF_FLOW)
+        self._destroyed.clear()
+        if ended is not None:
+            out.append(ended)
+        due = self._accounter.evict_if_due()
+        if due is not None:
+            out.append(due)
+        self._update_metrics()
+        return out
+
+    def _ended(self, key: FlowKey, tcp_flags: int) -> bool:
+        if key.protocol == 6 and tcp_flags & TCP_FIN_RST:
+            return True
+        return bool(self._destroyed) and ConnKey(key.protocol, key.src_addr, key.dst_addr, key.src_port,
+                                                 key.dst_port).packed() in self._destroyed  # fmt: skip
+
+    def flush(self) -> list[np.ndarray]:
+        """Every flow still held (shutdown): flowEndReason forced end."""
+        out, self._pending = self._pending, []
+        if self._source is not None and self._accounter is not None:
+            self._account(self._source.poll(0.0))
+            out.append(self._accounter.flush())
+        self._update_metrics()
+        return out
+
+    def ignored_packets(self) -> int:
+        """Packets logged but not accounted (not IP or too short to parse)."""
+        return self._source.unparsed if self._source is not None else 0
+
+    def reconfigure(self, config: Config) -> None:
+        """Apply a reloaded config: interface selection, direction and timeouts (group needs a restart)."""
+        old, self.config = self.config, config
+        if config.enrichment.nflog_group != old.enrichment.nflog_group:
+            log.warning("enrichment.nflog_group changes only at restart; keeping %d", old.enrichment.nflog_group)
+            config = config.model_copy(update={"enrichment": old.enrichment})
+        self._apply_selection(config)
+        if self._accounter is not None:
+            self._accounter.evict_timeout_ns = int(config.timeouts.idle * 1e9)
+            self._accounter.max_entries = config.cache.accounter_max_entries
+
+    def _update_metrics(self) -> None:
+        m = self.metrics
+        if m is None or self._source is None or self._accounter is None:
+            return
+        m.malformed_packets.inc(max(0, self._source.unparsed - self._last_unparsed))
+        self._last_unparsed = self._source.unparsed
+        m.accounter_evictions.inc(max(0, self._accounter.evictions - self._last_evictions))
+        self._last_evictions = self._accounter.evictions
+
+    def stop(self) -> None:
+        """Remove table inet ipfixer, close the sockets, release the lock. Safe to call twice."""
+        try:
+            if self._events is not None:
+                self._events.close()
+                self._events = None
+            if self._source is not None:
+                self._source.close()
+                self._source = None
+            if self._installed:
+                remove_nflog_rules()
+                self._installed = False
+        finally:
+            self._lock.release()
