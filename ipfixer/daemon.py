@@ -183,7 +183,11 @@ class Daemon:
         """Flush everything still in the kernel map and the Accounter, then detach."""
         try:
             if self._meter is not None and self._exporter is not None:
-                self._export(self._meter.flush())
+                batches = self._meter.flush()
+                if self._enrichment is not None:
+                    self._enrichment.poll()
+                    batches.append(self._enrichment.nat_event_batch())
+                self._export(batches)
                 self._send_options(force=True)
                 log.info("flushed remaining flows")
         finally:

@@ -60,7 +60,8 @@ class EndingAccounter(Accounter):
 
 
 def nft_ruleset(group: int, include: tuple[str, ...], exclude: tuple[str, ...], direction: str) -> str:
-    """The `table inet ipfixer` script: one log rule per include glob and hook, excludes as `!=`.
+    """The `table inet ipfixer` script: one log rule per hook, include globs as a set, excludes as `!=`
+    (nft matches a trailing `*` as a prefix, also inside anonymous sets).
 
     Globs nft cannot express (only a trailing `*` is supported) fall back to logging every interface;
     the meter then filters by name in userspace, so the selection is the same either way.
@@ -72,15 +73,16 @@ def nft_ruleset(group: int, include: tuple[str, ...], exclude: tuple[str, ...], 
         if direction != "both" and (direction == "ingress") != (hook == "prerouting"):
             continue
         log_stmt = f'log prefix "{prefix}" group {group} snaplen {SNAPLEN}'
-        if exact:
-            excl = " ".join(f'{dev} != "{g}"' for g in exclude)
-            rules = [f'{dev} "{g}" {excl} {log_stmt}'.replace("  ", " ") for g in include]
-        else:
-            rules = [log_stmt]
-        body = "\n        ".join(rules)
+        match = ""
+        if exact:  # one rule, so a packet whose interface matches two globs is still logged once
+            match = f"{dev} {_nft_set(include)} " + (f"{dev} != {_nft_set(exclude)} " if exclude else "")
         chains.append(f"    chain {chain} {{\n        type filter hook {hook} priority {prio}; policy accept;\n"
-                      f"        {body}\n    }}")  # fmt: skip
+                      f"        {match}{log_stmt}\n    }}")  # fmt: skip
     return f"table inet {TABLE} {{}}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n" + "\n".join(chains) + "\n}\n"
+
+
+def _nft_set(globs: tuple[str, ...]) -> str:
+    return "{ " + ", ".join(f'"{g}"' for g in globs) + " }"
 
 
 def _nft(script: str) -> None:

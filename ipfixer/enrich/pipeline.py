@@ -59,20 +59,15 @@ class Enrichment:
     def start(self) -> None:
         """Open what the config asks for; whatever is unavailable is logged once and skipped."""
         max_entries = max(self.config.cache.accounter_max_entries, 65536)
+        # each part logs its own warning (once) when it cannot start, then stays unavailable
         if self.want_conntrack:
             self.table = ConntrackTable(max_entries=max_entries)
-            if not self.table.available:
-                self._warn_once("conntrack", "conntrack enrichment unavailable; flows exported without it")
         if self.want_conntrack or self.want_nat_events:
             self.events = ConntrackEvents(capacity=MAX_EVENTS, clock=self.clock)
-            if not self.events.available:
-                self._warn_once("events", "conntrack events unavailable; no NAT events and no DESTROY ends")
         if self.want_cgroups:
             from ipfixer.enrich.cgroups import CgroupAttributor
 
             self.cgroups = CgroupAttributor(max_entries=max_entries)
-            if not self.cgroups.available:
-                self._warn_once("cgroups", "cgroup attribution unavailable; cgroupId stays 0")
         log.info("enrichment conntrack=%s nat_events=%s cgroups=%s", self.conntrack_available,
                  self.events is not None and self.events.available,
                  self.cgroups is not None and self.cgroups.available)  # fmt: skip
@@ -153,9 +148,7 @@ class Enrichment:
             now = self.clock.mono_ns()
             if self._last_refresh_ns is None or now - self._last_refresh_ns >= self.refresh_interval_ns:
                 self._last_refresh_ns = now
-                self.table.refresh()
-                if not self.table.available:
-                    self._warn_once("conntrack", "conntrack enrichment stopped; flows exported without it")
+                self.table.refresh()  # a refused dump logs once and closes the table: enrichment goes on
             if self.table.available:
                 self.table.enrich(rows)
                 enriched |= rows["ct_state"] != 0

@@ -54,6 +54,11 @@ class Drainer:
         self._key_dst = _fields_view(self.key_dtype, FLOW_DTYPE)
         self._carry_keys = np.empty(0, dtype=self.key_dtype)
         self._carry_leaves = np.empty(0, dtype=self.leaf_dtype)
+        leaf_fields: Any = self.leaf_dtype.fields
+        if self.leaf_dtype.itemsize % 8:
+            raise ValueError("struct flow_metrics must be a multiple of 8 bytes")
+        self._leaf_words = {name: leaf_fields[name][1] // 8 for name in
+                            ("packets", "octets", "first_ns", "last_ns", "tcp_flags", "tos")}
         self.drains = 0
         self.exported_flows = 0
         self.vanished = 0  # expiring keys already gone when deleted (another drainer): not exported twice
@@ -80,8 +85,8 @@ class Drainer:
             decide_at, self.idle_timeout_ns, self.active_timeout_ns,
         )
         go = reasons != 0
-        self._carry_keys, self._carry_leaves = keys[~go], leaves[~go]
-        batch = self._to_batch(keys[go], leaves[go], reasons[go], now_wall, now_mono)
+        self._carry_keys, self._carry_leaves = _select(keys, ~go), _select(leaves, ~go)
+        batch = self._to_batch(_select(keys, go), _select(leaves, go), reasons[go], now_wall, now_mono)
         self.drains += 1
         self.exported_flows += len(batch)
         return batch
@@ -97,18 +102,24 @@ class Drainer:
         if len(keys) == 0:
             return ck, cl
         _, ci, ni = np.intersect1d(_key_hash(ck), _key_hash(keys), assume_unique=False, return_indices=True)
-        same = np.all(_key_words(ck)[ci] == _key_words(keys)[ni], axis=1)  # a hash collision is no match
+        vkey = f"V{self.key_dtype.itemsize}"
+        same = _rows(ck).view(vkey)[ci, 0] == _rows(keys).view(vkey)[ni, 0]  # a hash collision is no match
         ci, ni = ci[same], ni[same]
-        cl = cl.copy()
-        cl["packets"][ci] += leaves["packets"][ni]
-        cl["octets"][ci] += leaves["octets"][ni]
-        cl["first_ns"][ci] = np.minimum(cl["first_ns"][ci], leaves["first_ns"][ni])
-        cl["last_ns"][ci] = np.maximum(cl["last_ns"][ci], leaves["last_ns"][ni])
-        cl["tcp_flags"][ci] |= leaves["tcp_flags"][ni]
-        cl["tos"][ci] = leaves["tos"][ni]
+        cl = np.ascontiguousarray(cl).copy()
+        cw = cl.view(np.uint64).reshape(len(cl), -1)  # leaf as rows of u64 words: contiguous math
+        nw = np.ascontiguousarray(leaves).view(np.uint64).reshape(len(leaves), -1)
+        c, n = cw[ci], nw[ni]
+        w = self._leaf_words
+        c[:, w["packets"]] += n[:, w["packets"]]
+        c[:, w["octets"]] += n[:, w["octets"]]
+        c[:, w["first_ns"]] = np.minimum(c[:, w["first_ns"]], n[:, w["first_ns"]])
+        c[:, w["last_ns"]] = np.maximum(c[:, w["last_ns"]], n[:, w["last_ns"]])
+        c[:, w["tcp_flags"]] |= n[:, w["tcp_flags"]]
+        c[:, w["tos"]] = n[:, w["tos"]]  # the word holding tos (rest of it is zero padding)
+        cw[ci] = c
         rest = np.ones(len(keys), dtype=bool)
         rest[ni] = False
-        return np.concatenate([ck, keys[rest]]), np.concatenate([cl, leaves[rest]])
+        return _concat(ck, _select(keys, rest)), _concat(cl, _select(leaves, rest))
 
     def _drain_per_key(self, now_mono_ns: int | None) -> np.ndarray:
         now_wall = self.clock.wall_ns()
@@ -173,19 +184,36 @@ class Drainer:
         return out
 
 
-def _key_words(keys: np.ndarray) -> np.ndarray:
-    """Keys as rows of u32 words (the key is 4-aligned, its padding zeroed by the program)."""
-    raw = np.ascontiguousarray(keys).view(np.uint8).reshape(len(keys), keys.dtype.itemsize)
-    return raw.view(np.uint32)
+def _rows(a: np.ndarray) -> np.ndarray:
+    """A structured array as a 2-D uint8 array (row copies are plain memcpy, not per-field)."""
+    return np.ascontiguousarray(a).view(np.uint8).reshape(len(a), a.dtype.itemsize)
+
+
+def _select(a: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """a[mask] for a structured array, through its raw rows."""
+    out: np.ndarray = _rows(a)[mask].reshape(-1).view(a.dtype)
+    return out
+
+
+def _concat(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """np.concatenate of two structured arrays of one dtype, through their raw rows."""
+    return np.concatenate([_rows(a), _rows(b)]).reshape(-1).view(a.dtype)
 
 
 def _key_hash(keys: np.ndarray) -> np.ndarray:
-    """A 64-bit multiplicative hash of each key (vectorised; collisions are checked by the caller)."""
-    words = _key_words(keys).astype(np.uint64)
+    """A 64-bit hash of each key, column by column over u64 words (collisions: checked by the caller)."""
+    raw = np.ascontiguousarray(keys).view(np.uint8).reshape(len(keys), keys.dtype.itemsize)
+    whole = keys.dtype.itemsize // 8 * 8
+    cols = [raw[:, i:i + 8].copy().view(np.uint64)[:, 0] for i in range(0, whole, 8)]
+    if whole < keys.dtype.itemsize:
+        tail = np.zeros((len(keys), 8), dtype=np.uint8)
+        tail[:, : keys.dtype.itemsize - whole] = raw[:, whole:]
+        cols.append(tail.view(np.uint64)[:, 0])
     h = np.full(len(keys), 0xCBF29CE484222325, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        for j in range(words.shape[1]):
-            h = (h ^ words[:, j]) * np.uint64(0x100000001B3)
+        for col in cols:
+            h ^= col
+            h *= np.uint64(0x100000001B3)
             h ^= h >> np.uint64(29)
     return h
 
