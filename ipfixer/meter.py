@@ -115,7 +115,9 @@ class Meter:
         return sorted(a.ifname for a in self._attacher.attached.values())
 
     def poll(self, timeout_ms: int) -> None:
-        """Wait up to timeout_ms for spilled packets and account them (the daemon's idle wait)."""
+        """Wait up to timeout_ms for spilled packets and account them (the daemon's idle wait); apply
+        link events (new interfaces that match are attached, vanished ones forgotten)."""
+        self._watcher.poll(0.0)
         self._pending.extend(self._spill.poll(timeout_ms))
 
     def drain(self) -> list[np.ndarray]:
@@ -172,7 +174,7 @@ class Meter:
         m.malformed_packets.inc(delta("trunc_l2") + delta("trunc_l3") + delta("trunc_l4") + delta("malformed"))
         m.accounter_evictions.inc(max(0, self._spill.accounter.evictions - getattr(self, "_evictions", 0)))
         self._evictions = self._spill.accounter.evictions
-        m.kernel_map_fill_ratio.set(len(self._prog.flows) / max(1, self._prog.map_entries))
+        m.kernel_map_fill_ratio.set(self._drainer.kernel_entries / max(1, self._prog.map_entries))
 
     def counters(self) -> dict[str, int]:
         """The kernel's counters (summed over CPUs) as of the last drain."""

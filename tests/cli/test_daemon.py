@@ -3,6 +3,7 @@ kernel path, real UDP export to a socket in that namespace. Exact counts of traf
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -133,3 +134,40 @@ def test_second_instance_refused(tmp_path: Path, lab: Lab) -> None:
         assert "already meters" in res.stderr and "Traceback" not in res.stderr
     finally:
         stop_daemon(proc, log)
+
+
+def test_stats_reads_running_daemon_metrics(tmp_path: Path, lab: Lab) -> None:
+    """`ipfixer stats` against the daemon's Prometheus endpoint (bound to localhost in its namespace)."""
+    coll = collector_in(lab.ns_a)
+    probe = in_netns(lab.ns_a, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    log = tmp_path / "ipfixer.log"
+    cfg = base_config(tmp_path, lab, coll.port, metrics={"listen": f"127.0.0.1:{port}"})
+    cfg.write_text(cfg.read_text().replace("idle: 30s", "idle: 1s"))
+    proc = start_daemon(lab, cfg, log)
+    try:
+        lab.send_udp(lab.ns_b, lab.v4_a, 40031, 9031, [100] * 4)
+        coll.receive(10, until_idle=2.5)  # the flow goes out after its 1 s idle timeout
+        res = subprocess.run(["ip", "netns", "exec", lab.ns_a, *IPFIXER, "stats", "--config", str(cfg), "--json"],
+                             capture_output=True, text=True, timeout=60, env=cli_env())
+        assert res.returncode == 0, res.stderr
+        values = json.loads(res.stdout)
+        before = coll.flow_records()
+        assert totals_by_flow(before)[(lab.v4_b, lab.v4_a, 40031, 9031, 17)] == [4, 4 * 128]
+        coll.receive(2, until_idle=1.0)  # link-local IPv6 chatter may be exported around the scrape
+        after = coll.flow_records()
+
+        def ingress(recs: list[dict[str, int]], field: str) -> int:
+            return sum(r[field] for r in recs if r["flowDirection"] == 0)
+
+        for metric, field in (("packets", "packetDeltaCount"), ("octets", "octetDeltaCount")):
+            value = values[f'ipfixer_{metric}_observed_total{{direction="ingress"}}']
+            assert ingress(before, field) <= value <= ingress(after, field)
+        assert len(before) <= values["ipfixer_flows_exported_total"] <= len(after)
+        name = f"127.0.0.1:{coll.port}"
+        assert values[f'ipfixer_collector_messages_total{{collector="{name}"}}'] >= 1  # options + templates
+    finally:
+        stop_daemon(proc, log)
+        coll.close()
