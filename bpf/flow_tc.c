@@ -42,6 +42,14 @@ static __always_inline int account(struct __sk_buff *skb, __u8 direction)
     __builtin_memset(&key, 0, sizeof(key));
     __builtin_memset(&info, 0, sizeof(info));
     count(CNT_PACKETS);
+#if SAMPLING_INTERVAL > 1
+    /* Random 1-in-N packet sampling (RFC 5476 random n-out-of-N with n = 1); the collector scales
+     * counts by samplingInterval, announced in the sampling options record. */
+    if (bpf_get_prandom_u32() % SAMPLING_INTERVAL) {
+        count(CNT_NOT_SAMPLED);
+        return TC_ACT_UNSPEC;
+    }
+#endif
     parse_packet(skb, &key, &info);
     if (info.anomaly)
         count(info.anomaly);

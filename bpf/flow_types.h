@@ -14,6 +14,10 @@
 #define SPILL_RING_PAGES 64          /* must be a power of two */
 #endif
 
+#ifndef SAMPLING_INTERVAL
+#define SAMPLING_INTERVAL 1          /* meter 1 in N packets, chosen at random (samplingAlgorithm 2) */
+#endif
+
 #define FLOW_DIR_INGRESS 0           /* IPFIX IE 61 flowDirection */
 #define FLOW_DIR_EGRESS 1
 
@@ -77,6 +81,7 @@ enum ipfixer_counter {
     CNT_NON_IP,                      /* neither IPv4 nor IPv6 */
     CNT_IPV6_EXT_LIMIT,              /* too many IPv6 extension headers to walk */
     CNT_FRAGMENT,                    /* non-first IP fragment (no ports) */
+    CNT_NOT_SAMPLED,                 /* skipped by 1-in-N sampling (SAMPLING_INTERVAL > 1) */
     CNT_MAX
 };
 

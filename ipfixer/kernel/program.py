@@ -39,6 +39,7 @@ COUNTER_NAMES: tuple[str, ...] = (
     "non_ip",
     "ipv6_ext_limit",
     "fragment",
+    "not_sampled",
 )
 
 

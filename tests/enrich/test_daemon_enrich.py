@@ -20,8 +20,8 @@ import pytest
 from ipfixer.lab import start_ipfixer, stop_ipfixer
 from tests.cli.helpers import cli_env, totals_by_flow, write_config
 from tests.cli.test_daemon import collector_in
+from tests.collectors import Nfcapd, free_udp_port
 from tests.enrich.topo import NatTopo, make_nat_topo, ns_socket, sh
-from tests.interop.conftest import UTC_ENV, Nfcapd, _wait_for_text, free_udp_port
 
 pytestmark = pytest.mark.root
 
@@ -39,20 +39,6 @@ def topo() -> Iterator[NatTopo]:
     finally:
         sh("nft", "delete", "table", "inet", "ipfixer", netns=t.router, check=False)
         t.teardown()
-
-
-class NsNfcapd(Nfcapd):
-    """nfcapd on 127.0.0.1 inside a namespace (`ip netns exec` execs, so proc is nfcapd itself)."""
-
-    def __init__(self, workdir: Path, port: int, netns: str) -> None:
-        self.port, self.dir = port, workdir
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.log = self.dir.parent / f"{self.dir.name}.log"
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                ["ip", "netns", "exec", netns, "nfcapd", "-b", "127.0.0.1", "-p", str(port), "-w", str(self.dir),
-                 "-t", "3600"], stdout=log, stderr=subprocess.STDOUT, env=UTC_ENV)  # fmt: skip
-        _wait_for_text(self.log, ("Startup nfcapd",), self.proc, "nfcapd")
 
 
 def config(
@@ -152,7 +138,7 @@ def run_daemon(tmp: Path, t: NatTopo, cfg: Path, traffic: Any, tag: str) -> None
 def test_post_nat_values_at_nfdump_and_decoder(tmp_path: Path, topo: NatTopo) -> None:
     t = topo
     coll = collector_in(t.router)
-    nfc = NsNfcapd(tmp_path / "nfcapd", free_udp_port(), t.router)
+    nfc = Nfcapd(tmp_path / "nfcapd", free_udp_port(), netns=t.router)
     try:
         counters: dict[str, Any] = {}
 

@@ -189,3 +189,22 @@ def test_full_map_spills_to_ring_buffer() -> None:
         assert np.all(batch["octets"] == 2 * 28)
     finally:
         prog.close()
+
+
+def test_sampling_one_in_n_counts_every_skipped_packet() -> None:
+    """SAMPLING_INTERVAL=4: metered + not_sampled == every frame, exactly; about a quarter metered."""
+    from ipfixer.kernel.program import load_program
+    from ipfixer.meter import sampling_cflags
+
+    prog = load_program(map_entries=64, ring_pages=8, extra_cflags=sampling_cflags(4))
+    try:
+        frame = eth() / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1, dport=2)
+        ret, _ = prog_test_run(prog.ingress_fd, bytes(frame), repeat=4000)
+        assert ret == TC_ACT_UNSPEC
+        metered = sum(m["packets"] for _, m in entries(prog))
+        c = prog.counter_values()
+        assert c["packets"] == 4000 and metered + c["not_sampled"] == 4000
+        # Binomial(4000, 1/4): mean 1000, sd 27; 8 sd either side fails with probability < 1e-14.
+        assert 1000 - 8 * 27 < metered < 1000 + 8 * 27
+    finally:
+        prog.close()

@@ -1,0 +1,199 @@
+"""Real collectors for tests: nfcapd (+ nfdump to read what it stored) and tshark (live capture on
+lo, then decoded with the cflow dissector).  Every process is killed and every temp dir removed in a
+finally, waits are bounded, traffic goes to 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+START_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 10.0
+UTC_ENV = {**os.environ, "TZ": "UTC"}  # nfdump prints local time; pin it
+
+
+def free_udp_port() -> int:
+    """An ephemeral UDP port on 127.0.0.1 (closed again, so the collector can bind it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for_text(path: Path, needles: tuple[str, ...], proc: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        if any(n in text for n in needles):
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}: {text}")
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} not ready after {START_TIMEOUT_S}s: {path.read_text(errors='replace')}")
+
+
+def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    """Signal, wait bounded, then SIGKILL: never leave a collector behind."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=STOP_TIMEOUT_S)
+
+
+def nfdump_time_ms(text: str) -> int:
+    """nfdump's '2026-11-28T22:25:07.040' (TZ=UTC) -> Unix ms."""
+    dt = datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%f").replace(tzinfo=UTC)
+    return int(dt.timestamp() * 1000 + 0.5)
+
+
+def nfdump_tcp_flags(text: str) -> int:
+    """nfdump's 'CEUAPRSF' string with '.' for unset bits -> the tcpControlBits byte."""
+    assert len(text) == 8, text
+    return sum(1 << (7 - i) for i, ch in enumerate(text) if ch != ".")
+
+
+class Nfcapd:
+    """One nfcapd listening on 127.0.0.1:port and writing into its own directory."""
+
+    def __init__(self, workdir: Path, port: int, netns: str | None = None) -> None:
+        self.port = port
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.log = self.dir.parent / f"{self.dir.name}.log"
+        prefix = ["ip", "netns", "exec", netns] if netns else []  # ip netns exec execs: proc is nfcapd
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [*prefix, "nfcapd", "-b", "127.0.0.1", "-p", str(port), "-w", str(self.dir), "-t", "3600"],
+                stdout=log, stderr=subprocess.STDOUT, env=UTC_ENV,
+            )  # fmt: skip
+        _wait_for_text(self.log, ("Startup nfcapd",), self.proc, "nfcapd")
+
+    def stop(self) -> list[dict[str, Any]]:
+        """SIGTERM (nfcapd flushes its current file) and return every stored flow via nfdump -o json,
+        with first/last as Unix ms and tcp_flags as an int."""
+        _stop(self.proc)
+        flows: list[dict[str, Any]] = []
+        for f in sorted(self.dir.glob("nfcapd.[0-9]*")):
+            out = subprocess.run(
+                ["nfdump", "-r", str(f), "-o", "json"], capture_output=True, env=UTC_ENV, timeout=30, check=True
+            )
+            text = out.stdout.decode().strip()
+            if text:
+                flows.extend(json.loads(text))
+        out = [f for f in flows if f.get("type") == "FLOW"]
+        for f in out:  # numbers back, so tests compare with exactly what was sent
+            for k in ("first", "last"):
+                f[k] = nfdump_time_ms(f[k])
+            if isinstance(f.get("tcp_flags"), str):
+                f["tcp_flags"] = nfdump_tcp_flags(f["tcp_flags"])
+        return out
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def kill(self) -> None:
+        _stop(self.proc, signal.SIGKILL)
+
+
+def _pairs_to_multidict(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """JSON object hook keeping duplicate keys (tshark repeats some) as 'key#2', 'key#3'..."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        key, i = k, 1
+        while key in out:
+            i += 1
+            key = f"{k}#{i}"
+        out[key] = v
+    return out
+
+
+def _walk_flows(node: Any, out: list[dict[str, Any]]) -> None:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k.startswith("Flow ") and isinstance(v, dict):
+                out.append(v)
+            else:
+                _walk_flows(v, out)
+    elif isinstance(node, list):
+        for v in node:
+            _walk_flows(v, out)
+
+
+class TsharkCapture:
+    """tshark capturing UDP to `port` on lo into a pcap; decode() runs the cflow dissector on it."""
+
+    def __init__(self, workdir: Path, count: int) -> None:
+        # A bound sink: without a listener the kernel answers ICMP port-unreachable and the exporter's
+        # connected socket gets ECONNREFUSED on its next send (as a real dead collector would cause).
+        self.sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sink.bind(("127.0.0.1", 0))
+        port = self.port = int(self.sink.getsockname()[1])
+        self.pcap = workdir / f"cap{port}.pcap"
+        self.log = workdir / f"tshark{port}.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                ["tshark", "-i", "lo", "-f", f"udp port {port}", "-c", str(count), "-a", "duration:30",
+                 "-w", str(self.pcap)],
+                stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        _wait_for_text(self.log, ("Capturing on",), self.proc, "tshark")
+        time.sleep(0.3)  # dumpcap prints before the filter is fully live on some kernels
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Wait for the -c packets (bounded), then decode: one dict per Data Record ('Flow N')."""
+        try:
+            self.proc.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            _stop(self.proc, signal.SIGINT)
+        out = subprocess.run(
+            ["tshark", "-r", str(self.pcap), "-d", f"udp.port=={self.port},cflow", "-T", "json"],
+            capture_output=True, timeout=60, check=True,
+        )  # fmt: skip
+        packets = json.loads(out.stdout.decode(), object_pairs_hook=_pairs_to_multidict)
+        self.packets = [p["_source"]["layers"].get("cflow") for p in packets]
+        flows: list[dict[str, Any]] = []
+        for p in self.packets:
+            _walk_flows(p, flows)
+        return flows
+
+    def kill(self) -> None:
+        _stop(self.proc, signal.SIGKILL)
+        self.sink.close()
+
+
+# -- known flows: every value distinct and non-zero so a swapped or dropped field shows ---------------
+def _mac(s: str) -> bytes:
+    return bytes.fromhex(s.replace(":", ""))
+
+
+def known_flow_records(base_ms: int) -> list[Any]:
+    """IPv4 TCP/UDP/ICMP and IPv6 TCP/UDP flows with known values (sub-second ms in every time)."""
+    from ipfixer.model import ETH_P_IP, ETH_P_IPV6, FlowRecord, to_addr16
+
+    def rec(i: int, ethertype: int, src: str, dst: str, proto: int, sport: int, dport: int, **kw: Any) -> Any:
+        return FlowRecord(
+            ethertype=ethertype, direction=i % 2, vlan_id=100 + i,
+            src_mac=_mac(f"02:00:00:00:01:{i:02x}"), dst_mac=_mac(f"02:00:00:00:02:{i:02x}"),
+            src_addr=to_addr16(src), dst_addr=to_addr16(dst), src_port=sport, dst_port=dport, protocol=proto,
+            ifindex=3, packets=10 + i, octets=1000 * (i + 1) + 7, start_ms=base_ms - 5000 + 17 * i,
+            end_ms=base_ms - 1000 + 23 * i, tcp_flags=kw.get("flags", 0), tos=kw.get("tos", 0), end_reason=1 + i % 4,
+            ingress_if=3 + i, egress_if=40 + i,
+        )  # fmt: skip
+
+    return [
+        rec(0, ETH_P_IP, "10.1.2.3", "192.168.0.9", 6, 40001, 443, flags=0x1B, tos=0x10),
+        rec(1, ETH_P_IP, "172.16.5.6", "8.8.8.8", 17, 40002, 53, tos=0xB8),
+        rec(2, ETH_P_IP, "10.9.8.7", "10.7.8.9", 1, 0, 8 * 256 + 0),  # ICMP echo request: type 8 code 0
+        rec(3, ETH_P_IPV6, "2001:db8::1", "2001:db8:ffff::2", 6, 40004, 8443, flags=0x12, tos=0x28),
+        rec(4, ETH_P_IPV6, "fe80::1234:5678", "2001:db8::53", 17, 40005, 5353),
+    ]
