@@ -189,7 +189,8 @@ class Daemon:
                     batches.append(self._enrichment.nat_event_batch())
                 self._export(batches)
                 self._send_options(force=True)
-                log.info("flushed remaining flows")
+                counters = " ".join(f"{k}={v}" for k, v in sorted(self._meter.counters().items()))
+                log.info("flushed remaining flows; final counters %s", counters)
         finally:
             if self._meter is not None:
                 self._meter.stop()

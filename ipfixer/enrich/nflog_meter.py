@@ -199,6 +199,13 @@ class NflogMeter:
         """Packets logged but not accounted (not IP or too short to parse)."""
         return self._source.unparsed if self._source is not None else 0
 
+    def counters(self) -> dict[str, int]:
+        """Source and Accounter counters, for the final log line and stats."""
+        if self._source is None or self._accounter is None:
+            return {}
+        return {"accounted": self._accounter.accounted_packets, "unparsed": self._source.unparsed,
+                "evictions": self._accounter.evictions}
+
     def reconfigure(self, config: Config) -> None:
         """Apply a reloaded config: interface selection, direction and timeouts (group needs a restart)."""
         old, self.config = self.config, config
