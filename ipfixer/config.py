@@ -254,6 +254,7 @@ class TemplatesConfig(BaseModel):
     ipv6: NonEmptyStr = "ipv6_flow"
     exporter_stats: NonEmptyStr = "options_exporter_stats"
     sampling: NonEmptyStr = "options_sampling"
+    interfaces: NonEmptyStr = "options_interfaces"
     stats_interval: Duration = Field(
         default=60.0, description="how often the statistics options records are sent"
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import numpy as np
 from ipfixer.clock import Clock, SystemClock
 from ipfixer.config import Config, load_config
 from ipfixer.errors import ConfigError, IpfixerError
-from ipfixer.export.factory import build_exporter, load_config_templates, sampling_values
+from ipfixer.export.factory import build_exporter, interface_values, load_config_templates, sampling_values
 
 log = logging.getLogger("ipfixer")
 
@@ -63,6 +64,7 @@ class Daemon:
         self._exporter: Any = None
         self._enrichment: Any = None
         self._next_stats_ns = 0
+        self._interface_table: dict[int, str] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------
     def run(self, duration_s: float | None = None) -> int:
@@ -150,12 +152,28 @@ class Daemon:
         self._metrics.update_exporter(self._exporter)
 
     def _send_options(self, force: bool) -> None:
+        """Statistics, sampling and interface-table options records: every stats_interval, and the
+        interface table also as soon as the metered interfaces change (a new veth appeared)."""
         now = self.clock.wall_ns()
+        table = self._current_interfaces()
+        if table != self._interface_table:
+            self._interface_table = table
+            force = True
         if not force and now < self._next_stats_ns:
             return
         self._next_stats_ns = now + int(self.config.templates.stats_interval * 1e9)
         self._exporter.export_stats(now, self._meter.ignored_packets() if self._meter else 0)
         self._exporter.export_sampling(now, sampling_values(self.config))
+        self._exporter.export_options(self.config.templates.interfaces, interface_values(table), now)
+
+    def _current_interfaces(self) -> dict[int, str]:
+        table = {}
+        for name in self._meter.interfaces() if self._meter else []:
+            try:
+                table[socket.if_nametoindex(name)] = name
+            except OSError:  # vanished since the meter listed it
+                continue
+        return table
 
     def _reload(self) -> None:
         """SIGHUP: re-read the config; collectors, timeouts and interfaces change, no packet is lost:

@@ -77,6 +77,7 @@ class Meter:
         self._spill: Any = None
         self._pending: list[np.ndarray] = []
         self._last_counters: dict[str, int] = {}
+        self._last_evictions = 0
 
     def start(self) -> None:
         """Everything needed before the first packet is counted; undone on failure."""
@@ -172,8 +173,9 @@ class Meter:
         m.overflow_packets.inc(delta("spilled"))
         m.ringbuf_losses.inc(delta("ringbuf_fail"))
         m.malformed_packets.inc(delta("trunc_l2") + delta("trunc_l3") + delta("trunc_l4") + delta("malformed"))
-        m.accounter_evictions.inc(max(0, self._spill.accounter.evictions - getattr(self, "_evictions", 0)))
-        self._evictions = self._spill.accounter.evictions
+        evictions = self._spill.accounter.evictions
+        m.accounter_evictions.inc(max(0, evictions - self._last_evictions))
+        self._last_evictions = evictions
         m.kernel_map_fill_ratio.set(self._drainer.kernel_entries / max(1, self._prog.map_entries))
 
     def counters(self) -> dict[str, int]:

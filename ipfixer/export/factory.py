@@ -6,6 +6,7 @@ and template files are read.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +26,14 @@ def load_config_templates(config: Config) -> tuple[dict[int, Template], list[Tem
     tdir = Path(config.templates.directory) if config.templates.directory else DEFAULT_TEMPLATES_DIR
     templates = load_templates(tdir)
     t = config.templates
-    chosen = {"ipv4": t.ipv4, "ipv6": t.ipv6, "exporter_stats": t.exporter_stats, "sampling": t.sampling}
+    chosen = {"ipv4": t.ipv4, "ipv6": t.ipv6, "exporter_stats": t.exporter_stats, "sampling": t.sampling,
+              "interfaces": t.interfaces}
     missing = [f"templates.{key}: no template named {name!r} in {tdir} (got {name!r})"
                for key, name in chosen.items() if name not in templates]
     if missing:
         raise ConfigError("\n".join(missing))
     data = {ETH_P_IP: templates[t.ipv4], ETH_P_IPV6: templates[t.ipv6]}
-    options = [templates[t.exporter_stats], templates[t.sampling]]
+    options = [templates[t.exporter_stats], templates[t.sampling], templates[t.interfaces]]
     return data, options
 
 
@@ -57,6 +59,11 @@ def build_exporter(config: Config, boot_wall_ns: int) -> Exporter:
             transport.close()
         raise
     return Exporter(collectors)
+
+
+def interface_values(names: Mapping[int, str]) -> list[dict[str, Any]]:
+    """Interface table options records: one per metered interface (ifindex -> interfaceName)."""
+    return [{"ingressInterface": ifindex, "interfaceName": name} for ifindex, name in sorted(names.items())]
 
 
 def sampling_values(config: Config) -> dict[str, Any]:

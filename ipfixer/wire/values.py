@@ -187,7 +187,9 @@ def decode_value(data_type: str, raw: bytes) -> Any:
         frac = int.from_bytes(raw[4:], "big")
         return secs * per + ((frac * per + (1 << 31)) >> 32)
     if data_type == "string":
-        return raw.decode("utf-8", errors="replace")
+        # A fixed-length string field is zero padded (as encode_value does, and as NetFlow v9 exporters
+        # send IF_NAME); the padding is not part of the value.
+        return raw.rstrip(b"\x00").decode("utf-8", errors="replace")
     return raw
 
 

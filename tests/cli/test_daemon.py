@@ -71,6 +71,12 @@ def test_sigterm_flushes_exact_counts(tmp_path: Path, lab: Lab) -> None:
     assert {r["flowDirection"] for r in recs} == {0}  # seen arriving on veth_a: ingress
     assert {r["ingressInterface"] for r in recs} == {lab.ifindex(lab.ns_a, lab.veth_a)}
     assert {r["flowEndReason"] for r in recs} == {4}  # forced end: flushed at shutdown
+    names = {(r["ingressInterface"], r["interfaceName"]) for r in coll.options_records() if "interfaceName" in r}
+    assert names == {(lab.ifindex(lab.ns_a, lab.veth_a), lab.veth_a)}  # the interface table options record
+    stats = [r for r in coll.options_records() if "exportedFlowRecordTotalCount" in r]
+    assert stats and stats[-1]["exportedFlowRecordTotalCount"] >= 2
+    sampling = [r for r in coll.options_records() if "samplingInterval" in r]
+    assert sampling and sampling[-1]["samplingInterval"] == 1
     # nothing of ipfixer's left on the interface
     out = subprocess.run(["tc", "-n", lab.ns_a, "filter", "show", "dev", lab.veth_a, "ingress"],
                          capture_output=True, text=True, timeout=10).stdout
