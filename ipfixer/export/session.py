@@ -277,7 +277,8 @@ class ExportSession:
         et = batch["ethertype"]
         for tid, t in self._data_templates.items():
             ethertypes = [e for e, tt in self._data_by_ethertype.items() if tt.template_id == tid]
-            rows = batch[np.isin(et, ethertypes)]
+            mask = np.isin(et, ethertypes)
+            rows = batch if mask.all() else batch[mask]  # one family (the usual case): no copy
             if len(rows) == 0:
                 continue
             exported += len(rows)

@@ -7,14 +7,33 @@ a hypothesis property test in tests/unit/test_fastpath.py).  Only fixed-length t
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping
 from typing import Any
 
+import construct
 import numpy as np
 
 from ipfixer.errors import EncodeError
 from ipfixer.templates import Template, TemplateField
 from ipfixer.wire.values import NTP_EPOCH_OFFSET
+
+
+def header_packer(decl: construct.Struct) -> struct.Struct:
+    """A struct.Struct with the same layout as a construct Struct of fixed-width integer fields
+    (message, packet and set headers), derived from the declaration rather than written twice.
+    construct's build costs ~17 us per header, which dominated the cost of a message; struct's
+    pack costs ~0.3 us. Const fields stay in the format and are passed by the caller."""
+    fmt = ""
+    for sub in decl.subcons:
+        inner = sub.subcon if isinstance(sub, construct.Renamed) else sub
+        if isinstance(inner, construct.Const):
+            inner = inner.subcon
+        if not isinstance(inner, construct.FormatField) or inner.fmtstr[0] != ">":
+            raise TypeError(f"{sub!r} is not a fixed-width big-endian field")
+        fmt += inner.fmtstr[1:]
+    return struct.Struct("!" + fmt)
+
 
 _UINT_TYPES = (
     "unsigned8",
@@ -93,6 +112,9 @@ class BatchEncoder:
                     raise self._fail(f, "negative value for an unsigned element")
                 if bits < 64 and col.dtype.itemsize * 8 > bits and n and int(col.max()) >> bits:
                     raise self._fail(f, f"value does not fit in {length} byte(s)")
+                if length in (1, 2, 4, 8):
+                    dst[...] = col  # range checked above: a straight (byte-swapping) copy
+                    return
                 values = col.astype(np.uint64)
             else:
                 lim = 1 << (bits - 1)

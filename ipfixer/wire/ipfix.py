@@ -34,6 +34,7 @@ from construct import (
 from ipfixer.errors import EncodeError
 from ipfixer.infomodel import VARLEN
 from ipfixer.templates import Template, TemplateField
+from ipfixer.wire.fastpath import header_packer
 from ipfixer.wire.values import decode_value, encode_value, varlen_prefix
 
 VERSION = 10
@@ -58,6 +59,10 @@ SetHeader = Struct(
     "set_id" / Int16ub,
     "length" / Int16ub,
 )
+
+# The hot path packs these two headers with struct, derived from the declarations above (fastpath).
+_MESSAGE_HEADER = header_packer(MessageHeader)
+_SET_HEADER = header_packer(SetHeader)
 
 # RFC 7011 3.2: Field Specifier; the enterprise bit adds a 4-byte Enterprise Number.
 FieldSpecifier = Struct(
@@ -158,7 +163,7 @@ def _set(set_id: int, body: bytes) -> bytes:
     length = SET_HEADER_LEN + len(body)
     if length > MAX_MESSAGE_LEN - MESSAGE_HEADER_LEN:
         raise EncodeError(f"set {set_id} of {length} bytes cannot fit in a message")
-    return bytes(SetHeader.build({"set_id": set_id, "length": length})) + body
+    return _SET_HEADER.pack(set_id, length) + body
 
 
 def encode_template_set(templates: Sequence[Template]) -> bytes:
@@ -215,11 +220,7 @@ def encode_message(export_time: int, sequence: int, domain_id: int, sets: Sequen
         raise EncodeError(f"IPFIX message of {length} bytes exceeds 65535 (RFC 7011 3.1)")
     if not 0 <= export_time < 2**32 or not 0 <= domain_id < 2**32:
         raise EncodeError(f"export time {export_time} or observation domain {domain_id} out of 32-bit range")
-    header = MessageHeader.build(
-        {"length": length, "export_time": export_time,
-         "sequence_number": sequence % 2**32, "observation_domain_id": domain_id}
-    )  # fmt: skip
-    return bytes(header) + body
+    return _MESSAGE_HEADER.pack(VERSION, length, export_time, sequence % 2**32, domain_id) + body
 
 
 __all__ = [

@@ -16,6 +16,7 @@ from ipfixer.errors import EncodeError
 from ipfixer.infomodel import Element
 from ipfixer.templates import Template
 from ipfixer.wire import ipfix
+from ipfixer.wire.fastpath import header_packer
 
 VERSION = 9
 PACKET_HEADER_LEN = 20
@@ -61,6 +62,10 @@ PacketHeader = Struct(
 FlowSetHeader = Struct("flowset_id" / Int16ub, "length" / Int16ub)
 
 FieldSpec = Struct("field_type" / Int16ub, "field_length" / Int16ub)
+
+# The hot path packs the headers with struct, derived from the declarations above (fastpath).
+_PACKET_HEADER = header_packer(PacketHeader)
+_FLOWSET_HEADER = header_packer(FlowSetHeader)
 
 # RFC 3954 5.2: Template Record.
 TemplateRecord = Struct(
@@ -113,7 +118,7 @@ def _flowset(flowset_id: int, body: bytes) -> bytes:
     length = FLOWSET_HEADER_LEN + len(body)
     if length > 65535 - PACKET_HEADER_LEN:
         raise EncodeError(f"flowset {flowset_id} of {length} bytes cannot fit in a packet")
-    return bytes(FlowSetHeader.build({"flowset_id": flowset_id, "length": length})) + body
+    return _FLOWSET_HEADER.pack(flowset_id, length) + body
 
 
 def template_flowset_length(templates: Sequence[Template]) -> int:
@@ -175,7 +180,7 @@ def encode_data_flowset(flowset_id: int, records_bytes: bytes, pad_to: int = 4) 
     length = FLOWSET_HEADER_LEN + len(body)
     if length > 65535 - PACKET_HEADER_LEN:
         raise EncodeError(f"flowset {flowset_id} of {length} bytes cannot fit in a packet")
-    return bytes(FlowSetHeader.build({"flowset_id": flowset_id, "length": length})) + body
+    return _FLOWSET_HEADER.pack(flowset_id, length) + body
 
 
 def encode_packet(
@@ -187,8 +192,7 @@ def encode_packet(
         raise EncodeError(f"NetFlow v9 packet of {PACKET_HEADER_LEN + len(body)} bytes exceeds 65535")
     if not 0 <= count <= 65535:
         raise EncodeError(f"record count {count} out of range")
-    header = PacketHeader.build(
-        {"count": count, "sys_uptime": sys_uptime_ms % 2**32, "unix_secs": unix_secs % 2**32,
-         "sequence_number": sequence % 2**32, "source_id": source_id}
-    )  # fmt: skip
-    return bytes(header) + body
+    if not 0 <= source_id < 2**32:
+        raise EncodeError(f"source id {source_id} out of 32-bit range")
+    return _PACKET_HEADER.pack(VERSION, count, sys_uptime_ms % 2**32, unix_secs % 2**32, sequence % 2**32,
+                               source_id) + body

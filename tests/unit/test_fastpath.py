@@ -142,3 +142,19 @@ def test_errors() -> None:
         enc.encode({"octetDeltaCount": np.array([1, 2], np.uint64)}, 1)
     with pytest.raises(EncodeError, match="negative"):
         enc.encode({"octetDeltaCount": np.array([-1], np.int64)}, 1)
+
+
+@given(st.integers(0, 65535), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1))
+def test_header_packers_match_construct(length: int, t: int, seq: int, dom: int) -> None:
+    """The struct packers the hot path uses give construct's bytes for every header they replace."""
+    from ipfixer.wire import ipfix, netflow9
+    from ipfixer.wire.fastpath import header_packer
+
+    assert header_packer(ipfix.MessageHeader).pack(10, length, t, seq, dom) == ipfix.MessageHeader.build(
+        {"length": length, "export_time": t, "sequence_number": seq, "observation_domain_id": dom})
+    assert header_packer(ipfix.SetHeader).pack(length, length) == ipfix.SetHeader.build(
+        {"set_id": length, "length": length})
+    assert header_packer(netflow9.PacketHeader).pack(9, length, t, seq, dom, t) == netflow9.PacketHeader.build(
+        {"count": length, "sys_uptime": t, "unix_secs": seq, "sequence_number": dom, "source_id": t})
+    assert header_packer(netflow9.FlowSetHeader).pack(length, 4) == netflow9.FlowSetHeader.build(
+        {"flowset_id": length, "length": 4})
