@@ -14,12 +14,12 @@ import socket
 import struct
 import subprocess
 import time
-from dataclasses import dataclass
 
 from ipfixer.clock import Clock, SystemClock
 from ipfixer.enrich.conntrack import NETLINK_NETFILTER
-from ipfixer.model import ETH_P_IP, ETH_P_IPV6, V4_MAPPED_PREFIX, Direction, FlowKey, RawPacket
+from ipfixer.model import Direction, FlowKey, RawPacket
 from ipfixer.netns import socket_in_netns
+from ipfixer.packets import parse_ip
 
 NFNL_SUBSYS_ULOG = 4
 NFULNL_MSG_PACKET = 0
@@ -50,7 +50,6 @@ PREFIX_IN = "ipfixer-in"
 PREFIX_OUT = "ipfixer-out"
 
 _ZERO_MAC = b"\x00" * 6
-_V6_EXT_HEADERS = (0, 43, 60, 51)  # hop-by-hop, routing, destination options, AH (44 fragment: below)
 
 
 def _nlmsg(
@@ -72,64 +71,6 @@ def _attrs(data: bytes, off: int, end: int) -> dict[int, bytes]:
         out[atype & NLA_TYPE_MASK] = data[off + 4 : off + length]
         off += (length + 3) & ~3
     return out
-
-
-@dataclass(frozen=True, slots=True)
-class ParsedHeaders:
-    """What a RawPacket needs from an IP packet."""
-
-    ethertype: int
-    src: bytes
-    dst: bytes
-    sport: int
-    dport: int
-    protocol: int
-    octets: int
-    tos: int
-    tcp_flags: int
-
-
-def parse_ip(payload: bytes) -> ParsedHeaders | None:
-    """IPv4/IPv6 + TCP/UDP/SCTP ports or ICMP type/code (as 0, type*256+code); None if not IP/short."""
-    if len(payload) < 1:
-        return None
-    version = payload[0] >> 4
-    if version == 4 and len(payload) >= 20:
-        ihl = (payload[0] & 0x0F) * 4
-        tos, total = payload[1], struct.unpack_from("!H", payload, 2)[0]
-        frag = struct.unpack_from("!H", payload, 6)[0] & 0x1FFF
-        proto = payload[9]
-        src, dst = V4_MAPPED_PREFIX + payload[12:16], V4_MAPPED_PREFIX + payload[16:20]
-        l4 = ihl if frag == 0 else -1
-        ethertype = ETH_P_IP
-    elif version == 6 and len(payload) >= 40:
-        tos = ((payload[0] & 0x0F) << 4) | (payload[1] >> 4)
-        total = 40 + struct.unpack_from("!H", payload, 4)[0]
-        proto, src, dst = payload[6], payload[8:24], payload[24:40]
-        l4 = 40
-        for _ in range(8):  # bounded walk over extension headers
-            if proto in _V6_EXT_HEADERS and l4 + 8 <= len(payload):
-                proto, l4 = (
-                    payload[l4],
-                    l4 + ((payload[l4 + 1] + 2) * 4 if proto == 51 else (payload[l4 + 1] + 1) * 8),
-                )
-            elif proto == 44 and l4 + 8 <= len(payload):
-                first = (struct.unpack_from("!H", payload, l4 + 2)[0] & 0xFFF8) == 0
-                proto, l4 = payload[l4], (l4 + 8 if first else -1)
-            else:
-                break
-        ethertype = ETH_P_IPV6
-    else:
-        return None
-    sport = dport = flags = 0
-    if l4 >= 0 and l4 + 4 <= len(payload):
-        if proto in (6, 17, 132):
-            sport, dport = struct.unpack_from("!HH", payload, l4)
-            if proto == 6 and l4 + 14 <= len(payload):
-                flags = payload[l4 + 13]
-        elif proto in (1, 58):
-            dport = (payload[l4] << 8) | payload[l4 + 1]
-    return ParsedHeaders(ethertype, src, dst, sport, dport, proto, total, tos, flags)
 
 
 class NflogSource:
@@ -246,10 +187,10 @@ class NflogSource:
         hw = attrs.get(NFULA_HWHEADER, b"")
         if len(hw) >= 12:  # Ethernet header: only on ingress hooks
             dst_mac, src_mac = hw[0:6], hw[6:12]
-        key = FlowKey(parsed.ethertype, int(direction), src_mac, dst_mac, parsed.src, parsed.dst,
-                      parsed.sport, parsed.dport, parsed.protocol, ifindex)  # fmt: skip
+        key = FlowKey(parsed.ethertype, int(direction), src_mac, dst_mac, parsed.src_addr, parsed.dst_addr,
+                      parsed.src_port, parsed.dst_port, parsed.protocol, ifindex)  # fmt: skip
         return RawPacket(
-            key=key, octets=parsed.octets, mono_ns=now, tcp_flags=parsed.tcp_flags, tos=parsed.tos
+            key=key, octets=parsed.ip_octets, mono_ns=now, tcp_flags=parsed.tcp_flags, tos=parsed.tos
         )
 
     def close(self) -> None:

@@ -15,8 +15,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from topo import ns_socket, sh, unique
 
 from ipfixer.clock import SystemClock
-from ipfixer.enrich.nflog import NflogSource, install_nflog_rules, parse_ip, remove_nflog_rules
+from ipfixer.enrich.nflog import NflogSource, install_nflog_rules, remove_nflog_rules
 from ipfixer.model import Direction, RawPacket, to_addr16
+from ipfixer.packets import parse_ip
 
 SIZES = (10, 200, 1000, 1400)
 IP_UDP = 20 + 8
@@ -104,7 +105,7 @@ def test_parse_ip_v6_and_icmp() -> None:
         (5353).to_bytes(2, "big") + (53).to_bytes(2, "big") + (12).to_bytes(2, "big") + b"\x00\x00" + b"abcd"
     )
     h = parse_ip(v6)
-    assert h is not None and (h.sport, h.dport, h.protocol, h.octets) == (5353, 53, 17, 52)
+    assert h is not None and (h.src_port, h.dst_port, h.protocol, h.ip_octets) == (5353, 53, 17, 52)
     icmp = (
         bytes([0x45, 0, 0, 28])
         + bytes(5)
@@ -114,4 +115,4 @@ def test_parse_ip_v6_and_icmp() -> None:
         + b"\x03\x03"
     )
     h = parse_ip(icmp + bytes(6))
-    assert h is not None and (h.sport, h.dport, h.protocol, h.octets) == (0, 0x0303, 1, 28)
+    assert h is not None and (h.src_port, h.dst_port, h.protocol, h.ip_octets) == (0, 0x0303, 1, 28)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import itertools
 import os
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
+
+from ipfixer.lab import Lab
 
 _seq = itertools.count()
 
@@ -31,8 +32,10 @@ def unique(prefix: str) -> str:
 
 @dataclass
 class NetPair:
-    """ns_a holds veth_a (10.<n>.0.1, fd00:<n>::1), ns_b holds veth_b (.2 / ::2)."""
+    """ns_a holds veth_a (10.<n>.0.1, fd00:<n>::1), ns_b holds veth_b (.2 / ::2): an ipfixer.lab.Lab
+    with the facts the kernel tests compare against read once."""
 
+    lab: Lab
     ns_a: str
     ns_b: str
     veth_a: str
@@ -47,40 +50,14 @@ class NetPair:
 
     def send_udp(self, from_ns: str, dst: str, sport: int, dport: int, sizes: list[int]) -> None:
         """Send UDP datagrams with the given payload sizes from a namespace (bounded, blocking)."""
-        script = (
-            "import socket,sys\n"
-            "fam=socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET\n"
-            "s=socket.socket(fam,socket.SOCK_DGRAM)\n"
-            "s.bind(('',int(sys.argv[2])))\n"
-            "for n in sys.argv[4].split(','):\n"
-            "    s.sendto(b'x'*int(n),(sys.argv[1],int(sys.argv[3])))\n"
-        )
-        in_ns(from_ns, sys.executable, "-c", script, dst, str(sport), str(dport),
-              ",".join(str(s) for s in sizes))
+        self.lab.send_udp(from_ns, dst, sport, dport, sizes)
 
 
 def _make_pair(ns_a: str, ns_b: str) -> NetPair:
-    veth_a, veth_b = unique("ipfxa"), unique("ipfxb")
-    n = (os.getpid() + next(_seq)) % 200 + 20
-    run("ip", "netns", "add", ns_a)
-    run("ip", "netns", "add", ns_b)
-    run("ip", "-n", ns_a, "link", "add", veth_a, "type", "veth", "peer", "name", veth_b, "netns", ns_b)
-    pair = NetPair(ns_a, ns_b, veth_a, veth_b, 0, f"10.{n}.0.1", f"10.{n}.0.2", f"fd00:{n}::1",
-                   f"fd00:{n}::2", "", "")
-    for ns, dev, v4, v6 in ((ns_a, veth_a, pair.v4_a, pair.v6_a), (ns_b, veth_b, pair.v4_b, pair.v6_b)):
-        run("ip", "-n", ns, "addr", "add", f"{v4}/24", "dev", dev)
-        run("ip", "-n", ns, "addr", "add", f"{v6}/64", "dev", dev, "nodad")
-        run("ip", "-n", ns, "link", "set", dev, "up")
-        run("ip", "-n", ns, "link", "set", "lo", "up")
-    pair.ifindex_a = int(open_in_ns(ns_a, f"/sys/class/net/{veth_a}/ifindex"))
-    pair.mac_a = open_in_ns(ns_a, f"/sys/class/net/{veth_a}/address")
-    pair.mac_b = open_in_ns(ns_b, f"/sys/class/net/{veth_b}/address")
-    # Static neighbours: no ARP/ND in the middle of a test's traffic.
-    run("ip", "-n", ns_a, "neigh", "replace", pair.v4_b, "lladdr", pair.mac_b, "dev", veth_a, "nud", "permanent")
-    run("ip", "-n", ns_a, "neigh", "replace", pair.v6_b, "lladdr", pair.mac_b, "dev", veth_a, "nud", "permanent")
-    run("ip", "-n", ns_b, "neigh", "replace", pair.v4_a, "lladdr", pair.mac_a, "dev", veth_b, "nud", "permanent")
-    run("ip", "-n", ns_b, "neigh", "replace", pair.v6_a, "lladdr", pair.mac_a, "dev", veth_b, "nud", "permanent")
-    return pair
+    lab = Lab(ns_a=ns_a, ns_b=ns_b, veth_a=unique("ipfxa"), veth_b=unique("ipfxb")).build()
+    return NetPair(lab, lab.ns_a, lab.ns_b, lab.veth_a, lab.veth_b, lab.ifindex(lab.ns_a, lab.veth_a),
+                   lab.v4_a, lab.v4_b, lab.v6_a, lab.v6_b, lab.mac(lab.ns_a, lab.veth_a),
+                   lab.mac(lab.ns_b, lab.veth_b))
 
 
 def open_in_ns(ns: str, path: str) -> str:
