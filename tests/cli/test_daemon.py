@@ -177,3 +177,42 @@ def test_stats_reads_running_daemon_metrics(tmp_path: Path, lab: Lab) -> None:
     finally:
         stop_daemon(proc, log)
         coll.close()
+
+
+def test_interface_appearing_later_is_metered(tmp_path: Path, lab: Lab) -> None:
+    """A veth created after start that matches the include globs (a new container's) is attached from
+    its netlink link event, counted exactly and named in the interface table."""
+    from ipfixer.lab import ip, netns_exec, unique_name
+
+    coll = collector_in(lab.ns_a)
+    log = tmp_path / "ipfixer.log"
+    cfg = write_config(tmp_path / "ipfixer.yaml", [{"address": "127.0.0.1", "port": coll.port}],
+                       interfaces={"include": [lab.veth_a, "ipfxn*"], "exclude": []},
+                       lock_dir=str(tmp_path / "lock"),
+                       timeouts={"active": "60s", "idle": "30s", "drain_interval": "500ms"})
+    new_a, new_b = unique_name("n"), unique_name("m")
+    proc = start_daemon(lab, cfg, log)
+    try:
+        ip("-n", lab.ns_a, "link", "add", new_a, "type", "veth", "peer", "name", new_b, "netns", lab.ns_b)
+        ip("-n", lab.ns_a, "addr", "add", "192.168.77.1/24", "dev", new_a)
+        ip("-n", lab.ns_b, "addr", "add", "192.168.77.2/24", "dev", new_b)
+        ip("-n", lab.ns_a, "link", "set", new_a, "up")
+        ip("-n", lab.ns_b, "link", "set", new_b, "up")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # attached = our filter is on it
+            shown = netns_exec(lab.ns_a, "tc", "filter", "show", "dev", new_a, "ingress").stdout
+            if "ipfixer_ingress" in shown:
+                break
+            time.sleep(0.1)
+        assert "ipfixer_ingress" in shown, log.read_text()
+        lab.send_udp(lab.ns_b, "192.168.77.1", 40041, 9041, [64] * 5)
+    finally:
+        stop_daemon(proc, log)
+    coll.receive(5, until_idle=1.0)
+    coll.close()
+    new_index = lab.ifindex(lab.ns_a, new_a)
+    recs = [r for r in coll.flow_records() if r.get("destinationTransportPort") == 9041]
+    assert totals_by_flow(recs) == {("192.168.77.2", "192.168.77.1", 40041, 9041, 17): [5, 5 * 92]}
+    assert {r["ingressInterface"] for r in recs} == {new_index}
+    names = {(r["ingressInterface"], r["interfaceName"]) for r in coll.options_records() if "interfaceName" in r}
+    assert (new_index, new_a) in names
