@@ -128,7 +128,8 @@ class Daemon:
     def _cycle(self) -> None:
         """One drain: expired kernel flows + Accounter evictions -> enrichment -> export."""
         started = time.perf_counter()
-        batches = self._meter.drain()
+        ended = {k.packed() for k in self._enrichment.destroyed_keys()} if self._enrichment else set()
+        batches = self._meter.drain(end_keys=ended)
         if self._enrichment is not None:
             batches.append(self._enrichment.nat_event_batch())
         self._export(batches)
@@ -188,6 +189,8 @@ class Daemon:
         except (ConfigError, IpfixerError) as exc:
             log.error("reload rejected, keeping the running config: %s", str(exc).replace("\n", "; "))
             return
+        if new.source != self.config.source or new.enrichment != self.config.enrichment:
+            log.warning("source and enrichment change only at restart; keeping source=%s", self.config.source)
         self._cycle()  # what was due goes out on the old collectors before they change
         old_exporter, self._exporter = self._exporter, new_exporter
         old_exporter.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -121,10 +122,11 @@ class Meter:
         self._watcher.poll(0.0)
         self._pending.extend(self._spill.poll(timeout_ms))
 
-    def drain(self) -> list[np.ndarray]:
-        """Flows due for export: expired kernel entries plus whatever the Accounter evicted."""
+    def drain(self, end_keys: Collection[bytes] = ()) -> list[np.ndarray]:
+        """Flows due for export: expired kernel entries (and those of `end_keys`, connections conntrack
+        destroyed) plus whatever the Accounter evicted."""
         out, self._pending = self._pending, []
-        out.append(self._drainer.drain())
+        out.append(self._drainer.drain(end_keys=end_keys))
         self._update_metrics()
         return out
 

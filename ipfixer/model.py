@@ -9,6 +9,7 @@ tests, replay and the per-record path. Addresses are always 16 bytes, IPv4 as ::
 from __future__ import annotations
 
 import ipaddress
+import struct
 from dataclasses import asdict, dataclass, field, fields
 from enum import IntEnum
 from typing import Any
@@ -214,3 +215,24 @@ def batch_to_records(batch: np.ndarray, interface_names: dict[int, str] | None =
         kw["interface"] = names.get(kw["ifindex"], "")
         out.append(FlowRecord(**kw))
     return out
+
+
+# The packed 5-tuple (protocol, addresses, ports) by which conntrack entries, cgroup events and flow rows
+# are matched: one layout for a single key (struct) and for a whole batch (numpy).
+FIVE_TUPLE_STRUCT = struct.Struct("!B16s16sHH")
+_FIVE_TUPLE_DTYPE = np.dtype([("p", "u1"), ("s", "u1", (16,)), ("d", "u1", (16,)), ("sp", ">u2"), ("dp", ">u2")])
+assert _FIVE_TUPLE_DTYPE.itemsize == FIVE_TUPLE_STRUCT.size
+
+
+def five_tuple_keys(rows: np.ndarray) -> list[bytes]:
+    """Packed 5-tuples of every row of an array with protocol, src_addr, dst_addr, src_port and dst_port
+    fields (a FLOW_DTYPE batch or the kernel's flow keys): one vectorised copy, then slicing."""
+    keys = np.empty(len(rows), dtype=_FIVE_TUPLE_DTYPE)
+    keys["p"] = rows["protocol"]
+    keys["s"] = rows["src_addr"]
+    keys["d"] = rows["dst_addr"]
+    keys["sp"] = rows["src_port"]
+    keys["dp"] = rows["dst_port"]
+    raw = keys.tobytes()
+    n = _FIVE_TUPLE_DTYPE.itemsize
+    return [raw[i : i + n] for i in range(0, len(raw), n)]

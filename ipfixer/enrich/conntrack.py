@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from pyroute2.netlink.nfnetlink.nfctsocket import nfct_msg
 
-from ipfixer.model import V4_MAPPED_PREFIX
+from ipfixer.model import FIVE_TUPLE_STRUCT, V4_MAPPED_PREFIX, five_tuple_keys
 from ipfixer.netns import socket_in_netns
 
 log = logging.getLogger(__name__)
@@ -96,25 +96,10 @@ class ConnKey(NamedTuple):
 
     def packed(self) -> bytes:
         """The 37-byte form `batch_keys` produces for a batch row."""
-        return _KEY_STRUCT.pack(self.protocol, self.src_addr, self.dst_addr, self.src_port, self.dst_port)
+        return FIVE_TUPLE_STRUCT.pack(self.protocol, self.src_addr, self.dst_addr, self.src_port, self.dst_port)
 
 
-_KEY_STRUCT = struct.Struct("!B16s16sHH")
-_KEY_DTYPE = np.dtype([("p", "u1"), ("s", "u1", (16,)), ("d", "u1", (16,)), ("sp", ">u2"), ("dp", ">u2")])
-assert _KEY_DTYPE.itemsize == _KEY_STRUCT.size
-
-
-def batch_keys(batch: np.ndarray) -> list[bytes]:
-    """Packed ConnKeys of every row of a FLOW_DTYPE batch (one vectorised copy, then slicing)."""
-    keys = np.empty(len(batch), dtype=_KEY_DTYPE)
-    keys["p"] = batch["protocol"]
-    keys["s"] = batch["src_addr"]
-    keys["d"] = batch["dst_addr"]
-    keys["sp"] = batch["src_port"]
-    keys["dp"] = batch["dst_port"]
-    raw = keys.tobytes()
-    n = _KEY_DTYPE.itemsize
-    return [raw[i : i + n] for i in range(0, len(raw), n)]
+batch_keys = five_tuple_keys  # packed ConnKeys of every row of a batch
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ import logging
 import re
 import socket
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import numpy as np
@@ -28,7 +28,6 @@ import numpy as np
 from ipfixer.clock import Clock
 from ipfixer.config import Config
 from ipfixer.enrich.conntrack import ConnKey
-from ipfixer.enrich.events import ConntrackEvents, destroyed_keys
 from ipfixer.enrich.nflog import PREFIX_IN, PREFIX_OUT, TABLE, NflogSource, remove_nflog_rules
 from ipfixer.errors import IpfixerError
 from ipfixer.flows.accounter import Accounter
@@ -101,7 +100,6 @@ class NflogMeter:
         self._lock = NamespaceLock(config.lock_dir)
         self._source: NflogSource | None = None
         self._accounter: EndingAccounter | None = None
-        self._events: ConntrackEvents | None = None
         self._selector: Any = None
         self._names: dict[int, str] = {}
         self._pending: list[np.ndarray] = []
@@ -119,8 +117,6 @@ class NflogMeter:
             self._source = NflogSource(cfg.enrichment.nflog_group, clock=self.clock, copy_range=SNAPLEN)
             self._accounter = EndingAccounter(cfg.cache.accounter_max_entries, int(cfg.timeouts.idle * 1e9),
                                               self.clock, interface_name)  # fmt: skip
-            if cfg.enrichment.conntrack:
-                self._events = ConntrackEvents(clock=self.clock, kinds=("destroy",))
         except BaseException:
             self.stop()
             raise
@@ -154,21 +150,18 @@ class NflogMeter:
         assert self._source is not None and self._accounter is not None
         pkts = self._source.poll(timeout_ms / 1000.0)
         self._account(pkts)
-        if self._events is not None and self._events.available:
-            self._events.poll(0.0)
-            for key in destroyed_keys(self._events.drain()):
-                if len(self._destroyed) < 65536:
-                    self._destroyed.add(key.packed())
 
     def _account(self, pkts: list[RawPacket]) -> None:
         assert self._accounter is not None
         selected = [p for p in pkts if self._selected(p.key.ifindex)]
         self._pending.extend(self._accounter.account_all(selected))
 
-    def drain(self) -> list[np.ndarray]:
-        """Flows due: ended ones (FIN/RST, conntrack DESTROY), full-cache and timer evictions."""
+    def drain(self, end_keys: Collection[bytes] = ()) -> list[np.ndarray]:
+        """Flows due: ended ones (FIN/RST, and connections conntrack destroyed: `end_keys`, from the
+        daemon's enrichment), full-cache and timer evictions."""
         assert self._accounter is not None
         self.poll(0)
+        self._destroyed = set(end_keys)
         out, self._pending = self._pending, []
         ended = self._accounter.evict_where(self._ended, EndReason.END_OF_FLOW)
         self._destroyed.clear()
@@ -229,9 +222,6 @@ class NflogMeter:
     def stop(self) -> None:
         """Remove table inet ipfixer, close the sockets, release the lock. Safe to call twice."""
         try:
-            if self._events is not None:
-                self._events.close()
-                self._events = None
             if self._source is not None:
                 self._source.close()
                 self._source = None

@@ -14,7 +14,7 @@ benchmarks/datapath.py (1M flows, this VM, where a bpf() syscall costs ~3 us):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,7 @@ import numpy as np
 from ipfixer.clock import Clock
 from ipfixer.flows.expiry import expiry_reasons, wall_ms
 from ipfixer.kernel.program import libbpf, map_batch
-from ipfixer.model import FLOW_DTYPE, Direction, EndReason, empty_batch
+from ipfixer.model import FLOW_DTYPE, Direction, EndReason, empty_batch, five_tuple_keys
 
 
 class Drainer:
@@ -74,8 +74,9 @@ class Drainer:
         """Flows held in userspace between drains (take_all strategy)."""
         return len(self._carry_keys)
 
-    def drain(self, now_mono_ns: int | None = None) -> np.ndarray:
-        """Export and remove flows that are idle, past the active timeout, or ended (FIN/RST)."""
+    def drain(self, now_mono_ns: int | None = None, end_keys: Collection[bytes] = ()) -> np.ndarray:
+        """Export and remove flows that are idle, past the active timeout, or ended (FIN/RST, or a
+        connection conntrack destroyed: `end_keys`, packed 5-tuples as model.five_tuple_keys makes)."""
         if self.strategy == "per_key":
             return self._drain_per_key(now_mono_ns)
         now_wall = self.clock.wall_ns()
@@ -86,6 +87,9 @@ class Drainer:
             leaves["first_ns"], leaves["last_ns"], leaves["tcp_flags"], keys["protocol"],
             decide_at, self.idle_timeout_ns, self.active_timeout_ns,
         )
+        if end_keys and not reasons.all():
+            ended = np.fromiter((k in end_keys for k in five_tuple_keys(keys)), dtype=bool, count=len(keys))
+            reasons[ended & (reasons == 0)] = EndReason.END_OF_FLOW
         go = reasons != 0
         self._carry_keys, self._carry_leaves = _select(keys, ~go), _select(leaves, ~go)
         batch = self._to_batch(_select(keys, go), _select(leaves, go), reasons[go], now_wall, now_mono)

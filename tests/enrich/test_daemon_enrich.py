@@ -220,12 +220,11 @@ def test_post_nat_values_at_nfdump_and_decoder(tmp_path: Path, topo: NatTopo) ->
 
 @pytest.mark.parametrize("source", ["ebpf", "nflog"])
 def test_conntrack_destroy_ends_flow(tmp_path: Path, topo: NatTopo, source: str) -> None:
-    """`conntrack -D` before the idle timeout: the flow reaches the collector with flowEndReason 3.
-    eBPF: the kernel drainer exports it at its idle timeout (4 s) and the DESTROY sets the reason;
-    NFLOG: the Accounter ends it at the next drain, long before its idle timeout (30 s)."""
+    """`conntrack -D` before the idle timeout (30 s): the flow reaches the collector at the next drain
+    with flowEndReason 3, from the kernel drainer (eBPF) or the Accounter (NFLOG)."""
     t = topo
     coll = collector_in(t.router)
-    idle = "4s" if source == "ebpf" else "30s"
+    idle = "30s"
     sport = 40101
     log = tmp_path / "ipfixer.log"
     proc = start_ipfixer(t.router, config(tmp_path, t, [coll.port], source, idle), log, env=cli_env())
@@ -235,7 +234,7 @@ def test_conntrack_destroy_ends_flow(tmp_path: Path, topo: NatTopo, source: str)
         sh("conntrack", "-D", "-p", "udp", "--orig-port-src", str(sport), netns=t.router)
         destroyed = time.monotonic()
         key = (t.CLIENT, t.ROUTER_IN, sport, 8080, 17)
-        deadline = destroyed + (12 if source == "ebpf" else 6)
+        deadline = destroyed + 6
         while time.monotonic() < deadline and key not in totals_by_flow(flows_only(coll.flow_records())):
             coll.receive(0.5)
         arrived = time.monotonic() - destroyed
@@ -248,8 +247,7 @@ def test_conntrack_destroy_ends_flow(tmp_path: Path, topo: NatTopo, source: str)
         assert totals_by_flow(recs)[k][0] == n
     for r in one(recs, sourceTransportPort=sport) + one(recs, destinationTransportPort=sport):
         assert r["flowEndReason"] == 3, r
-    if source == "nflog":
-        assert arrived < 5, arrived  # ended by the DESTROY, not by the 30 s idle timeout
+    assert arrived < 5, arrived  # ended by the DESTROY, not by the 30 s idle timeout
     deletes = [r for r in coll.flow_records() if r.get("natEvent") == 5 and r.get("sourceTransportPort") == sport]
     assert len(deletes) == 1
 
