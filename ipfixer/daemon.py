@@ -12,7 +12,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -38,12 +38,12 @@ def setup_logging(level: str) -> None:
 
 @dataclass
 class _Signals:
+    """Flags set by signal handlers and acted on by the loop between two polls."""
+
     stop: bool = False
     reload: bool = False
-    received: list[int] = field(default_factory=list)
 
     def handler(self, signum: int, frame: FrameType | None) -> None:
-        self.received.append(signum)
         if signum == signal.SIGHUP:
             self.reload = True
         else:
@@ -71,12 +71,12 @@ class Daemon:
         """Run until SIGTERM/SIGINT (or `duration_s`), then flush every flow and detach."""
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self.signals.handler)
-        self._start()
-        deadline = None if duration_s is None else time.monotonic() + duration_s
         try:
+            self._start()
+            deadline = None if duration_s is None else time.monotonic() + duration_s
             self._loop(deadline)
         finally:
-            self._shutdown()
+            self._shutdown()  # undoes whatever part of _start succeeded
         return 0
 
     def _start(self) -> None:
@@ -94,15 +94,17 @@ class Daemon:
 
             self._enrichment = Enrichment(cfg, self.clock)
             self._enrichment.start()
+        meter: Any
         if cfg.source == "nflog":
             from ipfixer.enrich.nflog_meter import NflogMeter
 
-            self._meter = NflogMeter(cfg, self.clock, self._metrics)
+            meter = NflogMeter(cfg, self.clock, self._metrics)
         else:
             from ipfixer.meter import Meter
 
-            self._meter = Meter(cfg, self.clock, self._metrics)
-        self._meter.start()
+            meter = Meter(cfg, self.clock, self._metrics)
+        meter.start()  # undoes itself on failure
+        self._meter = meter
         self._send_options(force=True)
         log.info("started interfaces=%s collectors=%s", ",".join(self._meter.interfaces()),
                  ",".join(f"{c.protocol}://{c.address}:{c.port}" for c in cfg.collectors))
