@@ -106,6 +106,9 @@ class Daemon:
         meter.start()  # undoes itself on failure
         self._meter = meter
         self._send_options(force=True)
+        if not self._meter.interfaces():
+            log.warning("no interface matches interfaces.include=%s exclude=%s yet; waiting for one to appear",
+                        list(cfg.interfaces.include), list(cfg.interfaces.exclude))
         log.info("started interfaces=%s collectors=%s", ",".join(self._meter.interfaces()),
                  ",".join(f"{c.protocol}://{c.address}:{c.port}" for c in cfg.collectors))
 

@@ -123,3 +123,10 @@ def test_demo_runs_and_leaves_nothing() -> None:
     assert all(ns.startswith("ipfx") for ns in namespaces)
     after = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10).stdout
     assert not namespaces & {line.split()[0] for line in after.splitlines() if line.strip()}
+
+
+def test_unresolvable_collector_is_a_clear_error(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.yaml", [{"address": "no-such-collector.invalid", "port": 4739}])
+    res = ipfixer("run", "--config", str(cfg), timeout=60)
+    assert res.returncode == 1 and "no-such-collector.invalid" in res.stderr
+    assert "Traceback" not in res.stderr
