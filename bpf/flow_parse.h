@@ -1,6 +1,15 @@
 /* flow_parse.h — packet parsing into a struct flow_key (no maps here: anomalies are reported in
- * struct pkt_info and counted by the caller). Every read goes through bpf_skb_load_bytes, which fails
- * cleanly on short or non-linear packets, so a truncated frame is still counted, never a fault. */
+ * struct pkt_info and counted by the caller).
+ *
+ * Two passes share one body (the `direct` argument is a compile-time constant after inlining):
+ *  - direct: headers are read in place from the linear area (skb->data .. skb->data_end) with bounds
+ *    checks. The first header that is not wholly there — beyond data_end (non-linear skb, or short
+ *    frame) or at an offset past PKT_DIRECT_MAX_OFF — aborts the pass with PARSE_RETRY.
+ *  - load_bytes: the original parser, every read through bpf_skb_load_bytes, which fails cleanly on
+ *    short packets; run from scratch only when the direct pass aborted. It alone decides what is
+ *    truncated (a header beyond skb->len), so anomaly counting is exactly that of bpf_skb_load_bytes.
+ * Both read the same bytes at the same offsets (data_end - data <= skb->len), so a packet gives the
+ * same key and pkt_info whichever pass completes. */
 #ifndef IPFIXER_FLOW_PARSE_H
 #define IPFIXER_FLOW_PARSE_H
 
@@ -13,6 +22,8 @@
 #define ETHP_8021AD 0x88A8
 #define MAX_VLAN_TAGS 2
 #define IPV6_MAX_EXT 6
+#define PKT_DIRECT_MAX_OFF 4096      /* direct pass: farther headers go through bpf_skb_load_bytes */
+#define PARSE_RETRY 0xff             /* pkt_info.anomaly of an aborted direct pass (never counted) */
 
 struct pkt_info {
     __u64 octets;                    /* IP-layer octets as the wire carries them (GSO expanded) */
@@ -23,6 +34,35 @@ struct pkt_info {
     __u8  fragment;                  /* non-first fragment: no ports */
 };
 
+/* Where the headers come from: the linear area, or bpf_skb_load_bytes. */
+struct pkt_src {
+    struct __sk_buff *skb;
+    void *data;
+    void *data_end;
+};
+
+/* len header bytes at off: a pointer into the linear area (direct), else copied into buf by
+ * bpf_skb_load_bytes. NULL if not available — direct: not in the linear area, parse again;
+ * load_bytes: the packet is shorter than off + len. */
+static __always_inline const __u8 *hdr(const struct pkt_src *s, const int direct, __u32 off,
+                                       __u8 *buf, __u32 len)
+{
+    if (direct) {
+        if (off > PKT_DIRECT_MAX_OFF)
+            return 0;
+        const __u8 *p = (const __u8 *)s->data + off;
+        if ((const void *)(p + len) > s->data_end)
+            return 0;
+        return p;
+    }
+    if (bpf_skb_load_bytes(s->skb, off, buf, len) < 0)
+        return 0;
+    return buf;
+}
+
+/* Anomaly to report for a header that could not be read: in the direct pass, "parse again". */
+#define SHORT(direct, kind) ((direct) ? PARSE_RETRY : (kind))
+
 static __always_inline void v4mapped(__u8 *dst, __u32 addr_be)
 {
     __builtin_memset(dst, 0, 10);
@@ -32,14 +72,16 @@ static __always_inline void v4mapped(__u8 *dst, __u32 addr_be)
 }
 
 /* Transport header at off: ports/ICMP type+code, TCP flags. Returns its length (0 if none/short). */
-static __always_inline __u32 parse_l4(struct __sk_buff *skb, __u32 off, struct flow_key *key,
-                                      struct pkt_info *info)
+static __always_inline __u32 parse_l4(const struct pkt_src *s, const int direct, __u32 off,
+                                      struct flow_key *key, struct pkt_info *info)
 {
-    __u8 b[20];
+    __u8 buf[20];
+    const __u8 *b;
     switch (key->protocol) {
     case 6: /* TCP */
-        if (bpf_skb_load_bytes(skb, off, b, 20) < 0) {
-            info->anomaly = CNT_TRUNC_L4;
+        b = hdr(s, direct, off, buf, 20);
+        if (!b) {
+            info->anomaly = SHORT(direct, CNT_TRUNC_L4);
             return 0;
         }
         key->src_port = ((__u16)b[0] << 8) | b[1];
@@ -52,16 +94,18 @@ static __always_inline __u32 parse_l4(struct __sk_buff *skb, __u32 off, struct f
         return (__u32)(b[12] >> 4) * 4;
     case 17:  /* UDP */
     case 136: /* UDP-Lite */
-        if (bpf_skb_load_bytes(skb, off, b, 8) < 0) {
-            info->anomaly = CNT_TRUNC_L4;
+        b = hdr(s, direct, off, buf, 8);
+        if (!b) {
+            info->anomaly = SHORT(direct, CNT_TRUNC_L4);
             return 0;
         }
         key->src_port = ((__u16)b[0] << 8) | b[1];
         key->dst_port = ((__u16)b[2] << 8) | b[3];
         return 8;
     case 132: /* SCTP: common header, ports first */
-        if (bpf_skb_load_bytes(skb, off, b, 12) < 0) {
-            info->anomaly = CNT_TRUNC_L4;
+        b = hdr(s, direct, off, buf, 12);
+        if (!b) {
+            info->anomaly = SHORT(direct, CNT_TRUNC_L4);
             return 0;
         }
         key->src_port = ((__u16)b[0] << 8) | b[1];
@@ -69,8 +113,9 @@ static __always_inline __u32 parse_l4(struct __sk_buff *skb, __u32 off, struct f
         return 12;
     case 1:  /* ICMP */
     case 58: /* ICMPv6: collectors expect dst_port = type*256 + code, src_port 0 */
-        if (bpf_skb_load_bytes(skb, off, b, 2) < 0) {
-            info->anomaly = CNT_TRUNC_L4;
+        b = hdr(s, direct, off, buf, 2);
+        if (!b) {
+            info->anomaly = SHORT(direct, CNT_TRUNC_L4);
             return 0;
         }
         key->dst_port = ((__u16)b[0] << 8) | b[1];
@@ -90,13 +135,15 @@ static __always_inline void gso_expand(struct __sk_buff *skb, __u32 l3_off, __u3
     }
 }
 
-static __always_inline void parse_ipv4(struct __sk_buff *skb, __u32 off, struct flow_key *key,
-                                       struct pkt_info *info)
+static __always_inline void parse_ipv4(const struct pkt_src *s, const int direct, __u32 off,
+                                       struct flow_key *key, struct pkt_info *info)
 {
-    __u8 h[20];
-    info->octets = skb->len > off ? skb->len - off : 0;
-    if (bpf_skb_load_bytes(skb, off, h, 20) < 0) {
-        info->anomaly = CNT_TRUNC_L3;
+    __u8 buf[20];
+    __u32 len = s->skb->len;
+    info->octets = len > off ? len - off : 0;
+    const __u8 *h = hdr(s, direct, off, buf, 20);
+    if (!h) {
+        info->anomaly = SHORT(direct, CNT_TRUNC_L3);
         return;
     }
     __u32 ihl = (__u32)(h[0] & 0x0f) * 4;
@@ -119,18 +166,20 @@ static __always_inline void parse_ipv4(struct __sk_buff *skb, __u32 off, struct 
         info->fragment = 1;
         return;
     }
-    __u32 l4 = parse_l4(skb, off + ihl, key, info);
-    gso_expand(skb, off, ihl + l4, info);
+    __u32 l4 = parse_l4(s, direct, off + ihl, key, info);
+    gso_expand(s->skb, off, ihl + l4, info);
 }
 
-static __always_inline void parse_ipv6(struct __sk_buff *skb, __u32 off, struct flow_key *key,
-                                       struct pkt_info *info)
+static __always_inline void parse_ipv6(const struct pkt_src *s, const int direct, __u32 off,
+                                       struct flow_key *key, struct pkt_info *info)
 {
-    __u8 h[40];
+    __u8 buf[40];
     __u32 l3_off = off;
-    info->octets = skb->len > off ? skb->len - off : 0;
-    if (bpf_skb_load_bytes(skb, off, h, 40) < 0) {
-        info->anomaly = CNT_TRUNC_L3;
+    __u32 len = s->skb->len;
+    info->octets = len > off ? len - off : 0;
+    const __u8 *h = hdr(s, direct, off, buf, 40);
+    if (!h) {
+        info->anomaly = SHORT(direct, CNT_TRUNC_L3);
         return;
     }
     if ((h[0] >> 4) != 6) {
@@ -148,15 +197,17 @@ static __always_inline void parse_ipv6(struct __sk_buff *skb, __u32 off, struct 
     int walking = 1;
 #pragma unroll
     for (int i = 0; i < IPV6_MAX_EXT; i++) {
-        __u8 e[4];
+        __u8 ebuf[4];
+        const __u8 *e;
         if (!walking)
             break;
         switch (nh) {
         case 0:  /* hop-by-hop */
         case 43: /* routing */
         case 60: /* destination options */
-            if (bpf_skb_load_bytes(skb, off, e, 2) < 0) {
-                info->anomaly = CNT_TRUNC_L3;
+            e = hdr(s, direct, off, ebuf, 2);
+            if (!e) {
+                info->anomaly = SHORT(direct, CNT_TRUNC_L3);
                 key->protocol = nh;
                 return;
             }
@@ -164,8 +215,9 @@ static __always_inline void parse_ipv6(struct __sk_buff *skb, __u32 off, struct 
             off += ((__u32)e[1] + 1) * 8;
             break;
         case 51: /* AH: length in 4-octet units minus 2 */
-            if (bpf_skb_load_bytes(skb, off, e, 2) < 0) {
-                info->anomaly = CNT_TRUNC_L3;
+            e = hdr(s, direct, off, ebuf, 2);
+            if (!e) {
+                info->anomaly = SHORT(direct, CNT_TRUNC_L3);
                 key->protocol = nh;
                 return;
             }
@@ -173,8 +225,9 @@ static __always_inline void parse_ipv6(struct __sk_buff *skb, __u32 off, struct 
             off += ((__u32)e[1] + 2) * 4;
             break;
         case 44: /* fragment */
-            if (bpf_skb_load_bytes(skb, off, e, 4) < 0) {
-                info->anomaly = CNT_TRUNC_L3;
+            e = hdr(s, direct, off, ebuf, 4);
+            if (!e) {
+                info->anomaly = SHORT(direct, CNT_TRUNC_L3);
                 key->protocol = nh;
                 return;
             }
@@ -195,19 +248,22 @@ static __always_inline void parse_ipv6(struct __sk_buff *skb, __u32 off, struct 
         info->anomaly = CNT_IPV6_EXT_LIMIT;
         return;
     }
-    __u32 l4 = parse_l4(skb, off, key, info);
-    gso_expand(skb, l3_off, off - l3_off + l4, info);
+    __u32 l4 = parse_l4(s, direct, off, key, info);
+    gso_expand(s->skb, l3_off, off - l3_off + l4, info);
 }
 
-/* Fill key (zeroed by the caller) and info from the frame. Never fails: whatever could be parsed is
- * the key, and info->anomaly says what was cut short. */
-static __always_inline void parse_packet(struct __sk_buff *skb, struct flow_key *key, struct pkt_info *info)
+/* One pass over the frame (see the top of this file). Every anomaly ends the pass. */
+static __always_inline void parse_frame(const struct pkt_src *s, const int direct,
+                                        struct flow_key *key, struct pkt_info *info)
 {
-    __u8 eth[ETH_HLEN_];
+    struct __sk_buff *skb = s->skb;
+    __u8 buf[ETH_HLEN_];
+    __u32 len = skb->len;
     info->packets = 1;
-    info->octets = skb->len;
-    if (bpf_skb_load_bytes(skb, 0, eth, ETH_HLEN_) < 0) {
-        info->anomaly = CNT_TRUNC_L2;
+    info->octets = len;
+    const __u8 *eth = hdr(s, direct, 0, buf, ETH_HLEN_);
+    if (!eth) {
+        info->anomaly = SHORT(direct, CNT_TRUNC_L2);
         return;
     }
     __builtin_memcpy(key->dst_mac, eth, 6);
@@ -223,11 +279,12 @@ static __always_inline void parse_packet(struct __sk_buff *skb, struct flow_key 
     for (int i = 0; i < MAX_VLAN_TAGS; i++) {
         if (proto != ETHP_8021Q && proto != ETHP_8021AD)
             break;
-        __u8 t[4];
-        if (bpf_skb_load_bytes(skb, off, t, 4) < 0) {
-            info->anomaly = CNT_TRUNC_L2;
+        __u8 tbuf[4];
+        const __u8 *t = hdr(s, direct, off, tbuf, 4);
+        if (!t) {
+            info->anomaly = SHORT(direct, CNT_TRUNC_L2);
             key->ethertype = proto;
-            info->octets = skb->len > off ? skb->len - off : 0;
+            info->octets = len > off ? len - off : 0;
             return;
         }
         if (!key->vlan_id)
@@ -237,13 +294,31 @@ static __always_inline void parse_packet(struct __sk_buff *skb, struct flow_key 
     }
     key->ethertype = proto;
     if (proto == ETHP_IP) {
-        parse_ipv4(skb, off, key, info);
+        parse_ipv4(s, direct, off, key, info);
     } else if (proto == ETHP_IPV6) {
-        parse_ipv6(skb, off, key, info);
+        parse_ipv6(s, direct, off, key, info);
     } else {
         info->anomaly = CNT_NON_IP;
-        info->octets = skb->len > off ? skb->len - off : 0;
+        info->octets = len > off ? len - off : 0;
     }
+}
+
+/* Fill key (zeroed by the caller) and info from the frame. Never fails: whatever could be parsed is
+ * the key, and info->anomaly says what was cut short. Headers in the linear area are read in place;
+ * if one is not, the frame is parsed again from scratch with bpf_skb_load_bytes. */
+static __always_inline void parse_packet(struct __sk_buff *skb, struct flow_key *key, struct pkt_info *info)
+{
+    struct pkt_src s = {
+        .skb = skb,
+        .data = (void *)(long)skb->data,
+        .data_end = (void *)(long)skb->data_end,
+    };
+    parse_frame(&s, 1, key, info);
+    if (info->anomaly != PARSE_RETRY)
+        return;
+    __builtin_memset(key, 0, sizeof(*key));
+    __builtin_memset(info, 0, sizeof(*info));
+    parse_frame(&s, 0, key, info);
 }
 
 #endif

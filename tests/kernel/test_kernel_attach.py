@@ -28,6 +28,12 @@ def tc_show(ns: str, dev: str) -> str:
     return "".join(out)
 
 
+def prog_id(fd: int) -> int:
+    """The kernel id of the BPF program behind one of our fds (from its fdinfo)."""
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("prog_id:"))
+
+
 def ipfixer_prog_ids() -> set[int]:
     """Ids of loaded BPF programs named ipfixer_* (via BPF_PROG_GET_NEXT_ID / OBJ_GET_INFO)."""
     lib = libbpf()
@@ -74,7 +80,8 @@ def test_program_unloads_after_detach_and_close(netpair: NetPair) -> None:
     from ipfixer.kernel.program import load_program
 
     prog = load_program(map_entries=64)
-    ours = ipfixer_prog_ids() - set()
+    ours = {prog_id(prog.ingress_fd), prog_id(prog.egress_fd)}  # this test's programs, not anyone else's
+    assert ours <= ipfixer_prog_ids()
     try:
         with Attacher(prog.ingress_fd, prog.egress_fd, "both", netns=netpair.ns_a) as att:
             att.attach(netpair.veth_a)
