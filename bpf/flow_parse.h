@@ -22,7 +22,9 @@
 #define ETHP_8021AD 0x88A8
 #define MAX_VLAN_TAGS 2
 #define IPV6_MAX_EXT 6
+#ifndef PKT_DIRECT_MAX_OFF
 #define PKT_DIRECT_MAX_OFF 4096      /* direct pass: farther headers go through bpf_skb_load_bytes */
+#endif
 #define PARSE_RETRY 0xff             /* pkt_info.anomaly of an aborted direct pass (never counted) */
 
 struct pkt_info {
