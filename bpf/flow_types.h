@@ -41,8 +41,8 @@ struct flow_key {
  * per-CPU hash: netobserv measured ~80% byte loss with non-atomic updates, and a per-CPU hash costs
  * memory x CPUs, leaves stale per-CPU slots and makes the drain sum CPUs in userspace. Measured with
  * BPF_PROG_TEST_RUN (benchmarks/datapath.py, "shared hash vs per-CPU hash"): the program with its two
- * locked adds costs 271 ns/packet, the same program with plain adds (what a per-CPU hash allows)
- * 276 ns, median of 5: no measurable saving, while the kernel's batch lookup-and-delete, ~1 s per
+ * locked adds costs 156 ns/packet, the same program with plain adds (what a per-CPU hash allows)
+ * 163 ns, median of 5: no measurable saving, while the kernel's batch lookup-and-delete, ~1 s per
  * 1M flows already, would copy every value once per CPU. Hence a shared hash. */
 struct flow_metrics {
     __u64 packets;                   /* __sync_fetch_and_add */
