@@ -70,7 +70,7 @@ class _Progress:
 
     def __init__(self, total: int, enabled: bool) -> None:
         self.total = max(total, 1)
-        self.enabled = enabled and sys.stderr.isatty() or enabled and total > 50_000_000
+        self.enabled = enabled and (sys.stderr.isatty() or total > 50_000_000)
         self.shown = -1
 
     def update(self, offset: int, packets: int) -> None:

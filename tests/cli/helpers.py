@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from ipfixer.netns import in_netns
 from ipfixer.wire.decode import Decoder
 
 IPFIXER = [sys.executable, "-m", "ipfixer.cli"]
@@ -20,8 +21,8 @@ IPFIXER = [sys.executable, "-m", "ipfixer.cli"]
 class UdpCollector:
     """A real UDP socket on 127.0.0.1 decoding what arrives with ipfixer's own Decoder."""
 
-    def __init__(self, family: int = socket.AF_INET, address: str = "127.0.0.1") -> None:
-        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+    def __init__(self, family: int = socket.AF_INET, address: str = "127.0.0.1", netns: str | None = None) -> None:
+        self.sock = in_netns(netns, lambda: socket.socket(family, socket.SOCK_DGRAM))  # None: this namespace
         self.sock.bind((address, 0))
         self.sock.settimeout(0.2)
         self.port = self.sock.getsockname()[1]

@@ -15,7 +15,6 @@ import pytest
 
 from ipfixer.lab import Lab, start_ipfixer, stop_ipfixer
 from ipfixer.netns import in_netns
-from ipfixer.wire.decode import Decoder
 from tests.cli.helpers import IPFIXER, UdpCollector, cli_env, totals_by_flow, write_config
 
 pytestmark = pytest.mark.root
@@ -29,14 +28,7 @@ def lab() -> Iterator[Lab]:
 
 def collector_in(ns: str) -> UdpCollector:
     """A UdpCollector whose socket lives in the namespace."""
-    coll = UdpCollector.__new__(UdpCollector)
-    coll.sock = in_netns(ns, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
-    coll.sock.bind(("127.0.0.1", 0))
-    coll.sock.settimeout(0.2)
-    coll.port = coll.sock.getsockname()[1]
-    coll.decoder = Decoder()
-    coll.messages = []
-    return coll
+    return UdpCollector(netns=ns)
 
 
 def start_daemon(lab: Lab, cfg: Path, log: Path) -> subprocess.Popen[bytes]:
