@@ -54,15 +54,19 @@ def send_and_collect(ns: str, src: NflogSource, expect: int) -> list[RawPacket]:
     return got
 
 
-@pytest.mark.root
-def test_nflog_counts_exact(netns: str) -> None:
-    group = 4000 + (len(netns) % 100)
+def logged_packets(netns: str, group: int) -> tuple[list[RawPacket], NflogSource]:
+    """The test's UDP datagrams as logged to `group` (the source is closed, its counters kept)."""
     install_nflog_rules(group, netns, match="udp dport 46002")
     src = NflogSource(group, netns)
     try:
-        pkts = send_and_collect(netns, src, expect=2 * len(SIZES))
+        return send_and_collect(netns, src, expect=2 * len(SIZES)), src
     finally:
         src.close()
+
+
+@pytest.mark.root
+def test_nflog_counts_exact(netns: str) -> None:
+    pkts, src = logged_packets(netns, 4000 + (len(netns) % 100))
     lo = to_addr16("127.0.0.1")
     assert {
         (p.key.src_addr, p.key.dst_addr, p.key.src_port, p.key.dst_port, p.key.protocol) for p in pkts
@@ -82,13 +86,7 @@ def test_nflog_counts_exact(netns: str) -> None:
 def test_nflog_through_accounter(netns: str) -> None:
     from ipfixer.flows.accounter import Accounter
 
-    group = 4100 + (len(netns) % 100)
-    install_nflog_rules(group, netns, match="udp dport 46002")
-    src = NflogSource(group, netns)
-    try:
-        pkts = send_and_collect(netns, src, expect=2 * len(SIZES))
-    finally:
-        src.close()
+    pkts, _ = logged_packets(netns, 4100 + (len(netns) % 100))
     acc = Accounter(max_entries=1024, evict_timeout_ns=10**12, clock=SystemClock())
     assert acc.account_all(pkts) == []
     batch = acc.flush()
