@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ipfixer.errors import ConfigError, IpfixerError, TemplateError
+from ipfixer.resources import share_dir
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "ipfixer.yaml"
+DEFAULT_CONFIG = share_dir("config") / "ipfixer.yaml"
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 

@@ -15,8 +15,9 @@ import yaml
 
 from ipfixer.errors import InfoModelError, TemplateError
 from ipfixer.infomodel import FLOAT_TYPES, INTEGER_TYPES, VARLEN, VARLEN_TYPES, Element, InfoModel
+from ipfixer.resources import share_dir
 
-DEFAULT_TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+DEFAULT_TEMPLATES_DIR = share_dir("templates")  # the wheel's copy or the checkout's templates/
 MIN_TEMPLATE_ID = 256  # RFC 7011 3.4.1: 0-255 are reserved for Set IDs
 
 

@@ -14,17 +14,17 @@ import os
 import re
 import struct
 import time
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from ipfixer.enrich.conntrack import batch_keys
 from ipfixer.model import V4_MAPPED_PREFIX
+from ipfixer.resources import share_dir
 
 log = logging.getLogger(__name__)
 
-PROGRAM_FILE = Path(__file__).resolve().parents[2] / "bpf" / "cgroup_skb.c"
+PROGRAM_FILE = share_dir("bpf") / "cgroup_skb.c"
 BPF_F_ALLOW_MULTI = 2  # share the hook with other tools' programs instead of replacing them
 
 # struct cgroup_flow_event (bpf/cgroup_skb.c): addresses in network order, ports/len in host order

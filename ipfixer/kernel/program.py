@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 
 from ipfixer.errors import KernelError
+from ipfixer.resources import share_dir
 
-BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+BPF_DIR = share_dir("bpf")  # the wheel's copy or the checkout's bpf/
 PROGRAM_FILE = BPF_DIR / "flow_tc.c"
 INGRESS_FUNC = "ipfixer_ingress"
 EGRESS_FUNC = "ipfixer_egress"
