@@ -20,7 +20,7 @@ import logging
 import re
 import socket
 import subprocess
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
@@ -42,20 +42,7 @@ _NFT_GLOB = re.compile(r"^[A-Za-z0-9_.:@-]+\*?$")  # what nft's iifname string m
 
 
 class EndingAccounter(Accounter):
-    """An Accounter that can also evict chosen flows (ended ones) without touching the others."""
-
-    def evict_where(self, pred: Callable[[FlowKey, int], bool], reason: int) -> np.ndarray | None:
-        """Evict the flows for which pred(key, tcp_flags seen) holds, with the given end reason; None if
-        there are none. The periodic eviction timer is not reset by this."""
-        take = {k: m for k, m in self._cache.items() if pred(k, m[4])}
-        if not take:
-            return None
-        keep = {k: m for k, m in self._cache.items() if k not in take}
-        last = self._last_evict_mono
-        self._cache = take
-        batch = self._evict(reason)
-        self._cache, self._last_evict_mono = keep, last
-        return batch
+    """An Accounter that can also evict chosen flows (ended ones): Accounter.evict_where."""
 
 
 def nft_ruleset(group: int, include: tuple[str, ...], exclude: tuple[str, ...], direction: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -9,7 +11,8 @@ from hypothesis import strategies as st
 from ipfixer.clock import FakeClock, mono_to_wall_ms
 from ipfixer.flows.accounter import Accounter
 from ipfixer.flows.expiry import expiry_reasons, wall_ms
-from ipfixer.model import FLOW_DTYPE, EndReason, FlowKey, RawPacket, to_addr16
+from ipfixer.flows.rows import KEY_DTYPE, KEY_STRUCT, pack_key, unpack_key
+from ipfixer.model import FIVE_TUPLE_STRUCT, FLOW_DTYPE, EndReason, FlowKey, RawPacket, to_addr16
 
 SEC = 1_000_000_000
 
@@ -43,31 +46,113 @@ def test_aggregates_and_flushes_with_wall_times() -> None:
     assert acc.accounted_packets == 5
 
 
-def test_evicts_everything_when_full() -> None:
+def test_full_cache_evicts_the_least_recently_seen_flow() -> None:
     clock = FakeClock()
-    acc = Accounter(max_entries=3, evict_timeout_ns=5 * SEC, clock=clock)
-    assert acc.account(RawPacket(key(1), 10, clock.mono)) is None
-    assert acc.account(RawPacket(key(1), 10, clock.mono)) is None  # same flow: no new entry
-    assert acc.account(RawPacket(key(2), 10, clock.mono)) is None
-    out = acc.account(RawPacket(key(3), 10, clock.mono))
-    assert out is not None and len(out) == 3 and len(acc) == 0
-    assert set(out["end_reason"].tolist()) == {EndReason.LACK_OF_RESOURCES}
-    assert int(out["packets"].sum()) == 4
-    assert acc.evictions == 1 and acc.evicted_flows == 3
-
-
-def test_evict_if_due_follows_the_clock() -> None:
-    clock = FakeClock()
-    acc = Accounter(max_entries=100, evict_timeout_ns=5 * SEC, clock=clock)
-    acc.account(RawPacket(key(1), 10, clock.mono))
-    clock.advance(4 * SEC)
-    assert acc.evict_if_due() is None
-    clock.advance(SEC)
+    acc = Accounter(max_entries=3, evict_timeout_ns=50 * SEC, clock=clock)
+    t = clock.mono
+    for i, sport in enumerate((1, 2, 3)):
+        assert acc.account(RawPacket(key(sport), 10, t + i)) is None
+    assert acc.account(RawPacket(key(1), 10, t + 3)) is None  # same flow: no new entry, now the newest
+    assert len(acc) == 3
+    out = acc.account(RawPacket(key(4), 10, t + 4))
+    assert out is None  # buffered: applied at the next call that needs the cache
     out = acc.evict_if_due()
-    assert out is not None and len(out) == 1 and out[0]["end_reason"] == EndReason.ACTIVE_TIMEOUT
-    assert acc.evict_if_due() is None  # timer restarted at the eviction
-    clock.advance(6 * SEC)
-    assert acc.evict_if_due() is None  # due but empty
+    assert out is not None and out["src_port"].tolist() == [2]  # flow 2 was seen least recently
+    assert out["end_reason"].tolist() == [EndReason.LACK_OF_RESOURCES]
+    assert acc.evictions == 1 and acc.evicted_flows == 1 and len(acc) == 3
+    rest = acc.flush()
+    assert sorted(rest["src_port"].tolist()) == [1, 3, 4]
+    assert rest[rest["src_port"] == 1]["packets"].tolist() == [2]
+    assert set(rest["end_reason"].tolist()) == {EndReason.FORCED_END}
+
+
+def test_each_flow_leaves_by_its_own_idle_and_active_timeout() -> None:
+    clock = FakeClock()
+    acc = Accounter(max_entries=100, evict_timeout_ns=5 * SEC, clock=clock, active_timeout_ns=20 * SEC)
+    t0 = clock.mono
+    acc.account(RawPacket(key(1), 10, t0))  # one packet, then silence
+    got: list[np.ndarray] = []
+    for _ in range(30):  # flow 2: one packet a second for 30 s
+        acc.account(RawPacket(key(2), 100, clock.mono))
+        out = acc.evict_if_due()
+        if out is not None:
+            got.append(out)
+        clock.advance(SEC)
+    allb = np.concatenate(got)
+    idle = allb[allb["src_port"] == 1]
+    assert idle["end_reason"].tolist() == [EndReason.IDLE_TIMEOUT] and idle["packets"].tolist() == [1]
+    busy = allb[allb["src_port"] == 2]
+    assert busy["end_reason"].tolist() == [EndReason.ACTIVE_TIMEOUT]  # cut once, at 20 s, not every 5 s
+    assert busy["packets"].tolist() == [21]  # 0 s .. 20 s inclusive
+    assert busy[0]["end_ms"] - busy[0]["start_ms"] == 20_000
+    rest = acc.flush()
+    assert rest["src_port"].tolist() == [2] and rest["packets"].tolist() == [9]
+
+
+def test_short_flows_are_idle_not_active_timeouts() -> None:
+    """The issue's case: 0.35 s flows went out as active timeouts; they are idle timeouts."""
+    clock = FakeClock()
+    acc = Accounter(max_entries=1000, evict_timeout_ns=SEC, clock=clock, active_timeout_ns=60 * SEC)
+    for sport in range(285):
+        acc.account(RawPacket(key(sport + 1), 10, clock.mono))
+        acc.account(RawPacket(key(sport + 1), 10, clock.mono + 350_000_000))
+    clock.advance(SEC)
+    assert acc.evict_if_due() is None  # 1 s after the first packet, 0.65 s after the last
+    clock.advance(SEC // 2)
+    out = acc.evict_if_due()
+    assert out is not None and len(out) == 285
+    assert set(out["end_reason"].tolist()) == {EndReason.IDLE_TIMEOUT}
+    assert set((out["end_ms"] - out["start_ms"]).tolist()) == {350}
+
+
+def test_tcp_fin_or_rst_ends_a_flow_at_the_next_check() -> None:
+    clock = FakeClock()
+    acc = Accounter(max_entries=10, evict_timeout_ns=50 * SEC, clock=clock)
+    tcp = dataclasses.replace(key(80), protocol=6)
+    acc.account(RawPacket(tcp, 60, clock.mono, tcp_flags=0x02))
+    acc.account(RawPacket(key(81), 60, clock.mono, tcp_flags=0x01))  # UDP: flags mean nothing
+    assert acc.evict_if_due() is None
+    acc.account(RawPacket(tcp, 60, clock.mono, tcp_flags=0x11))
+    out = acc.evict_if_due()
+    assert out is not None and out["src_port"].tolist() == [80]
+    assert (out[0]["end_reason"], out[0]["packets"], out[0]["tcp_flags"]) == (EndReason.END_OF_FLOW, 2, 0x13)
+    assert len(acc) == 1
+
+
+def test_evict_ended_by_five_tuple() -> None:
+    clock = FakeClock()
+    acc = Accounter(max_entries=10, evict_timeout_ns=50 * SEC, clock=clock)
+    for sport in (1, 2, 3):
+        acc.account(RawPacket(key(sport), 10, clock.mono))
+    k = key(2)
+    gone = FIVE_TUPLE_STRUCT.pack(k.protocol, k.src_addr, k.dst_addr, k.src_port, k.dst_port)
+    out = acc.evict_ended({gone})
+    assert out is not None and out["src_port"].tolist() == [2] and out["end_reason"].tolist() == [3]
+    assert acc.evict_ended({gone}) is None and len(acc) == 2
+
+
+def test_batch_path_equals_packet_path() -> None:
+    rng = np.random.default_rng(7)
+    n = 5000
+    sports = rng.integers(1, 400, n)
+    octets = rng.integers(40, 1500, n)
+    tos = rng.integers(0, 256, n)
+    flags = rng.integers(0, 64, n)
+    c1, c2 = FakeClock(), FakeClock()
+    a = Accounter(max_entries=128, evict_timeout_ns=SEC, clock=c1)
+    b = Accounter(max_entries=128, evict_timeout_ns=SEC, clock=c2)
+    pkts = [RawPacket(key(int(s)), int(o), c1.mono + i * 1000, int(f), int(t))
+            for i, (s, o, t, f) in enumerate(zip(sports, octets, tos, flags, strict=True))]
+    out_a = [x for x in [a.account(p) for p in pkts] if x is not None]
+    keys = np.frombuffer(b"".join(pack_key(p.key) for p in pkts), dtype=KEY_DTYPE)
+    out_b = b.account_batch(keys, np.ones(n, np.uint64), octets, np.array([p.mono_ns for p in pkts]),
+                            flags, tos)
+    out_a.append(a.flush())
+    out_b.append(b.flush())
+    ra, rb = np.concatenate(out_a), np.concatenate(out_b)
+    assert int(ra["packets"].sum()) == int(rb["packets"].sum()) == n
+    assert int(ra["octets"].sum()) == int(rb["octets"].sum()) == int(octets.sum())
+    assert a.evictions == b.evictions > 0  # both evicted the least recently seen flows when full
 
 
 def test_empty_flush() -> None:
@@ -80,7 +165,7 @@ def test_empty_flush() -> None:
        st.integers(1, 30))
 def test_no_packet_is_ever_lost(pkts: list[tuple[int, int, int]], max_entries: int) -> None:
     clock = FakeClock()
-    acc = Accounter(max_entries=max_entries, evict_timeout_ns=SEC, clock=clock)
+    acc = Accounter(max_entries=max_entries, evict_timeout_ns=SEC, clock=clock, active_timeout_ns=2 * SEC)
     batches = []
     for sport, octets, segs in pkts:
         clock.advance(SEC // 7)
@@ -114,3 +199,13 @@ def test_wall_ms_matches_scalar() -> None:
     c = FakeClock()
     t = np.array([c.mono - 123456789, c.mono], dtype=np.uint64)
     assert wall_ms(t, c.wall, c.mono).tolist() == [mono_to_wall_ms(int(x), c.wall, c.mono) for x in t]
+
+
+def test_key_bytes_round_trip() -> None:
+    k = key(4242, direction=1, ifindex=70000)
+    raw = pack_key(k)
+    assert len(raw) == KEY_STRUCT.size == KEY_DTYPE.itemsize
+    assert unpack_key(raw) == k
+    row = np.frombuffer(raw, dtype=KEY_DTYPE)[0]
+    assert (row["src_port"], row["ifindex"], row["vlan_id"], bytes(row["src_addr"])) == (
+        4242, 70000, 7, to_addr16("10.0.0.1"))
