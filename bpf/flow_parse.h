@@ -153,9 +153,8 @@ static __always_inline void parse_ipv4(const struct pkt_src *s, const int direct
         info->anomaly = CNT_MALFORMED;
         return;
     }
-    __u16 tot_len = ((__u16)h[2] << 8) | h[3];
-    if (tot_len)
-        info->octets = tot_len;     /* excludes Ethernet padding; 0 means BIG TCP: keep skb length */
+    __u32 tot_len = ((__u32)h[2] << 8) | h[3];
+    __u32 have = info->octets;      /* IP-layer bytes the skb holds: the most the wire carried */
     info->tos = h[1];
     key->protocol = h[9];
     __u32 a;
@@ -163,6 +162,19 @@ static __always_inline void parse_ipv4(const struct pkt_src *s, const int direct
     v4mapped(key->src_addr, a);
     __builtin_memcpy(&a, h + 16, 4);
     v4mapped(key->dst_addr, a);
+    if (tot_len == 0 && s->skb->gso_segs > 1) {
+        /* BIG TCP super-packet: the skb length is the truth, gso_expand() below */
+    } else if (tot_len < ihl) {     /* RFC 791: total length includes the header; 0 without GSO too */
+        info->anomaly = CNT_BAD_LENGTH;
+        return;
+    } else if (tot_len > have) {
+        /* A length beyond the bytes received (spoofed, or the frame was cut): octets stay what the
+         * skb holds, never the header's claim. GSO skbs are measured by gso_expand() instead. */
+        if (s->skb->gso_segs <= 1)
+            info->anomaly = CNT_BAD_LENGTH; /* a cut transport header below says trunc_l4 instead */
+    } else {
+        info->octets = tot_len;     /* excludes Ethernet padding */
+    }
     __u16 frag = ((__u16)h[6] << 8) | h[7];
     if (frag & 0x1fff) {            /* non-first fragment: no transport header here */
         info->fragment = 1;
@@ -188,9 +200,15 @@ static __always_inline void parse_ipv6(const struct pkt_src *s, const int direct
         info->anomaly = CNT_MALFORMED;
         return;
     }
-    __u16 plen = ((__u16)h[4] << 8) | h[5];
-    if (plen)
-        info->octets = (__u64)plen + 40;   /* 0 = jumbogram / BIG TCP: keep skb length */
+    __u32 plen = ((__u32)h[4] << 8) | h[5];
+    if (plen + 40 > info->octets) {
+        /* More than the skb holds (spoofed, or cut): keep the skb's bytes, never the header's claim.
+         * GSO skbs are measured by gso_expand() below. */
+        if (plen && s->skb->gso_segs <= 1)
+            info->anomaly = CNT_BAD_LENGTH; /* a cut header further on reports trunc_* instead */
+    } else if (plen) {
+        info->octets = plen + 40;   /* excludes Ethernet padding; 0 = jumbogram / BIG TCP: skb length */
+    }
     info->tos = (__u8)((h[0] << 4) | (h[1] >> 4));
     __builtin_memcpy(key->src_addr, h + 8, 16);
     __builtin_memcpy(key->dst_addr, h + 24, 16);
@@ -254,7 +272,9 @@ static __always_inline void parse_ipv6(const struct pkt_src *s, const int direct
     gso_expand(s->skb, l3_off, off - l3_off + l4, info);
 }
 
-/* One pass over the frame (see the top of this file). Every anomaly ends the pass. */
+/* One pass over the frame (see the top of this file). Every anomaly ends the pass, except an IP
+ * length larger than the packet (CNT_BAD_LENGTH, octets = bytes held): the headers present are still
+ * parsed, so the flow keeps its ports. */
 static __always_inline void parse_frame(const struct pkt_src *s, const int direct,
                                         struct flow_key *key, struct pkt_info *info)
 {

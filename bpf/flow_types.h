@@ -83,6 +83,8 @@ enum ipfixer_counter {
     CNT_IPV6_EXT_LIMIT,              /* too many IPv6 extension headers to walk */
     CNT_FRAGMENT,                    /* non-first IP fragment (no ports) */
     CNT_NOT_SAMPLED,                 /* skipped by 1-in-N sampling (SAMPLING_INTERVAL > 1) */
+    CNT_BAD_LENGTH,                  /* malformed: IP length beyond the bytes received (octets capped at
+                                        what the skb holds), or IPv4 total length below its header */
     CNT_MAX
 };
 

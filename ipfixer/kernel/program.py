@@ -41,6 +41,7 @@ COUNTER_NAMES: tuple[str, ...] = (
     "ipv6_ext_limit",
     "fragment",
     "not_sampled",
+    "bad_length",
 )
 
 

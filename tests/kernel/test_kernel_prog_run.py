@@ -141,9 +141,60 @@ def test_truncated_and_malformed_are_counted_never_lost(program: Any) -> None:
     assert c["packets"] == 4
     assert sum(m["packets"] for _, m in entries(program)) == 4
     by_kind = {(k["ethertype"], k["vlan_id"], k["protocol"]): m["octets"] for k, m in entries(program)}
-    assert by_kind[(0x0800, 0, 17)] == 48  # IPv4 tot_len of the cut UDP packet
+    assert by_kind[(0x0800, 0, 17)] == 24  # the cut UDP packet's bytes, not its tot_len of 48
     assert by_kind[(0x0800, 9, 0)] == 12  # what is left of the cut IP header
     assert by_kind[(0x8100, 0, 0)] == 2  # the tag itself was cut: no VLAN id, 2 bytes left
+
+
+def with_len(frame: Any, offset: int, value: int) -> bytes:
+    """The frame with a 16-bit big-endian length field at `offset` replaced (checksums left as sent:
+    the classifier never checks them)."""
+    raw = bytearray(bytes(frame))
+    struct.pack_into("!H", raw, offset, value)
+    return bytes(raw)
+
+
+def test_spoofed_ip_length_counts_wire_octets_and_bad_length(program: Any) -> None:
+    """A length field larger than the packet never inflates octets: the flow gets the bytes the frame
+    carried (ports kept, so the sender is still identified) and bad_length counts each frame."""
+    v4 = eth() / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1111, dport=2222) / Raw(b"s" * 10)
+    v6 = eth() / IPv6(src="2001:db8::1", dst="2001:db8::2") / UDP(sport=3333, dport=4444) / Raw(b"s" * 10)
+    assert len(bytes(v4)) == 52 and len(bytes(v6)) == 72
+    for _ in range(5):
+        run_frame(program, with_len(v4, 14 + 2, 1500))  # IPv4 total length 1500 in a 52-byte frame
+        run_frame(program, with_len(v6, 14 + 4, 5000))  # IPv6 payload length 5000
+    got = {(k["src_port"], k["dst_port"]): (m["packets"], m["octets"]) for k, m in entries(program)}
+    assert got == {(1111, 2222): (5, 5 * 38), (3333, 4444): (5, 5 * 58)}
+    c = program.counter_values()
+    assert c["bad_length"] == 10 and c["packets"] == 10
+    assert c["malformed"] == c["trunc_l4"] == 0
+
+
+@pytest.mark.parametrize("tot_len", [0, 10, 19])
+def test_ipv4_total_length_below_header_is_bad_length(program: Any, tot_len: int) -> None:
+    """Total length below the 20-byte header (0 outside a GSO super-packet too) is malformed, not a
+    normal UDP flow; the octets are the bytes the frame carried."""
+    frame = eth() / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=5, dport=6) / Raw(b"x" * 4)
+    run_frame(program, with_len(frame, 14 + 2, tot_len))
+    key, m = only(program)
+    assert (key["protocol"], key["src_port"], key["dst_port"]) == (17, 0, 0)  # transport not trusted
+    assert (m["packets"], m["octets"]) == (1, 32)
+    assert program.counter_values()["bad_length"] == 1
+
+
+def test_honest_lengths_and_padding_are_not_bad_length(program: Any) -> None:
+    """Ethernet padding (frame longer than the IP length) is normal, counted at the IP length, and an
+    IPv4 total length of 0 in a GSO super-packet (BIG TCP) is measured from the skb."""
+    run_frame(program, bytes(eth() / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=7, dport=8)) + bytes(18))
+    payload = 3 * 1000
+    big = eth() / IP(src="10.0.0.1", dst="10.0.0.2") / TCP(sport=1, dport=2, flags="A") / Raw(b"e" * payload)
+    ctx = bytearray(SKB_CTX_SIZE)
+    struct.pack_into("<I", ctx, GSO_SEGS_OFF, 3)
+    struct.pack_into("<I", ctx, GSO_SIZE_OFF, 1000)
+    run_frame(program, with_len(big, 14 + 2, 0), ctx=bytes(ctx))
+    got = {k["protocol"]: (m["packets"], m["octets"]) for k, m in entries(program)}
+    assert got == {17: (1, 28), 6: (3, payload + 3 * 40)}
+    assert program.counter_values()["bad_length"] == 0
 
 
 def test_non_ip_keyed_by_ethertype(program: Any) -> None:
@@ -238,6 +289,11 @@ def _mixed_frames() -> list[tuple[bytes, bytes | None]]:
     frames.append((bytes(bad), None))
     bad[14] = 0x43  # IHL 3
     frames.append((bytes(bad), None))
+    for f in full[:4]:  # IPv4 lengths: too large, below the header
+        frames += [(with_len(f, 16, n), None) for n in (0, 12, 4000)]
+    for f in full[6:10]:
+        off = 26 if Dot1AD in f else 18  # IPv6 payload length, after 0 or 2 VLAN tags
+        frames += [(with_len(f, off, 3000), None)]
     ctx = bytearray(SKB_CTX_SIZE)
     struct.pack_into("<I", ctx, GSO_SEGS_OFF, 4)
     struct.pack_into("<I", ctx, GSO_SIZE_OFF, 100)
@@ -273,6 +329,7 @@ def test_direct_access_matches_load_bytes_fallback(program: Any, max_off: int) -
         assert direct == fallback
         assert program.counter_values() == other.counter_values()
         c = program.counter_values()
-        assert min(c["trunc_l2"], c["trunc_l3"], c["trunc_l4"], c["malformed"], c["fragment"], c["non_ip"]) > 0
+        assert min(c["trunc_l2"], c["trunc_l3"], c["trunc_l4"], c["malformed"], c["fragment"], c["non_ip"],
+                   c["bad_length"]) > 0
     finally:
         other.close()
