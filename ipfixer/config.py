@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import reprlib
 import sys
 import types
 import typing
@@ -36,13 +37,22 @@ from pydantic import (
     model_validator,
 )
 
-from ipfixer.errors import ConfigError
+from ipfixer.errors import ConfigError, ConfigLimitError
 
 ENV_PREFIX = "IPFIXER_"
 # IPFIXER_* variables that are not config overrides (so they are not "unknown key" errors).
 ENV_RESERVED = frozenset({"IPFIXER_CONFIG", "IPFIXER_REQUIRE_KERNEL_TESTS"})
 
 U32_MAX = 2**32 - 1
+
+# Bounds on a config input, checked on the YAML event stream before anything is built: the shipped
+# config is 5 KB with ~200 nodes, so these are generous for a real file and stop a "billion laughs"
+# (nested aliases) or a deep/huge file in milliseconds, in `check` and in a SIGHUP reload alike.
+MAX_FILE_BYTES = 1 << 20
+MAX_DEPTH = 32  # nested mappings/sequences
+MAX_NODES = 50_000  # scalars + collections, counting each alias as the whole node it stands for
+MAX_ALIASES = 64  # and as many anchors and merge keys (`<<`)
+MAX_LISTED_ERRORS = 20  # the rest are counted, not listed
 
 # ---------------------------------------------------------------------------------------------- types
 
@@ -224,7 +234,7 @@ class CacheConfig(BaseModel):
     model_config = _MODEL
 
     kernel_map_entries: StrictInt = Field(default=65536, ge=16, le=16 * 1024 * 1024)
-    ring_buffer_pages: StrictInt = Field(default=64, ge=1, le=1 << 20, description="a power of two")
+    ring_buffer_pages: StrictInt = Field(default=1024, ge=1, le=1 << 20, description="a power of two")
     accounter_max_entries: StrictInt = Field(default=10000, ge=1, le=16 * 1024 * 1024)
     accounter_evict_timeout: Duration = 5.0
 
@@ -343,8 +353,13 @@ def format_loc(loc: Sequence[str | int]) -> str:
     return out or "(top level)"
 
 
+_REPR = reprlib.Repr()  # keyword arguments only from Python 3.12
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxstring = 3, 4, 4, 4, 80
+
+
 def _short_repr(value: Any, limit: int = 80) -> str:
-    text = repr(value)
+    # reprlib for containers: a bad value may be a 100,000-node structure; repr() of it all is not needed
+    text = repr(value) if isinstance(value, (str, int, float, bool, type(None))) else _REPR.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -380,11 +395,12 @@ def _problem(err: Mapping[str, Any]) -> str:
 
 
 def format_validation_error(
-    error: ValidationError, source: str, origins: Mapping[Loc, str] | None = None
+    error: ValidationError, source: str, origins: Mapping[Loc, str] | None = None, limit: int | None = None
 ) -> list[str]:
-    """One line per pydantic error; a value that came from an environment variable names the variable."""
+    """One line per pydantic error (the first `limit` of them); a value that came from an environment
+    variable names the variable."""
     lines = []
-    for err in error.errors():
+    for err in error.errors()[:limit]:
         loc = tuple(err["loc"])
         where = source
         for origin, var in (origins or {}).items():
@@ -400,14 +416,18 @@ def format_validation_error(
 # ------------------------------------------------------------------------------------------- loading
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (the second one would silently win)."""
+_EventParser: type[Any] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: faster
+
+
+class _Loader(_EventParser):  # type: ignore[misc]
+    """SafeLoader (libyaml's when present) that refuses duplicate keys (the second one would silently win)."""
 
 
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-    loader.flatten_mapping(node)
     seen: set[Any] = set()
-    for key_node, _ in node.value:
+    for key_node, _ in node.value:  # the node's own keys: a key given beside a merge (<<) overrides it
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
         key = loader.construct_object(key_node, deep=deep)
         try:
             duplicate = key in seen
@@ -418,28 +438,93 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = Fal
             raise yaml.constructor.ConstructorError(
                 "while constructing a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark
             )
-    return loader.construct_mapping(node, deep=deep)
+    loader.flatten_mapping(node)
+    mapping: dict[Any, Any] = loader.construct_mapping(node, deep=deep)
+    return mapping
 
 
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+
+
+def check_yaml_bounds(text: str, source: str) -> None:
+    """Refuse YAML whose expansion would be large or deep (ConfigLimitError), from the event stream only.
+
+    An alias counts as the whole node it names, so `a: &a [1,1,1,1,1,1,1,1,1]`, `b: &b [*a,*a,...]`, ...
+    (a "billion laughs") is refused when the running total passes MAX_NODES, long before it is built.
+    A syntax error is left to the loader, which reports it with its line and column.
+    """
+    if len(text) > MAX_FILE_BYTES:
+        raise ConfigLimitError(source, "size in bytes", len(text.encode("utf-8")), MAX_FILE_BYTES)
+    sizes: dict[str, int] = {}  # anchor -> expanded node count of the node it names
+    open_nodes: list[tuple[str | None, int]] = []  # (anchor, total when the collection started)
+    counts = {"aliases": 0, "anchors": 0, "merge keys (<<)": 0}
+    total = 0
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read config file: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not a text file: {e}") from None
+        for event in yaml.parse(text, Loader=_EventParser):
+            anchor = getattr(event, "anchor", None)
+            if isinstance(event, yaml.AliasEvent):
+                counts["aliases"] += 1
+                if any(a == anchor for a, _ in open_nodes):
+                    raise ConfigError(f"{source}: alias *{anchor} is inside the node it refers to (a cycle)")
+                total += sizes.get(str(anchor), 1)
+            elif isinstance(event, (yaml.ScalarEvent, yaml.CollectionStartEvent)):
+                total += 1
+                if anchor is not None:
+                    counts["anchors"] += 1
+                if isinstance(event, yaml.CollectionStartEvent):
+                    open_nodes.append((anchor, total - 1))
+                    if len(open_nodes) > MAX_DEPTH:
+                        raise ConfigLimitError(source, "nesting depth", len(open_nodes), MAX_DEPTH)
+                else:
+                    if event.value == "<<" and event.implicit[0]:
+                        counts["merge keys (<<)"] += 1
+                    if anchor is not None:
+                        sizes[anchor] = 1
+            elif isinstance(event, yaml.CollectionEndEvent):
+                anchor, start = open_nodes.pop()
+                if anchor is not None:
+                    sizes[anchor] = total - start
+            for what, n in counts.items():
+                if n > MAX_ALIASES:
+                    raise ConfigLimitError(source, f"YAML {what}", n, MAX_ALIASES)
+            if total > MAX_NODES:
+                raise ConfigLimitError(source, "YAML nodes (aliases expanded)", total, MAX_NODES)
+    except yaml.YAMLError:
+        return
+
+
+def load_yaml_text(text: str, source: str) -> Any:
+    """Parse one YAML document within the bounds above; ConfigError (with line:column) on any problem."""
+    check_yaml_bounds(text, source)
     try:
-        data = yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
+        return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         what = "; ".join(p for p in (e.context, e.problem) if p)
-        raise ConfigError(f"{path}{at}: YAML syntax error: {what}") from None
+        raise ConfigError(f"{source}{at}: YAML syntax error: {what}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: YAML syntax error: {e}") from None
+        raise ConfigError(f"{source}: YAML syntax error: {e}") from None
+    except RecursionError:  # cannot happen within MAX_DEPTH; kept so no traceback can ever escape
+        raise ConfigError(f"{source}: nested too deeply") from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:  # read at most one byte more than allowed: /dev/zero is refused too
+            raw = f.read(MAX_FILE_BYTES + 1)
+            size = os.fstat(f.fileno()).st_size
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file: {e.strerror or e}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigLimitError(str(path), "size in bytes", max(size, len(raw)), MAX_FILE_BYTES)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file: {e}") from None
+    data = load_yaml_text(text, str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -481,12 +566,14 @@ def _resolve_env_key(parts: list[str]) -> tuple[Loc, str | None, bool]:
     return tuple(loc), None, stringy
 
 
-def _env_value(raw: str, stringy: bool) -> Any:
+def _env_value(raw: str, stringy: bool, var: str) -> Any:
     if stringy:  # keep '::1', 'no', '12:30' as written; only null clears an optional string
         return None if raw.strip().lower() in ("null", "~") else raw
     try:
-        return yaml.load(raw, Loader=_Loader)
-    except yaml.YAMLError:
+        return load_yaml_text(raw, var)  # the same bounds as a file: a variable can hold a YAML bomb too
+    except ConfigLimitError:
+        raise
+    except ConfigError:
         return raw
 
 
@@ -521,7 +608,7 @@ def apply_env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> tuple[d
         raw = env[var]
         loc, problem, stringy = _resolve_env_key(var[len(ENV_PREFIX):].lower().split("__"))
         if problem is None:
-            problem = _set_loc(data, loc, _env_value(raw, stringy))
+            problem = _set_loc(data, loc, _env_value(raw, stringy, var))
         if problem is not None:
             errors.append(f"{var}: {format_loc(loc)}: {problem} (got {_short_repr(raw)})")
         else:
@@ -538,11 +625,17 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
     if isinstance(templates, dict) and isinstance(templates.get("directory"), str):
         # a relative template directory is relative to the config file, not to the daemon's cwd
         templates["directory"] = str(path.parent / templates["directory"])
+    total = len(errors)
     try:
         config = Config.model_validate(data)
     except ValidationError as e:
-        errors += format_validation_error(e, str(path), origins)
+        total += e.error_count()
+        errors += format_validation_error(e, str(path), origins, limit=max(0, MAX_LISTED_ERRORS - len(errors)))
         config = None
+    if total > MAX_LISTED_ERRORS:
+        errors = errors[:MAX_LISTED_ERRORS]
+        errors.append(f"{path}: ... and {total - MAX_LISTED_ERRORS:,} more errors "
+                      f"({total:,} in all; the first {MAX_LISTED_ERRORS} are listed)")
     if errors:
         raise ConfigError("\n".join(errors))
     assert config is not None
