@@ -1,17 +1,15 @@
 """The kernel meter as one unit for the daemon: program, attachments, link watcher, drain, spill path.
 
-It owns the instance lock (one ipfixer per network namespace, since stale-filter cleanup and the
-link watcher act on every matching interface of the namespace) and turns the kernel's counters into
-metrics. Every batch it returns is a FLOW_DTYPE array, from the kernel map or from the Accounter.
+It owns the instance lock (ipfixer.instance: one ipfixer per network namespace, since stale-filter
+cleanup and the link watcher act on every matching interface of the namespace) and turns the kernel's
+counters into metrics. Every batch it returns is a FLOW_DTYPE array, from the kernel map or from the Accounter.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from collections.abc import Collection
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +17,9 @@ import numpy as np
 from ipfixer.caps import check_capabilities
 from ipfixer.clock import Clock
 from ipfixer.config import Config
-from ipfixer.errors import IpfixerError
+from ipfixer.instance import NamespaceLock
+
+__all__ = ["Meter", "NamespaceLock", "interface_name", "sampling_cflags"]  # NamespaceLock: the NFLOG meter's too
 
 log = logging.getLogger("ipfixer.meter")
 
@@ -30,37 +30,6 @@ def interface_name(ifindex: int) -> str:
         return socket.if_indextoname(ifindex)
     except OSError:
         return ""
-
-
-class NamespaceLock:
-    """An flock per network namespace: a second ipfixer metering the same namespace is refused."""
-
-    def __init__(self, lock_dir: Path) -> None:
-        self.path = Path(lock_dir) / f"netns-{os.stat('/proc/self/ns/net').st_ino}.lock"
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        import fcntl
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise IpfixerError(
-                f"another ipfixer (pid {owner}) already meters the interfaces of this network namespace "
-                f"(lock {self.path}); stop it first"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
 
 
 class Meter:

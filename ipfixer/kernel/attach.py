@@ -2,9 +2,12 @@
 
 Rules (netobserv's lesson: never break another tool's tc setup):
 - the clsact qdisc is created only if absent, and we remember whether we created it;
-- ipfixer's filters carry a fixed priority/handle (FILTER_PRIO) and a TCA_BPF_NAME starting with
-  "ipfixer_", which is how remove_stale() recognises filters left by a crashed run;
-- detach deletes our filters, and the qdisc only if we created it and no other filter remains.
+- ipfixer's filters carry a fixed priority/handle (FILTER_PRIO) and a TCA_BPF_NAME
+  "ipfixer_<hook>.<pidns>.<pid>.<start>" naming the process that added them (ipfixer.instance.Owner);
+- a filter is stale only when its owner is gone (pid absent or recycled: another start time), so
+  remove_stale() never removes a live instance's filters; an owner in another pid namespace cannot be
+  judged and is left alone, with a warning; a name without owner (older ipfixer) counts as stale;
+- detach deletes this process's filters, and the qdisc only if we created it and no filter remains.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pyroute2.netlink.rtnl import RTMGRP_LINK
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from ipfixer.errors import KernelError
+from ipfixer.instance import Owner
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +80,20 @@ def _filter_name(msg: Any) -> str:
     return str(opts.get_attr("TCA_BPF_NAME") or "")
 
 
+QDISC_MARK = ".q"  # name suffix: the owner created the clsact qdisc (so whoever cleans up removes it)
+
+
+def filter_name(hook: str, owner: Owner, created_qdisc: bool) -> str:
+    """TCA_BPF_NAME of an ipfixer filter: the hook, the owning process, whether it added the clsact."""
+    return f"{FILTER_NAME_PREFIX}{hook}.{owner.tag}{QDISC_MARK if created_qdisc else ''}"
+
+
+def filter_owner(name: str) -> Owner | None:
+    """The owner recorded in an ipfixer filter's name; None for a name without one."""
+    _, _, tag = name.partition(".")
+    return Owner.parse(tag.removesuffix(QDISC_MARK))
+
+
 class Attacher:
     """Puts ipfixer's ingress/egress programs on interfaces of one network namespace."""
 
@@ -86,6 +104,7 @@ class Attacher:
         self.netns = netns
         self.ipr = IPRoute(netns=netns) if netns else IPRoute()
         self.attached: dict[int, Attachment] = {}
+        self.owner = Owner.me()
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -129,14 +148,17 @@ class Attacher:
                 return self.attached[ifindex]
             att = Attachment(ifindex, ifname)
             try:
+                self._remove_stale_on(ifindex)  # a crashed run's filters (and the clsact it added)
                 if not self._has_clsact(ifindex):
                     self.ipr.tc("add", "clsact", ifindex)
                     att.created_qdisc = True
-                self._remove_ours(ifindex)  # a stale filter of a previous run at our prio
+                live = [o for _, _, o in self._ipfixer_filters(ifindex) if o is not None and o != self.owner]
+                if live:
+                    raise KernelError(f"another live ipfixer (pid {live[0].pid}) already meters it")
                 for hook in self.hooks:
                     self.ipr.tc(
                         "add-filter", "bpf", ifindex, FILTER_PRIO, fd=self.fds[hook],
-                        name=f"{FILTER_NAME_PREFIX}{hook}", parent=_PARENTS[hook], classid=1,
+                        name=filter_name(hook, self.owner, att.created_qdisc), parent=_PARENTS[hook], classid=1,
                         direct_action=True, prio=FILTER_PRIO,
                     )
                     att.hooks.append(hook)
@@ -147,14 +169,50 @@ class Attacher:
             log.info("attached to %s (%d) %s", ifname, ifindex, ",".join(att.hooks))
             return att
 
-    def _remove_ours(self, ifindex: int) -> int:
-        removed = 0
+    def _ipfixer_filters(self, ifindex: int) -> list[tuple[Any, int, Owner | None]]:
+        """(filter message, parent, owner) of every ipfixer filter on the interface's clsact hooks."""
+        out: list[tuple[Any, int, Owner | None]] = []
+        if not self._has_clsact(ifindex):
+            return out
         for hook, parent in _PARENTS.items():
             for f in self._filters(ifindex, hook):
-                if f.get_attr("TCA_KIND") == "bpf" and _filter_name(f).startswith(FILTER_NAME_PREFIX):
-                    prio = (f["info"] >> 16) & 0xFFFF
-                    self.ipr.tc("del-filter", "bpf", ifindex, f["handle"], parent=parent, prio=prio)
-                    removed += 1
+                name = _filter_name(f)
+                if f.get_attr("TCA_KIND") == "bpf" and name.startswith(FILTER_NAME_PREFIX):
+                    out.append((f, parent, filter_owner(name)))
+        return out
+
+    def _delete(self, ifindex: int, f: Any, parent: int) -> None:
+        prio = (f["info"] >> 16) & 0xFFFF
+        self.ipr.tc("del-filter", "bpf", ifindex, f["handle"], parent=parent, prio=prio)
+
+    def _remove_ours(self, ifindex: int) -> int:
+        """Delete this process's filters on the interface (never another instance's)."""
+        removed = 0
+        for f, parent, owner in self._ipfixer_filters(ifindex):
+            if owner == self.owner:
+                self._delete(ifindex, f, parent)
+                removed += 1
+        return removed
+
+    def _remove_stale_on(self, ifindex: int) -> int:
+        """Delete ipfixer filters whose owner is gone (or unrecorded); keep live and unjudgeable ones.
+        A clsact the dead owner had created goes too once no filter is left on it."""
+        removed = 0
+        qdisc_was_ours = False
+        for f, parent, owner in self._ipfixer_filters(ifindex):
+            if owner == self.owner:
+                continue
+            alive = owner.alive() if owner is not None else False
+            if alive is None:
+                log.warning("ifindex %d: filter %s belongs to an ipfixer in another pid namespace; left alone "
+                            "(remove it with tc filter del if that instance is gone)", ifindex, _filter_name(f))
+                continue
+            if not alive:
+                self._delete(ifindex, f, parent)
+                removed += 1
+                qdisc_was_ours |= _filter_name(f).endswith(QDISC_MARK)
+        if qdisc_was_ours and not any(self._filters(ifindex, h) for h in _PARENTS):
+            self.ipr.tc("del", "clsact", ifindex)
         return removed
 
     def _undo(self, att: Attachment) -> None:
@@ -184,7 +242,7 @@ class Attacher:
             self.detach(ifindex)
 
     def remove_stale(self, ifaces: Iterable[str | int] | None = None) -> int:
-        """Remove ipfixer filters left by a crashed run (all interfaces when ifaces is None)."""
+        """Remove ipfixer filters whose owning process is gone (all interfaces when ifaces is None)."""
         if ifaces is None:
             targets = [int(link["index"]) for link in self.ipr.get_links()]
         else:
@@ -200,7 +258,7 @@ class Attacher:
                 if ifindex in self.attached:
                     continue
                 try:
-                    removed += self._remove_ours(ifindex)
+                    removed += self._remove_stale_on(ifindex)
                 except Exception as exc:
                     log.debug("stale filter scan of %d: %s", ifindex, exc)
         return removed

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ipfixer.lab import Lab, start_ipfixer, stop_ipfixer
+from ipfixer.lab import Lab, netns_exec, start_ipfixer, stop_ipfixer
 from ipfixer.netns import in_netns
 from tests.cli.helpers import IPFIXER, UdpCollector, cli_env, totals_by_flow, write_config
 
@@ -73,6 +73,7 @@ def test_sigterm_flushes_exact_counts(tmp_path: Path, lab: Lab) -> None:
     out = subprocess.run(["tc", "-n", lab.ns_a, "filter", "show", "dev", lab.veth_a, "ingress"],
                          capture_output=True, text=True, timeout=10).stdout
     assert "ipfixer" not in out
+    assert "clsact" not in netns_exec(lab.ns_a, "tc", "qdisc", "show", "dev", lab.veth_a).stdout  # it added it
 
 
 def test_sighup_moves_export_without_loss(tmp_path: Path, lab: Lab) -> None:
@@ -132,6 +133,32 @@ def test_second_instance_refused(tmp_path: Path, lab: Lab) -> None:
         assert "already meters" in res.stderr and "Traceback" not in res.stderr
     finally:
         stop_daemon(proc, log)
+
+
+def test_second_instance_with_other_lock_dir_is_refused_and_first_keeps_counting(tmp_path: Path, lab: Lab) -> None:
+    """Exclusion does not depend on lock_dir: a second `ipfixer run` with its own lock_dir in the same
+    namespace is refused (exit 1, one clear line) and removes nothing; the first counts exactly."""
+    coll = collector_in(lab.ns_a)
+    log = tmp_path / "ipfixer.log"
+    proc = start_daemon(lab, base_config(tmp_path, lab, coll.port), log)
+    try:
+        lab.send_udp(lab.ns_b, lab.v4_a, 40051, 9051, [100] * 30)
+        other = tmp_path / "other"
+        other.mkdir()
+        cfg2 = write_config(other / "ipfixer.yaml", [{"address": "127.0.0.1", "port": coll.port}],
+                            interfaces={"include": [lab.veth_a], "exclude": []}, lock_dir=str(other / "lock"))
+        filters = netns_exec(lab.ns_a, "tc", "filter", "show", "dev", lab.veth_a, "ingress").stdout
+        res = subprocess.run(["ip", "netns", "exec", lab.ns_a, *IPFIXER, "run", "--config", str(cfg2)],
+                             capture_output=True, text=True, timeout=90, env=cli_env())
+        assert res.returncode == 1, res.stderr
+        assert f"another ipfixer (pid {proc.pid})" in res.stderr and "Traceback" not in res.stderr
+        assert netns_exec(lab.ns_a, "tc", "filter", "show", "dev", lab.veth_a, "ingress").stdout == filters
+        lab.send_udp(lab.ns_b, lab.v4_a, 40051, 9051, [100] * 30)
+    finally:
+        stop_daemon(proc, log)
+    coll.receive(5, until_idle=1.0)
+    coll.close()
+    assert totals_by_flow(coll.flow_records())[(lab.v4_b, lab.v4_a, 40051, 9051, 17)] == [60, 60 * 128]
 
 
 def test_stats_reads_running_daemon_metrics(tmp_path: Path, lab: Lab) -> None:

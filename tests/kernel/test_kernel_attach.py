@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from ipfx_net import NetPair, in_ns, unique, wait_until
 
+from ipfixer.errors import KernelError
 from ipfixer.kernel.attach import Attacher, InterfaceSelector, LinkWatcher
 from ipfixer.kernel.program import libbpf
 
@@ -144,6 +145,62 @@ def test_sigkilled_run_is_cleaned_by_remove_stale(program: Any, netpair: NetPair
     finally:
         att.detach_all()
         att.close()
+
+
+def test_live_owners_filters_are_never_stale(program: Any, netpair: NetPair) -> None:
+    """A filter is stale only when the process named in it is gone: a live instance's filters survive
+    remove_stale() and block a second attach; once it is killed they go, with the clsact it created."""
+    net = netpair
+    before = tc_show(net.ns_a, net.veth_a)
+    proc = subprocess.Popen([sys.executable, "-c", CRASHER, net.ns_a, net.veth_a, str(REPO)],
+                            stdout=subprocess.PIPE, text=True)
+    att = Attacher(program.ingress_fd, program.egress_fd, "both", netns=net.ns_a)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "attached"
+        shown = tc_show(net.ns_a, net.veth_a)
+        assert f".{proc.pid}." in shown  # the owner's pid is in the filter name
+        assert att.remove_stale([net.veth_a]) == 0 and att.remove_stale(None) == 0
+        with pytest.raises(KernelError, match=f"another live ipfixer \\(pid {proc.pid}\\)"):
+            att.attach(net.veth_a)
+        assert tc_show(net.ns_a, net.veth_a) == shown  # untouched, the failed attach undid nothing of theirs
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    try:
+        assert att.remove_stale([net.veth_a]) == 2
+        assert tc_show(net.ns_a, net.veth_a) == before  # the dead run's clsact went with its filters
+    finally:
+        att.detach_all()
+        att.close()
+
+
+def test_crashed_runs_clsact_is_removed_by_the_next_run(program: Any, netpair: NetPair) -> None:
+    """The next run takes over a clsact a killed run created and removes it at detach; one another
+    tool created stays."""
+    net = netpair
+    before = tc_show(net.ns_a, net.veth_a)
+    proc = subprocess.Popen([sys.executable, "-c", CRASHER, net.ns_a, net.veth_a, str(REPO)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "attached"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    att = Attacher(program.ingress_fd, program.egress_fd, "both", netns=net.ns_a)
+    try:
+        assert att.attach(net.veth_a).created_qdisc
+        assert f".{proc.pid}." not in tc_show(net.ns_a, net.veth_a)
+    finally:
+        att.detach_all()
+    assert tc_show(net.ns_a, net.veth_a) == before
+    in_ns(net.ns_a, "tc", "qdisc", "add", "dev", net.veth_a, "clsact")  # now another tool's clsact
+    foreign = tc_show(net.ns_a, net.veth_a)
+    try:
+        assert not att.attach(net.veth_a).created_qdisc
+    finally:
+        att.detach_all()
+        att.close()
+    assert tc_show(net.ns_a, net.veth_a) == foreign
 
 
 def test_selector_and_link_watcher(program: Any, netpair: NetPair) -> None:
