@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from ipfixer.errors import InfoModelError, TemplateError
-from ipfixer.infomodel import FLOAT_TYPES, INTEGER_TYPES, VARLEN, VARLEN_TYPES, Element, InfoModel
+from ipfixer.infomodel import VARLEN, Element, InfoModel
 from ipfixer.resources import share_dir
 
 DEFAULT_TEMPLATES_DIR = share_dir("templates")  # the wheel's copy or the checkout's templates/
@@ -73,34 +73,12 @@ class Template:
 
 def valid_lengths(element: Element) -> str:
     """Human description of the lengths allowed for an element (RFC 7011 6.2, 7)."""
-    t, d = element.data_type, element.default_length
-    if t in INTEGER_TYPES:
-        return f"1..{d}"
-    if t == "float64":
-        return "4 or 8"
-    if t in VARLEN_TYPES:
-        return "1..65534 or 65535 (variable)"
-    return str(d)
+    return element.data_type.valid_lengths()
 
 
 def check_length(element: Element, length: int) -> str | None:
-    """Why `length` is not a valid encoding of `element`, or None if it is."""
-    t, d = element.data_type, element.default_length
-    if t in ("basicList", "subTemplateList", "subTemplateMultiList"):
-        return f"data type {t} (RFC 6313) is not supported"
-    ok = (
-        (t in INTEGER_TYPES and 1 <= length <= d)  # RFC 7011 6.2 reduced-size encoding
-        or (t == "float64" and length in (4, 8))  # 6.2: float64 may be sent as float32
-        or (t in VARLEN_TYPES and 1 <= length <= VARLEN)  # fixed or variable length (7)
-        or length == d
-    )
-    if ok:
-        return None
-    if t in FLOAT_TYPES or t in INTEGER_TYPES:
-        return f"length {length} not allowed for {t} (allowed: {valid_lengths(element)}; RFC 7011 6.2)"
-    if length == VARLEN:
-        return f"variable length only for string/octetArray, not {t} (RFC 7011 7)"
-    return f"length {length} not allowed for {t}: reduced size only for integers/floats (RFC 7011 6.2)"
+    """Why `length` is not a valid encoding of `element`, or None if it is (the DataType table's rule)."""
+    return element.data_type.check_length(length)
 
 
 def _parse_field(

@@ -1,8 +1,10 @@
 """The IPFIX information model: immutable element facts loaded from the checked-in data files.
 
-iana.csv is generated from the IANA registry by tools/gen_infomodel.py; ipfixer.csv declares our
-enterprise-specific elements (RFC 7011 3.2).  Nothing here is mutable or global: `load_default()`
-returns one cached, frozen InfoModel.
+iana.csv and iana_values.csv are generated from IANA's registry file (ipfix.xml) by
+tools/gen_infomodel.py; ipfixer.csv declares our enterprise-specific elements (RFC 7011 3.2).  The
+coded values (flowEndReason 1 = "idle timeout", natEvent, flowDirection, ...) come with the elements,
+so a decoder or a listing can name them.  Nothing here is mutable or global: `load_default()` returns
+one cached, frozen InfoModel.
 """
 
 from __future__ import annotations
@@ -16,28 +18,16 @@ from pathlib import Path
 from types import MappingProxyType
 
 from ipfixer.errors import InfoModelError
+from ipfixer.infomodel.types import VARLEN, DataType
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 IPFIXER_PEN = 57999  # placeholder PEN, see data/ipfixer.csv
-VARLEN = 65535  # RFC 7011 7: field length 65535 = variable length
 
-# RFC 7011 6.1: the encoded size of each abstract data type (VARLEN = variable).
-TYPE_LENGTHS: Mapping[str, int] = MappingProxyType(
-    {
-        "unsigned8": 1, "unsigned16": 2, "unsigned32": 4, "unsigned64": 8,
-        "signed8": 1, "signed16": 2, "signed32": 4, "signed64": 8,
-        "float32": 4, "float64": 8, "boolean": 1, "macAddress": 6,
-        "octetArray": VARLEN, "string": VARLEN,
-        "dateTimeSeconds": 4, "dateTimeMilliseconds": 8,
-        "dateTimeMicroseconds": 8, "dateTimeNanoseconds": 8,
-        "ipv4Address": 4, "ipv6Address": 16,
-        "basicList": VARLEN, "subTemplateList": VARLEN, "subTemplateMultiList": VARLEN,
-    }
-)  # fmt: skip
-
-INTEGER_TYPES = frozenset(t for t in TYPE_LENGTHS if t.startswith(("unsigned", "signed")))
-FLOAT_TYPES = frozenset({"float32", "float64"})
-VARLEN_TYPES = frozenset({"string", "octetArray"})  # the variable-length types ipfixer encodes
+# RFC 7011 6.1: the encoded size of each abstract data type (VARLEN = variable); from the one table.
+TYPE_LENGTHS: Mapping[str, int] = MappingProxyType({t.value: t.length for t in DataType})
+INTEGER_TYPES = frozenset(t.value for t in DataType if t.is_integer)
+FLOAT_TYPES = frozenset(t.value for t in DataType if t.is_float)
+VARLEN_TYPES = frozenset(t.value for t in DataType if t.is_varlen)  # the variable-length types ipfixer encodes
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,16 +37,23 @@ class Element:
     name: str
     element_id: int
     pen: int
-    data_type: str
+    data_type: DataType
     semantics: str = ""
     units: str = ""
     status: str = "current"
     reference: str = ""
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.data_type, DataType):  # a caller's plain string: checked here, once
+            try:
+                object.__setattr__(self, "data_type", DataType(self.data_type))
+            except ValueError:
+                raise InfoModelError(f"element {self.name!r}: unknown data type {self.data_type!r}") from None
+
     @property
     def default_length(self) -> int:
         """Encoded size of the type (65535 = variable length)."""
-        return TYPE_LENGTHS[self.data_type]
+        return self.data_type.length
 
     @property
     def is_enterprise(self) -> bool:
@@ -64,12 +61,20 @@ class Element:
         return self.pen != 0
 
 
+ValueNames = Mapping[int, str]
+
+
 class InfoModel:
-    """An immutable set of Elements, looked up by name or by (id, PEN)."""
+    """An immutable set of Elements, looked up by name or by (id, PEN), with the names of coded values."""
 
-    __slots__ = ("_by_id", "_by_name", "registry_date")
+    __slots__ = ("_by_id", "_by_name", "_values", "registry_date")
 
-    def __init__(self, elements: Iterable[Element], registry_date: str = "") -> None:
+    def __init__(
+        self,
+        elements: Iterable[Element],
+        registry_date: str = "",
+        values: Mapping[tuple[int, int], ValueNames] | None = None,
+    ) -> None:
         by_name: dict[str, Element] = {}
         by_id: dict[tuple[int, int], Element] = {}
         for e in elements:
@@ -81,11 +86,15 @@ class InfoModel:
             by_id[(e.pen, e.element_id)] = e
         self._by_name: Mapping[str, Element] = MappingProxyType(by_name)
         self._by_id: Mapping[tuple[int, int], Element] = MappingProxyType(by_id)
+        self._values: Mapping[tuple[int, int], ValueNames] = MappingProxyType(
+            {k: MappingProxyType(dict(v)) for k, v in (values or {}).items()}
+        )
         self.registry_date: str = registry_date
 
     @classmethod
-    def load(cls, *paths: Path) -> InfoModel:
-        """Load and validate element CSV files (errors name the file and line)."""
+    def load(cls, *paths: Path, values: Path | None = None) -> InfoModel:
+        """Load and validate element CSV files and, optionally, a coded-values file (errors name the
+        file and line)."""
         elements: list[Element] = []
         date = ""
         for path in paths:
@@ -93,9 +102,12 @@ class InfoModel:
             elements.extend(file_elements)
             date = date or file_date
         try:
-            return cls(elements, date)
+            model = cls(elements, date)
         except InfoModelError as e:
             raise InfoModelError(f"{', '.join(str(p) for p in paths)}: {e}") from None
+        if values is None:
+            return model
+        return cls(elements, date, _read_values(values, model))
 
     @classmethod
     def load_default(cls) -> InfoModel:
@@ -118,6 +130,16 @@ class InfoModel:
         """The element with this id and PEN, or None when unknown."""
         return self._by_id.get((pen, element_id))
 
+    def value_names(self, element: Element) -> ValueNames:
+        """The registry's names of this element's coded values (empty when it has none)."""
+        return self._values.get((element.pen, element.element_id), _NO_VALUES)
+
+    def value_name(self, element: Element, value: object) -> str | None:
+        """IANA's name of one coded value (flowEndReason 1 -> 'idle timeout'), or None."""
+        if not isinstance(value, int) or isinstance(value, bool):
+            return None
+        return self._values.get((element.pen, element.element_id), _NO_VALUES).get(value)
+
     def __iter__(self) -> Iterator[Element]:
         return iter(self._by_name.values())
 
@@ -128,18 +150,23 @@ class InfoModel:
         return name in self._by_name
 
 
+_NO_VALUES: ValueNames = MappingProxyType({})
+
+
 @functools.cache
 def _load_default() -> InfoModel:
-    return InfoModel.load(DATA_DIR / "iana.csv", DATA_DIR / "ipfixer.csv")
+    return InfoModel.load(DATA_DIR / "iana.csv", DATA_DIR / "ipfixer.csv", values=DATA_DIR / "iana_values.csv")
 
 
-def _read_csv(path: Path) -> tuple[list[Element], str]:
-    """Elements of one data file and its `# registry-date:` comment, if any."""
+def _data_lines(path: Path) -> tuple[list[tuple[int, str]], str]:
+    """The non-comment lines of a data file with their numbers, and its `# registry-date:`."""
     date = ""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise InfoModelError(f"{path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise InfoModelError(f"{path}: not UTF-8 text: {e.reason} at byte {e.start}") from None
     lines: list[tuple[int, str]] = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if line.startswith("#"):
@@ -150,6 +177,37 @@ def _read_csv(path: Path) -> tuple[list[Element], str]:
             lines.append((lineno, line))
     if not lines:
         raise InfoModelError(f"{path}: no header line")
+    return lines, date
+
+
+def _read_values(path: Path, model: InfoModel) -> dict[tuple[int, int], dict[int, str]]:
+    """Coded values of IANA elements by (pen, id): rows of iana_values.csv whose element_id is set."""
+    lines, _ = _data_lines(path)
+    reader = csv.reader(line for _, line in lines)
+    header = next(reader)
+    required = {"element_id", "value", "name"}
+    if not required <= set(header):
+        raise InfoModelError(f"{path}:{lines[0][0]}: header must have columns {sorted(required)}")
+    out: dict[tuple[int, int], dict[int, str]] = {}
+    for (lineno, _), row in zip(lines[1:], reader, strict=False):
+        if len(row) != len(header):
+            raise InfoModelError(f"{path}:{lineno}: expected {len(header)} columns, got {len(row)}")
+        rec = dict(zip(header, row, strict=True))
+        if not rec["element_id"]:
+            continue  # a registry of the model itself (data types, semantics, units)
+        try:
+            eid, value = int(rec["element_id"]), int(rec["value"])
+        except ValueError:
+            raise InfoModelError(f"{path}:{lineno}: element_id and value must be integers") from None
+        if model.by_id(eid) is None:
+            raise InfoModelError(f"{path}:{lineno}: values for unknown element {eid}")
+        out.setdefault((0, eid), {})[value] = rec["name"]
+    return out
+
+
+def _read_csv(path: Path) -> tuple[list[Element], str]:
+    """Elements of one data file and its `# registry-date:` comment, if any."""
+    lines, date = _data_lines(path)
     reader = csv.reader(line for _, line in lines)
     header = next(reader)
     required = {"id", "name", "data_type"}
@@ -179,7 +237,7 @@ def _read_csv(path: Path) -> tuple[list[Element], str]:
                 name=rec["name"],
                 element_id=eid,
                 pen=pen,
-                data_type=rec["data_type"],
+                data_type=DataType(rec["data_type"]),
                 semantics=rec.get("semantics", ""),
                 units=rec.get("units", ""),
                 status=rec.get("status", "") or "current",
@@ -189,4 +247,5 @@ def _read_csv(path: Path) -> tuple[list[Element], str]:
     return elements, date
 
 
-__all__ = ["FLOAT_TYPES", "INTEGER_TYPES", "IPFIXER_PEN", "TYPE_LENGTHS", "VARLEN", "Element", "InfoModel"]
+__all__ = ["FLOAT_TYPES", "INTEGER_TYPES", "IPFIXER_PEN", "TYPE_LENGTHS", "VARLEN", "VARLEN_TYPES", "DataType",
+           "Element", "InfoModel"]

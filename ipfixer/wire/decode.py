@@ -3,7 +3,9 @@
 Used by tests, interop checks and replay.  Stateful only in the templates it has learnt, per
 (source, version, Observation Domain / Source ID).  A peer's bytes are untrusted: every read is bounds
 checked and the only exception raised is DecodeError, naming what is wrong and at which offset.
-Unknown and enterprise elements are kept as raw bytes with their (PEN, id).
+Unknown and enterprise elements are kept as raw bytes with their (PEN, id).  A Data Set whose template
+is not known yet cannot be read (RFC 7011 8): it is skipped, counted, and listed in the message's
+`missing_templates`, so that the caller can say so.
 """
 
 from __future__ import annotations
@@ -12,11 +14,10 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from ipfixer.errors import DecodeError
-from ipfixer.infomodel import VARLEN, Element, InfoModel
+from ipfixer.errors import DecodeError, FieldDecodeError
+from ipfixer.infomodel import VARLEN, DataType, Element, InfoModel
 from ipfixer.templates import Template, TemplateField
 from ipfixer.wire import ipfix, netflow9
-from ipfixer.wire.values import decode_value
 
 _U16 = struct.Struct(">H")
 _U16x2 = struct.Struct(">HH")
@@ -49,18 +50,19 @@ class DecodedMessage:
     records: list[DecodedRecord] = field(default_factory=list)
     withdrawn: list[int] = field(default_factory=list)
     count: int | None = None  # v9 header count
+    missing_templates: list[int] = field(default_factory=list)  # data sets skipped: template not known
 
 
 def _unknown_element(element_id: int, pen: int) -> Element:
     name = f"pen{pen}_ie{element_id}" if pen else f"ie{element_id}"
-    return Element(name=name, element_id=element_id, pen=pen, data_type="octetArray", status="unknown")
+    return Element(name=name, element_id=element_id, pen=pen, data_type=DataType.OCTET_ARRAY, status="unknown")
 
 
 def _v9_scope_element(scope_type: int, length: int, index: int) -> Element:
     name = netflow9.SCOPE_NAMES.get(scope_type, f"scope{scope_type}")
     if index:  # a second scope of the same type gets its position (scopeSystem, scopeSystem_1)
         name = f"{name}_{index}"
-    dtype = "unsigned64" if 1 <= length <= 8 else "octetArray"
+    dtype = DataType.UNSIGNED64 if 1 <= length <= 8 else DataType.OCTET_ARRAY
     return Element(name=name, element_id=scope_type, pen=0, data_type=dtype, status="v9 scope")
 
 
@@ -208,6 +210,7 @@ class Decoder:
         t = self._templates.get(key)
         if t is None:
             self.stats["unknown_template_sets"] += 1  # RFC 7011 8: cannot decode before its template
+            msg.missing_templates.append(key[3])
             return
         min_len = t.min_record_length
         while end - pos >= min_len:
@@ -217,28 +220,24 @@ class Decoder:
             for f in t.fields:
                 n = f.length
                 if n == VARLEN:  # RFC 7011 7
-                    if end - pos < 1:
-                        raise DecodeError(f"data record at offset {rec_at}: {f.name} length prefix truncated")
+                    if end - pos < 1 or (data[pos] == 255 and end - pos < 3):
+                        raise FieldDecodeError("length prefix truncated", template_id=t.template_id,
+                                               field=f.name, offset=rec_at)
                     n = data[pos]
                     pos += 1
                     if n == 255:
-                        if end - pos < 2:
-                            raise DecodeError(
-                                f"data record at offset {rec_at}: {f.name} length prefix truncated"
-                            )
                         n = _U16.unpack_from(data, pos)[0]
                         pos += 2
                 if end - pos < n:
-                    raise DecodeError(
-                        f"data record at offset {rec_at} (template {t.template_id}): {f.name} overruns the set"
-                    )
+                    raise FieldDecodeError(f"overruns the set ({n} bytes, {end - pos} left)",
+                                           template_id=t.template_id, field=f.name, offset=rec_at)
                 raw = data[pos : pos + n]
                 pos += n
                 if f.element.status == "unknown":
                     unknown[(f.element.pen, f.element.element_id)] = raw
                     values[f.name] = raw
                 else:
-                    values[f.name] = decode_value(f.element.data_type, raw)
+                    values[f.name] = f.element.data_type.codec.decode(raw)
             msg.records.append(DecodedRecord(t.template_id, t.is_options, values, unknown))
 
     # -- NetFlow v9 (RFC 3954) -------------------------------------------------------------------
