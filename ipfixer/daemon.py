@@ -22,7 +22,7 @@ import numpy as np
 from ipfixer.clock import Clock, SystemClock
 from ipfixer.config import Config, load_config
 from ipfixer.errors import ConfigError, IpfixerError
-from ipfixer.export.factory import build_exporter, interface_values, load_config_templates, sampling_values
+from ipfixer.export.factory import build_exporter, load_config_templates, sampling_values
 
 log = logging.getLogger("ipfixer")
 
@@ -168,9 +168,9 @@ class Daemon:
         if not force and now < self._next_stats_ns:
             return
         self._next_stats_ns = now + int(self.config.templates.stats_interval * 1e9)
-        self._exporter.export_stats(now, self._meter.ignored_packets() if self._meter else 0)
-        self._exporter.export_sampling(now, sampling_values(self.config))
-        self._exporter.export_options(self.config.templates.interfaces, interface_values(table), now)
+        # One refresh, one message per collector (statistics + sampling + interface table together).
+        self._exporter.export_options_refresh(now, sampling=sampling_values(self.config), interfaces=table,
+                                              ignored_packets=self._meter.ignored_packets() if self._meter else 0)
 
     def _current_interfaces(self) -> dict[int, str]:
         table = {}

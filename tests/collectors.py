@@ -19,6 +19,11 @@ STOP_TIMEOUT_S = 10.0
 UTC_ENV = {**os.environ, "TZ": "UTC"}  # nfdump prints local time; pin it
 
 
+def wire(messages: Any) -> list[bytes]:
+    """The datagrams of a list of ExportSession Messages, in order."""
+    return [m.data for m in messages]
+
+
 def free_udp_port() -> int:
     """An ephemeral UDP port on 127.0.0.1 (closed again, so the collector can bind it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -65,7 +70,8 @@ def nfdump_tcp_flags(text: str) -> int:
 class Nfcapd:
     """One nfcapd listening on 127.0.0.1:port and writing into its own directory."""
 
-    def __init__(self, workdir: Path, port: int, netns: str | None = None) -> None:
+    def __init__(self, workdir: Path, port: int, netns: str | None = None, bufsize: int | None = None) -> None:
+        """bufsize: the socket receive buffer nfcapd asks for (-B), for bursts of many datagrams."""
         self.port = port
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -73,7 +79,8 @@ class Nfcapd:
         prefix = ["ip", "netns", "exec", netns] if netns else []  # ip netns exec execs: proc is nfcapd
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                [*prefix, "nfcapd", "-b", "127.0.0.1", "-p", str(port), "-w", str(self.dir), "-t", "3600"],
+                [*prefix, "nfcapd", "-b", "127.0.0.1", "-p", str(port), "-w", str(self.dir), "-t", "3600",
+                 *(("-B", str(bufsize)) if bufsize else ())],
                 stdout=log, stderr=subprocess.STDOUT, env=UTC_ENV,
             )  # fmt: skip
         _wait_for_text(self.log, ("Startup nfcapd",), self.proc, "nfcapd")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -18,15 +18,12 @@ from typing import Any
 import numpy as np
 
 from ipfixer.errors import EncodeError
+from ipfixer.export.options import DEFAULT_ROLES, OptionsRole, interface_values, stats_values
 from ipfixer.export.session import ExportSession, Message
 from ipfixer.export.transport import UdpTransport
-from ipfixer.model import FlowRecord
 from ipfixer.templates import Template
 
 log = logging.getLogger("ipfixer.export")
-
-STATS_FIELD = "exportedMessageTotalCount"  # an options template carrying this is the statistics one
-SAMPLING_FIELDS = ("samplingInterval", "samplingPacketInterval")  # ... and these, the sampling one
 
 
 @dataclass
@@ -61,15 +58,22 @@ class Exporter:
     """Sends every batch to every collector; per-collector statistics feed the stats options records."""
 
     def __init__(
-        self, collectors: Sequence[tuple[str, ExportSession, UdpTransport]], *, metering_process_id: int | None = None
+        self,
+        collectors: Sequence[tuple[str, ExportSession, UdpTransport]],
+        *,
+        metering_process_id: int | None = None,
+        options_roles: Mapping[OptionsRole, str] | None = None,
     ) -> None:
-        """`collectors`: (name, session, transport) triples; names must be unique."""
+        """`collectors`: (name, session, transport) triples; names must be unique.  `options_roles`: the
+        options template (by name) of each role, as the config names them (default: the shipped ones)."""
         names = [c[0] for c in collectors]
         if len(set(names)) != len(names):
             raise EncodeError(f"collector names must be unique: {names}")
         self.collectors = [Collector(n, s, t) for n, s, t in collectors]
         # RFC 5102 meteringProcessId: the process id identifies this Metering Process instance.
         self.metering_process_id = os.getpid() if metering_process_id is None else metering_process_id
+        self.options_roles: dict[OptionsRole, str] = dict(DEFAULT_ROLES if options_roles is None else options_roles)
+        self.interface_names: dict[int, str] = {}  # the latest interface table (fills interfaceName, IE 82)
 
     @property
     def stats(self) -> dict[str, CollectorStats]:
@@ -77,56 +81,91 @@ class Exporter:
         return {c.name: c.stats for c in self.collectors}
 
     # -- sending -------------------------------------------------------------------------------
-    def _run(self, c: Collector, build: Callable[[], list[Message]], *, flows: bool) -> None:
-        """Encode with the collector's own session, then send; errors stay with that collector."""
-        try:
-            messages = build()
-        except EncodeError as e:
-            c.stats.errors["EncodeError"] += 1
-            log.warning("collector=%s encode failed: %s", c.name, e)
-            return
+    def _run(self, c: Collector, build: Callable[[], Iterable[Message]], *, flows: bool) -> None:
+        """Encode with the collector's own session, then send one message at a time; errors stay with that
+        collector.  After a failed send the session is reset, so the next message built carries the
+        templates: a collector that refused (ECONNREFUSED) may be one that restarted without them."""
         st = c.stats
-        for m in messages:
-            if c.transport.send(m.data):
-                st.messages += 1
-                st.records += m.records
-                st.bytes += len(m.data)
-                if flows:
-                    st.flow_records += m.records
-            else:
-                st.errors[c.transport.last_error or "unknown"] += 1
-                st.not_sent_messages += 1
-                if flows:
-                    st.not_sent_records += m.records
+        try:
+            for m in build():
+                if c.transport.send(m.data):
+                    st.messages += 1
+                    st.records += m.records
+                    st.bytes += len(m.data)
+                    if flows:
+                        st.flow_records += m.records
+                else:
+                    st.errors[c.transport.last_error or "unknown"] += 1
+                    st.not_sent_messages += 1
+                    if flows:
+                        st.not_sent_records += m.records
+                    c.session.reset()
+        except EncodeError as e:
+            st.errors["EncodeError"] += 1
+            log.warning("collector=%s encode failed: %s", c.name, e)
 
-    def export(self, batch: np.ndarray, now_wall_ns: int) -> None:
-        """Encode a FLOW_DTYPE batch once per collector (its own protocol/sequence) and send it."""
+    def export(self, batch: np.ndarray, now_wall_ns: int, interface_names: Mapping[int, str] | None = None) -> None:
+        """Encode a FLOW_DTYPE batch once per collector (its own protocol/sequence) and send it.
+        `interface_names` (default: the latest interface table sent) fills interfaceName fields."""
         if len(batch) == 0:
             self.refresh_templates(now_wall_ns)
             return
+        names = self.interface_names if interface_names is None else interface_names
         for c in self.collectors:
-            self._run(c, partial(c.session.messages, batch, now_wall_ns), flows=True)
+            self._run(c, partial(c.session.iter_messages, batch, now_wall_ns, names), flows=True)
 
-    def export_records(self, records: Sequence[FlowRecord], now_wall_ns: int) -> None:
-        """The per-record path (templates with variable-length fields)."""
+    def refresh_templates(self, now_wall_ns: int) -> None:
+        """Send a templates-only message to each collector whose refresh is due (idle periods)."""
         for c in self.collectors:
-            self._run(c, partial(_record_messages, c.session, records, now_wall_ns), flows=True)
+            self._run(c, partial(c.session.template_messages, now_wall_ns), flows=False)
+
+    # -- options records (RFC 7011 4), chosen by role ------------------------------------------
+    def role_template(self, c: Collector, role: OptionsRole) -> str | None:
+        """The name of the options template this collector's session uses for `role`, if it has one."""
+        name = self.options_roles.get(role)
+        return name if name is not None and c.session.has_options_template(name) else None
+
+    def export_options_refresh(
+        self,
+        now_wall_ns: int,
+        *,
+        sampling: Mapping[str, Any] | None = None,
+        interfaces: Mapping[int, str] | None = None,
+        ignored_packets: int = 0,
+        ignored_octets: int = 0,
+        stats: bool = True,
+    ) -> None:
+        """One refresh of the options records, together in one message per collector (never a tiny
+        stand-alone one, never beside flow data): statistics (its own counters), sampling, interface
+        table, each to collectors whose session has the template of that role."""
+        if interfaces is not None:
+            self.interface_names = dict(interfaces)
+        for c in self.collectors:
+            items: list[tuple[str | int | Template, Sequence[Mapping[str, Any]]]] = []
+            if stats and (t := self.role_template(c, OptionsRole.STATS)) is not None:
+                items.append((t, [self.stats_values(c.name, ignored_packets, ignored_octets)]))
+            if sampling is not None and (t := self.role_template(c, OptionsRole.SAMPLING)) is not None:
+                items.append((t, [{"observationDomainId": c.session.domain_id, **sampling}]))
+            if interfaces is not None and (t := self.role_template(c, OptionsRole.INTERFACES)) is not None:
+                items.append((t, interface_values(interfaces)))
+            if items:
+                self._run(c, partial(c.session.options_messages, items, now_wall_ns), flows=False)
 
     def export_options(
         self, template: str | int | Template, values_list: Sequence[Mapping[str, Any]], now_wall_ns: int
     ) -> None:
         """The same options records to every collector whose session has that options template."""
         for c in self.collectors:
-            try:
-                c.session.options_template(template)
-            except EncodeError:
-                continue
-            self._run(c, partial(c.session.options_messages, template, values_list, now_wall_ns), flows=False)
+            if c.session.has_options_template(template):
+                self._run(c, partial(c.session.options_messages, [(template, values_list)], now_wall_ns), flows=False)
 
-    def refresh_templates(self, now_wall_ns: int) -> None:
-        """Send a templates-only message to each collector whose refresh is due (idle periods)."""
-        for c in self.collectors:
-            self._run(c, partial(c.session.template_messages, now_wall_ns), flows=False)
+    def export_stats(self, now_wall_ns: int, ignored_packets: int = 0, ignored_octets: int = 0) -> None:
+        """Send each collector its own statistics record (stats role only)."""
+        self.export_options_refresh(now_wall_ns, ignored_packets=ignored_packets, ignored_octets=ignored_octets)
+
+    def export_sampling(self, now_wall_ns: int, values: Mapping[str, Any]) -> None:
+        """Send the sampling configuration record (sampling role only)."""
+        self.export_options_refresh(now_wall_ns, sampling=values, stats=False)
 
     # -- statistics options records (RFC 7011 4.1 / 4.2) ---------------------------------------
     def stats_values(self, name: str, ignored_packets: int = 0, ignored_octets: int = 0) -> dict[str, Any]:
@@ -135,17 +174,11 @@ class Exporter:
         if c is None:
             raise EncodeError(f"no collector named {name!r}")
         st, ss = c.stats, c.session.stats
-        return {
-            "observationDomainId": c.session.domain_id,
-            "meteringProcessId": self.metering_process_id,
-            "exportedMessageTotalCount": st.messages,
-            "exportedFlowRecordTotalCount": st.flow_records,
-            "exportedOctetTotalCount": st.bytes,
-            "notSentFlowTotalCount": st.not_sent_records + ss.records_not_exported,
-            "ignoredPacketTotalCount": ignored_packets,
-            "ignoredOctetTotalCount": ignored_octets,
-            "systemInitTimeMilliseconds": c.session.boot_wall_ns // 1_000_000,
-        }
+        return stats_values(
+            domain_id=c.session.domain_id, metering_process_id=self.metering_process_id, messages=st.messages,
+            flow_records=st.flow_records, octets=st.bytes, not_sent=st.not_sent_records + ss.records_not_exported,
+            ignored_packets=ignored_packets, ignored_octets=ignored_octets, boot_wall_ns=c.session.boot_wall_ns,
+        )  # fmt: skip
 
     def stats_records(
         self, now_wall_ns: int, ignored_packets: int = 0, ignored_octets: int = 0
@@ -154,35 +187,7 @@ class Exporter:
         del now_wall_ns  # the counters are totals; the message's Export Time carries `now`
         return {c.name: [self.stats_values(c.name, ignored_packets, ignored_octets)] for c in self.collectors}
 
-    def export_stats(self, now_wall_ns: int, ignored_packets: int = 0, ignored_octets: int = 0) -> None:
-        """Send each collector its own statistics record, if its session has a statistics template."""
-        records = self.stats_records(now_wall_ns, ignored_packets, ignored_octets)
-        for c in self.collectors:
-            t = _find_options(c.session, lambda names: STATS_FIELD in names)
-            if t is not None:
-                build = partial(c.session.options_messages, t, records[c.name], now_wall_ns)
-                self._run(c, build, flows=False)
-
-    def export_sampling(self, now_wall_ns: int, values: Mapping[str, Any]) -> None:
-        """Send the sampling configuration record to collectors whose session has a sampling template."""
-        for c in self.collectors:
-            t = _find_options(c.session, lambda names: any(s in names for s in SAMPLING_FIELDS))
-            if t is not None:
-                v = [{"observationDomainId": c.session.domain_id, **values}]
-                self._run(c, partial(c.session.options_messages, t, v, now_wall_ns), flows=False)
-
     def close(self) -> None:
         """Close every transport."""
         for c in self.collectors:
             c.transport.close()
-
-
-def _find_options(session: ExportSession, pred: Callable[[set[str]], bool]) -> Template | None:
-    for t in session.options_templates.values():
-        if pred({f.name for f in t.fields}):
-            return t
-    return None
-
-
-def _record_messages(session: ExportSession, records: Sequence[FlowRecord], now_wall_ns: int) -> list[Message]:
-    return session.record_messages(records, now_wall_ns)

@@ -6,19 +6,26 @@ and template files are read.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ipfixer.config import Config
 from ipfixer.errors import ConfigError
 from ipfixer.export.exporter import Exporter
+from ipfixer.export.options import OptionsRole, interface_values
+from ipfixer.export.options import sampling_values as _sampling_values
 from ipfixer.export.session import ExportSession
 from ipfixer.export.transport import UdpTransport
 from ipfixer.model import ETH_P_IP, ETH_P_IPV6
 from ipfixer.templates import DEFAULT_TEMPLATES_DIR, Template, load_templates
 
-SAMPLING_ALGORITHM_RANDOM = 2  # IANA samplingAlgorithm (35): 1 deterministic, 2 random
+__all__ = ["build_exporter", "config_roles", "interface_values", "load_config_templates", "sampling_values"]
+
+
+def config_roles(config: Config) -> dict[OptionsRole, str]:
+    """The options template the config names for each role (templates.exporter_stats, ...)."""
+    t = config.templates
+    return {OptionsRole.STATS: t.exporter_stats, OptionsRole.SAMPLING: t.sampling, OptionsRole.INTERFACES: t.interfaces}
 
 
 def load_config_templates(config: Config) -> tuple[dict[int, Template], list[Template]]:
@@ -58,20 +65,9 @@ def build_exporter(config: Config, boot_wall_ns: int) -> Exporter:
         for _, _, transport in collectors:
             transport.close()
         raise
-    return Exporter(collectors)
-
-
-def interface_values(names: Mapping[int, str]) -> list[dict[str, Any]]:
-    """Interface table options records: one per metered interface (ifindex -> interfaceName)."""
-    return [{"ingressInterface": ifindex, "interfaceName": name} for ifindex, name in sorted(names.items())]
+    return Exporter(collectors, options_roles=config_roles(config))
 
 
 def sampling_values(config: Config) -> dict[str, Any]:
-    """The sampling options record: 1-in-N random packet sampling (N = 1: every packet)."""
-    n = config.sampling.interval
-    return {
-        "samplingInterval": n,
-        "samplingAlgorithm": SAMPLING_ALGORITHM_RANDOM if n > 1 else 1,
-        "samplingPacketInterval": 1,
-        "samplingPacketSpace": n - 1,
-    }
+    """The sampling options record of a config (options.sampling_values)."""
+    return _sampling_values(config.sampling.interval)

@@ -8,7 +8,7 @@ IANA spells them (RFC 7012 / the registry); enterprise names as in infomodel/dat
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from types import MappingProxyType
@@ -37,6 +37,7 @@ class Transform(Enum):
     IP_VERSION = "ip_version"  # 4 or 6 from ethertype (IE 60)
     SECONDS = "seconds"  # wall-clock ms column -> dateTimeSeconds
     SYS_UPTIME = "sys_uptime"  # wall-clock ms column -> ms since exporter boot, mod 2^32 (RFC 3954 8)
+    SYS_UPTIME_START = "sys_uptime_start"  # the same for the start, never after the end (min(start, end))
     RECORD_ATTR = "record_attr"  # FlowRecord attribute with no batch column (per-record path only)
 
 
@@ -54,7 +55,7 @@ def _m(element: str, column: str, transform: Transform = Transform.INT) -> tuple
 
 
 T = Transform
-# Element name -> column.  The ONE place this meaning lives (DESIGN.md "Each fact lives in one place").
+# Element name -> column.  The one place this meaning lives.
 ELEMENT_COLUMNS: Mapping[str, ColumnMapping] = MappingProxyType(
     dict(
         [
@@ -74,7 +75,7 @@ ELEMENT_COLUMNS: Mapping[str, ColumnMapping] = MappingProxyType(
             _m("flowStartSeconds", "start_ms", T.SECONDS),
             _m("flowEndSeconds", "end_ms", T.SECONDS),
             # NetFlow v9 FIRST_SWITCHED (22) / LAST_SWITCHED (21): sysUptime-relative ms (RFC 3954 8).
-            _m("flowStartSysUpTime", "start_ms", T.SYS_UPTIME),
+            _m("flowStartSysUpTime", "start_ms", T.SYS_UPTIME_START),
             _m("flowEndSysUpTime", "end_ms", T.SYS_UPTIME),
             _m("flowDirection", "direction"),
             _m("ingressInterface", "ingress_if"),
@@ -130,11 +131,11 @@ def check_mapped(template: Template, *, fast_path: bool = True) -> None:
         if fast_path and m.transform is Transform.RECORD_ATTR:
             raise EncodeError(
                 f"template {template.template_id} ({template.name}) field {i}: element {name!r} is only "
-                "available on the per-record path (datagrams_from_records)"
+                "available on the per-record path (ExportSession.record_messages)"
             )
 
 
-def _column(batch: np.ndarray, m: ColumnMapping, sys_boot_ms: int | None) -> np.ndarray:
+def _column(batch: np.ndarray, m: ColumnMapping, sys_boot_ms: int | None, sys_now_ms: int | None = None) -> np.ndarray:
     """Apply one transform to a whole batch."""
     t = m.transform
     if t is Transform.INT or t is Transform.BYTES:
@@ -150,37 +151,54 @@ def _column(batch: np.ndarray, m: ColumnMapping, sys_boot_ms: int | None) -> np.
         return np.where(batch[m.column] == ETH_P_IPV6, 6, 4).astype(np.uint8)
     if t is Transform.SECONDS:
         return (batch[m.column] // 1000).astype(np.uint32)
-    if t is Transform.SYS_UPTIME:
+    if t is Transform.SYS_UPTIME or t is Transform.SYS_UPTIME_START:
         if sys_boot_ms is None:
             raise EncodeError(f"element {m.element!r} needs the exporter's boot time (sys_boot_ms)")
+        wall = batch[m.column].astype(np.int64)
+        if t is Transform.SYS_UPTIME_START:  # FIRST_SWITCHED <= LAST_SWITCHED even for a hostile row
+            wall = np.minimum(wall, batch["end_ms"].astype(np.int64))
+        if sys_now_ms is not None:  # RFC 3954 5.1: no record time after the packet's sysUptime
+            wall = np.minimum(wall, np.int64(sys_now_ms))
         # A flow seen before the exporter booted is clamped to uptime 0; uptime wraps at 2^32 ms
         # (49.7 days) exactly as a router's sysUpTime does (RFC 3954 5.1).
-        rel: np.ndarray = batch[m.column].astype(np.int64) - np.int64(sys_boot_ms)
+        rel: np.ndarray = wall - np.int64(sys_boot_ms)
         uptime: np.ndarray = (np.maximum(rel, 0) % UINT32_MOD).astype(np.uint32)
         return uptime
     raise EncodeError(f"element {m.element!r} has no batch column (per-record path only)")
 
 
-def flow_columns(batch: np.ndarray, template: Template, *, sys_boot_ms: int | None = None) -> dict[str, np.ndarray]:
-    """Columns for BatchEncoder keyed by element name: ints length n, addresses/MACs (n, k) uint8."""
+def flow_columns(
+    batch: np.ndarray, template: Template, *, sys_boot_ms: int | None = None, sys_now_ms: int | None = None
+) -> dict[str, np.ndarray]:
+    """Columns for BatchEncoder keyed by element name: ints length n, addresses/MACs (n, k) uint8.
+
+    `sys_now_ms` (wall ms of the v9 packet's sysUptime) caps the sysUptime-relative times."""
     if batch.dtype != FLOW_DTYPE:
         raise EncodeError(f"batch dtype is not FLOW_DTYPE: {batch.dtype}")
     check_mapped(template, fast_path=True)
-    return {name: _column(batch, ELEMENT_COLUMNS[name], sys_boot_ms) for name in field_names(template)}
+    return {name: _column(batch, ELEMENT_COLUMNS[name], sys_boot_ms, sys_now_ms) for name in field_names(template)}
 
 
-def flow_values(record: FlowRecord, template: Template, *, sys_boot_ms: int | None = None) -> dict[str, Any]:
+def flow_values(
+    record: FlowRecord, template: Template, *, sys_boot_ms: int | None = None, sys_now_ms: int | None = None,
+    interface_namer: Callable[[int], str] | None = None,
+) -> dict[str, Any]:
     """Values for the construct encoder keyed by element name: int, or bytes for addresses/MACs.
 
-    Computed through the same vectorised transforms on a one-row batch, so both paths agree."""
+    Computed through the same vectorised transforms on a one-row batch, so both paths agree.
+    `interface_namer` names the record's observation interface (ifindex) for interfaceName (IE 82)
+    when the record itself carries no name."""
     check_mapped(template, fast_path=False)
     batch = records_to_batch([record])
     out: dict[str, Any] = {}
     for name in field_names(template):
         m = ELEMENT_COLUMNS[name]
         if m.transform is Transform.RECORD_ATTR:
-            out[name] = getattr(record, m.column)
+            value = getattr(record, m.column)
+            if name == "interfaceName" and not value and interface_namer is not None:
+                value = interface_namer(record.ifindex)
+            out[name] = value
             continue
-        col = _column(batch, m, sys_boot_ms)
+        col = _column(batch, m, sys_boot_ms, sys_now_ms)
         out[name] = bytes(col[0].tobytes()) if col.ndim == 2 else int(col[0])
     return out

@@ -194,6 +194,15 @@ def encode_options_template_set(templates: Sequence[Template]) -> bytes:
     return _set(OPTIONS_TEMPLATE_SET_ID, bytes(body))
 
 
+def encode_options_template_sets(templates: Sequence[Template]) -> list[bytes]:
+    """One Options Template Set per Options Template Record, the form every collector reads.
+
+    RFC 7011 3.4.2.2 allows several records per set, but pmacct nfacctd 1.7.x (Debian 12 ships
+    1.7.7) steps to the next record by 6 + (field count + scope count) * 4 bytes and rejects the
+    set as malformed, dropping the rest of the message: one record per set never hits that."""
+    return [encode_options_template_set([t]) for t in templates]
+
+
 def encode_data_records(template: Template, records: Sequence[Mapping[str, Any]]) -> bytes:
     """Concatenated Data Records (no Set Header); values keyed by element name, missing -> zero/empty."""
     st = data_record_struct(template)
@@ -238,6 +247,7 @@ __all__ = [
     "encode_data_set",
     "encode_message",
     "encode_options_template_set",
+    "encode_options_template_sets",
     "encode_template_set",
     "template_record_length",
     "template_set_length",

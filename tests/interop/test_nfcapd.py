@@ -16,6 +16,7 @@ import pytest
 from ipfixer.export import ExportSession, UdpTransport
 from ipfixer.model import ETH_P_IP, ETH_P_IPV6, FlowRecord, addr16_to_str, records_to_batch
 from ipfixer.templates import load_templates
+from tests.collectors import wire
 
 pytestmark = pytest.mark.interop
 
@@ -75,7 +76,7 @@ def test_every_field_decodes_in_nfdump(nfcapd: Any, known_flows: list[FlowRecord
     boot_ms = base_ms - 3_600_000 + 123  # odd boot time: v9 uptime arithmetic must still be exact
     session = make_session(protocol, boot_ms)
     collector = nfcapd()
-    send_all(collector.port, session.datagrams(records_to_batch(records), (base_ms + 2_345) * 1_000_000))
+    send_all(collector.port, wire(session.messages(records_to_batch(records), (base_ms + 2_345) * 1_000_000)))
     time.sleep(DELIVERY_S)
     flows = collector.stop()
     assert len(flows) == len(records), collector.log_text()
@@ -93,7 +94,7 @@ def test_many_messages_all_records_arrive(nfcapd: Any, flow_factory: Any, base_m
     records = [dataclasses.replace(template_flows[i % 5], packets=1000 + i) for i in range(3000)]
     session = make_session(protocol, base_ms - 60_000)
     collector = nfcapd()
-    datagrams = session.datagrams(records_to_batch(records), base_ms * 1_000_000)
+    datagrams = wire(session.messages(records_to_batch(records), base_ms * 1_000_000))
     assert len(datagrams) > 30 and max(len(d) for d in datagrams) <= 1452
     with UdpTransport("127.0.0.1", collector.port) as t:
         for d in datagrams:
@@ -119,15 +120,15 @@ def test_restarted_nfcapd_decodes_again_after_template_refresh(
     def batch(tag: int) -> Any:
         return records_to_batch([dataclasses.replace(r, packets=tag + i) for i, r in enumerate(known_flows)])
 
-    send_all(port, session.datagrams(batch(100), t0))  # templates + data
+    send_all(port, wire(session.messages(batch(100), t0)))  # templates + data
     time.sleep(DELIVERY_S)
     assert sorted(f["in_packets"] for f in first.stop()) == [100, 101, 102, 103, 104]
 
     second = nfcapd(port=port)  # same port: the exporter does not know the collector restarted
-    before = session.datagrams(batch(200), t0 + 5_000_000_000)  # refresh not due: data only
+    before = wire(session.messages(batch(200), t0 + 5_000_000_000))  # refresh not due: data only
     assert session.stats.template_refreshes == 1
     send_all(port, before)
-    after = session.datagrams(batch(300), t0 + 10_000_000_000)  # refresh due: templates first
+    after = wire(session.messages(batch(300), t0 + 10_000_000_000))  # refresh due: templates first
     assert session.stats.template_refreshes == 2
     send_all(port, after)
     time.sleep(DELIVERY_S)

@@ -12,6 +12,7 @@ import pytest
 from ipfixer.export import ExportSession, UdpTransport
 from ipfixer.model import ETH_P_IP, ETH_P_IPV6, FlowRecord, addr16_to_str, records_to_batch
 from ipfixer.templates import load_templates
+from tests.collectors import wire
 
 pytestmark = pytest.mark.interop
 
@@ -87,7 +88,7 @@ def test_every_field_and_header_decodes_in_tshark(
     boot_ms = base_ms - 3_600_000 + 123
     session = make_session(protocol, boot_ms)
     now_ms = base_ms + 2_345
-    datagrams = session.datagrams(records_to_batch(known_flows), now_ms * 1_000_000)
+    datagrams = wire(session.messages(records_to_batch(known_flows), now_ms * 1_000_000))
     assert len(datagrams) >= 3 and all(len(d) <= 300 for d in datagrams)
     cap = tshark(len(datagrams))
     send_all(cap.port, datagrams)
@@ -121,10 +122,13 @@ def test_every_field_and_header_decodes_in_tshark(
     else:
         assert seqs == list(range(len(datagrams)))
         assert {p["cflow.source_id"] for p in cap.packets} == {"7"}
-        # count = template records (2 data templates + 2 options templates in the first packet) + data
-        assert [int(p["cflow.count"]) for p in cap.packets] == [per_packet[0] + 4] + per_packet[1:]
+        # count = template records (the 2 data templates in the first packet; options templates travel
+        # with options data only) + data records
+        assert [int(p["cflow.count"]) for p in cap.packets] == [per_packet[0] + 2] + per_packet[1:]
+        # RFC 3954 5.1: the instant of leaving, rounded up to the whole second UNIX Secs states
         uptime = {seconds_to_ms(p["cflow.sysuptime"]) for p in cap.packets}
-        assert uptime == {(now_ms // 1000) * 1000 - boot_ms}
+        assert uptime == {-(-now_ms // 1000) * 1000 - boot_ms}
+        assert {int(p["cflow.timestamp_tree"]["cflow.unix_secs"]) for p in cap.packets} == {-(-now_ms // 1000)}
 
 
 @pytest.mark.parametrize("protocol", ["ipfix", "netflow9"])
@@ -138,8 +142,8 @@ def test_options_records_decode_in_tshark(tshark: Any, base_ms: int, protocol: s
     }  # fmt: skip
     sampling = {"observationDomainId": 7, "samplingInterval": 100, "samplingAlgorithm": 1,
                 "samplingPacketInterval": 1, "samplingPacketSpace": 99}  # fmt: skip
-    datagrams = session.options_datagrams("options_exporter_stats", [stats], now)
-    datagrams += session.options_datagrams("options_sampling", [sampling], now)
+    datagrams = wire(session.options_messages([("options_exporter_stats", [stats])], now))
+    datagrams += wire(session.options_messages([("options_sampling", [sampling])], now))
     cap = tshark(len(datagrams))
     send_all(cap.port, datagrams)
     flows = cap.finish()

@@ -19,6 +19,7 @@ from ipfixer.infomodel import InfoModel
 from ipfixer.model import ETH_P_IP, ETH_P_IPV6, FlowRecord, addr16_to_str, records_to_batch, to_addr16
 from ipfixer.templates import Template, TemplateField, load_templates
 from ipfixer.wire.decode import DecodedMessage, Decoder
+from tests.collectors import wire
 
 TEMPLATES = load_templates()
 V4, V6 = TEMPLATES["ipv4_flow"], TEMPLATES["ipv6_flow"]
@@ -103,7 +104,7 @@ def test_messages_never_exceed_limit_and_every_record_arrives_intact(
 ) -> None:
     s = session(protocol, clock, max_message_size=max_size)
     recs = flows(1000, clock.wall_ns() // 1_000_000)
-    datagrams = s.datagrams(records_to_batch(recs), clock.wall_ns())
+    datagrams = wire(s.messages(records_to_batch(recs), clock.wall_ns()))
     assert max(len(d) for d in datagrams) <= max_size
     msgs = decode_all(datagrams)  # the decoder raises on any record cut across a boundary
     got = {r.fields["packetDeltaCount"]: r.fields for r in data_records(msgs)}
@@ -120,7 +121,7 @@ def test_each_message_holds_as_many_records_as_fit(clock: FakeClock, protocol: s
     """Only IPv4 flows, one template: every message but the last is full to within one record."""
     s = session(protocol, clock, max_message_size=1452, options_templates=[])
     recs = [r for r in flows(600, clock.wall_ns() // 1_000_000) if r.ethertype == ETH_P_IP]
-    datagrams = s.datagrams(records_to_batch(recs), clock.wall_ns())
+    datagrams = wire(s.messages(records_to_batch(recs), clock.wall_ns()))
     length = s.data_templates[V4.template_id].record_length
     assert length is not None
     msgs = decode_all(datagrams)
@@ -136,9 +137,9 @@ def test_each_message_holds_as_many_records_as_fit(clock: FakeClock, protocol: s
 def test_ipfix_sequence_counts_data_records_before_the_message(clock: FakeClock) -> None:
     """RFC 7011 3.1 / 10.3.2: options data records count, template records do not."""
     s = session("ipfix", clock, max_message_size=512)
-    out = s.datagrams(records_to_batch(flows(50, clock.wall_ns() // 1_000_000)), clock.wall_ns())
-    out += s.options_datagrams("options_sampling", [{"observationDomainId": 7, "samplingInterval": 1}], clock.wall_ns())
-    out += s.datagrams(records_to_batch(flows(7, clock.wall_ns() // 1_000_000)), clock.wall_ns())
+    out = wire(s.messages(records_to_batch(flows(50, clock.wall_ns() // 1_000_000)), clock.wall_ns()))
+    out += wire(s.options_messages([("options_sampling", [{"observationDomainId": 7, "samplingInterval": 1}])], clock.wall_ns()))
+    out += wire(s.messages(records_to_batch(flows(7, clock.wall_ns() // 1_000_000)), clock.wall_ns()))
     msgs = decode_all(out)
     before = 0
     for m in msgs:
@@ -151,7 +152,7 @@ def test_ipfix_sequence_counts_data_records_before_the_message(clock: FakeClock)
 def test_ipfix_sequence_wraps_modulo_2_32(clock: FakeClock) -> None:
     s = session("ipfix", clock)
     s._sequence = 2**32 - 3  # white-box: reaching it honestly takes 4 billion records
-    msgs = decode_all(s.datagrams(records_to_batch(flows(5, clock.wall_ns() // 10**6)), clock.wall_ns()))
+    msgs = decode_all(wire(s.messages(records_to_batch(flows(5, clock.wall_ns() // 10**6)), clock.wall_ns())))
     assert msgs[0].sequence == 2**32 - 3 and s.sequence == 2
 
 
@@ -159,15 +160,17 @@ def test_netflow9_sequence_counts_packets_and_count_includes_templates(clock: Fa
     """RFC 3954 5.1: sequence = packets sent before; count = template + data records in the packet."""
     s = session("netflow9", clock, max_message_size=512)
     now_ms = clock.wall_ns() // 1_000_000
-    out = s.datagrams(records_to_batch(flows(40, now_ms)), clock.wall_ns())
-    out += s.options_datagrams("options_sampling", [{"observationDomainId": 7, "samplingInterval": 1}], clock.wall_ns())
+    out = wire(s.messages(records_to_batch(flows(40, now_ms)), clock.wall_ns()))
+    out += wire(s.options_messages([("options_sampling", [{"observationDomainId": 7, "samplingInterval": 1}])], clock.wall_ns()))
     msgs = decode_all(out)
     assert [m.sequence for m in msgs] == list(range(len(out)))
     assert [m.count for m in msgs] == [len(m.records) + len(m.templates) for m in msgs]
-    assert len(msgs[0].templates) == 4 and all(not m.templates for m in msgs[1:])
+    # data templates with the first flow packet; options templates only with the options data (last)
+    assert [t.template_id for t in msgs[0].templates] == [256, 257] and all(not m.templates for m in msgs[1:-1])
+    assert [t.template_id for t in msgs[-1].templates] == [258, 259] and msgs[-1].records[0].is_options
     boot_ms = boot_of(clock) // 1_000_000
-    for m in msgs:  # sysUptime at the same whole second as unix_secs
-        assert m.export_time == clock.wall_ns() // 1_000_000_000
+    for m in msgs:  # RFC 3954 5.1: the instant of leaving, rounded up to whole seconds; sysUptime at it
+        assert m.export_time == -(-clock.wall_ns() // 1_000_000_000)
         assert m.sys_uptime == m.export_time * 1000 - boot_ms
 
 
@@ -177,7 +180,7 @@ def templates_per_message(s: ExportSession, clock: FakeClock, n_messages: int, s
     d = Decoder()
     out = []
     for rec in flows(n_messages, clock.wall_ns() // 1_000_000):
-        (dgram,) = s.datagrams(records_to_batch([dataclasses.replace(rec, ethertype=ETH_P_IP)]), clock.wall_ns())
+        (dgram,) = wire(s.messages(records_to_batch([dataclasses.replace(rec, ethertype=ETH_P_IP)]), clock.wall_ns()))
         out.append(bool(d.feed(dgram).templates))
         clock.advance(step_ns)
     return out
@@ -200,11 +203,12 @@ def test_template_refresh_by_message_count(clock: FakeClock, protocol: str) -> N
 
 def test_template_only_message_when_idle_and_refresh_due(clock: FakeClock) -> None:
     s = session("ipfix", clock, template_refresh_s=5.0)
-    assert len(s.template_datagrams(clock.wall_ns())) == 1  # nothing sent yet: due
-    assert s.template_datagrams(clock.wall_ns()) == []
+    assert len(wire(s.template_messages(clock.wall_ns()))) == 1  # nothing sent yet: due
+    assert wire(s.template_messages(clock.wall_ns())) == []
     clock.advance(5_000_000_000)
-    (msg,) = decode_all(s.template_datagrams(clock.wall_ns()))
-    assert {t.template_id for t in msg.templates} == {256, 257, 258, 259} and msg.records == []
+    (msg,) = decode_all(wire(s.template_messages(clock.wall_ns())))
+    # data templates only: options templates travel with options data (see test_options_*)
+    assert {t.template_id for t in msg.templates} == {256, 257} and msg.records == []
 
 
 # -- options records ------------------------------------------------------------------------------------
@@ -213,14 +217,14 @@ def test_options_datagrams_decode(clock: FakeClock, protocol: str) -> None:
     s = session(protocol, clock)
     values = {"observationDomainId": 7, "samplingInterval": 100, "samplingAlgorithm": 1,
               "samplingPacketInterval": 1, "samplingPacketSpace": 99}  # fmt: skip
-    (msg,) = decode_all(s.options_datagrams("options_sampling", [values, values], clock.wall_ns()))
+    (msg,) = decode_all(wire(s.options_messages([("options_sampling", [values, values])], clock.wall_ns())))
     assert len(msg.records) == 2 and all(r.is_options for r in msg.records)
     f = msg.records[0].fields
     assert (f["samplingInterval"], f["samplingAlgorithm"], f["samplingPacketInterval"], f["samplingPacketSpace"]) == (
         100, 1, 1, 99)  # fmt: skip
     assert s.stats.options_records == 2
     with pytest.raises(EncodeError, match="no options template 'nope'"):
-        s.options_datagrams("nope", [values], clock.wall_ns())
+        wire(s.options_messages([("nope", [values])], clock.wall_ns()))
 
 
 # -- mapping and set-up errors ----------------------------------------------------------------------
@@ -233,15 +237,15 @@ def test_unmapped_element_is_an_error_at_construction(clock: FakeClock) -> None:
 
 def test_rows_without_a_template_are_counted_not_exported(clock: FakeClock) -> None:
     s = ExportSession("ipfix", 1, {ETH_P_IP: V4}, [], boot_wall_ns=0)
-    msgs = decode_all(s.datagrams(records_to_batch(flows(10, 10**6)), clock.wall_ns()))
+    msgs = decode_all(wire(s.messages(records_to_batch(flows(10, 10**6)), clock.wall_ns())))
     assert len(data_records(msgs)) == 5 and s.stats.records_not_exported == 5
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_fast_path_and_record_path_give_identical_bytes(clock: FakeClock, protocol: str) -> None:
     recs = flows(300, clock.wall_ns() // 1_000_000)
-    a = session(protocol, clock).datagrams(records_to_batch(recs), clock.wall_ns())
-    b = session(protocol, clock).datagrams_from_records(recs, clock.wall_ns())
+    a = wire(session(protocol, clock).messages(records_to_batch(recs), clock.wall_ns()))
+    b = wire(session(protocol, clock).record_messages(recs, clock.wall_ns()))
     assert a == b
     t: Template = session(protocol, clock).data_templates[V6.template_id]
     cols = flow_columns(records_to_batch(recs[1:2]), t, sys_boot_ms=boot_of(clock) // 1_000_000)
