@@ -16,7 +16,8 @@ fi
 
 PKGS=(python3-bpfcc bpfcc-tools libbpfcc linux-headers-amd64 python3-venv python3-pip
       iproute2 iputils-ping nftables conntrack nfdump tshark tcpdump softflowd iperf3
-      netsniff-ng ethtool procps psmisc kmod)
+      netsniff-ng ethtool procps psmisc kmod
+      docker.io docker-compose debootstrap)  # tests/deploy: a private dockerd (never the system service)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
