@@ -60,18 +60,10 @@ def _cmd_config_schema(args: argparse.Namespace) -> int:
 
 
 def _cmd_templates(args: argparse.Namespace) -> int:
-    from ipfixer.templates import DEFAULT_TEMPLATES_DIR, load_templates
+    from ipfixer.templates import DEFAULT_TEMPLATES_DIR, describe, load_templates
 
     templates = load_templates(Path(args.directory) if args.directory else DEFAULT_TEMPLATES_DIR)
-    for tpl in sorted(templates.values(), key=lambda t: t.template_id):
-        kind = f"options, scope {tpl.scope_count}" if tpl.is_options else "data"
-        print(f"{tpl.template_id:5d} {tpl.name} ({kind}, record length {tpl.record_length or 'variable'})")
-        for i, field in enumerate(tpl.fields):
-            el = field.element
-            ident = f"{el.pen}/{el.element_id}" if el.pen else str(el.element_id)
-            length = "var" if field.length == 65535 else str(field.length)
-            scope = " scope" if i < tpl.scope_count else ""
-            print(f"      {ident:>10} {el.name:<36} {el.data_type:<22} len {length}{scope}")
+    print("\n".join(describe(templates)))
     return EXIT_OK
 
 

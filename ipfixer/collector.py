@@ -12,12 +12,14 @@ import select
 import socket
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
 from ipfixer.errors import DecodeError, IpfixerError
-from ipfixer.wire.decode import DecodedMessage, Decoder
+from ipfixer.infomodel import InfoModel
+from ipfixer.wire.decode import DecodedMessage, DecodedRecord, Decoder
 
 
 def _jsonable(value: Any) -> Any:
@@ -30,8 +32,20 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def message_rows(msg: DecodedMessage, source: str) -> Iterable[dict[str, Any]]:
-    """One flat dict per data record, with the message context an operator needs."""
+def _value_names(infomodel: InfoModel, rec: DecodedRecord) -> dict[str, str]:
+    """IANA's names of the record's coded values (flowEndReason 1 -> 'idle timeout')."""
+    names: dict[str, str] = {}
+    for key, value in rec.fields.items():
+        if key in infomodel:
+            name = infomodel.value_name(infomodel.by_name(key), value)
+            if name is not None:
+                names[key] = name
+    return names
+
+
+def message_rows(msg: DecodedMessage, source: str, infomodel: InfoModel | None = None) -> Iterable[dict[str, Any]]:
+    """One flat dict per data record, with the message context an operator needs; with an infomodel,
+    `names` holds the registry's names of coded values (present only when there are some)."""
     for rec in msg.records:
         row: dict[str, Any] = {
             "source": source,
@@ -43,13 +57,22 @@ def message_rows(msg: DecodedMessage, source: str) -> Iterable[dict[str, Any]]:
         }
         for name, value in rec.fields.items():
             row[str(name)] = _jsonable(value)
+        if infomodel is not None:
+            names = _value_names(infomodel, rec)
+            if names:
+                row["names"] = names
         yield row
 
 
-def print_message(msg: DecodedMessage, source: str, as_json: bool, out: TextIO = sys.stdout) -> None:
-    """Print a decoded message as JSON lines or as a readable block."""
+_CONTEXT_KEYS = ("source", "version", "domain", "sequence", "template", "options", "names")
+
+
+def print_message(msg: DecodedMessage, source: str, as_json: bool, out: TextIO | None = None,
+                  infomodel: InfoModel | None = None) -> None:
+    """Print a decoded message as JSON lines or as a readable block (coded values named)."""
+    out = out or sys.stdout
     if as_json:
-        for row in message_rows(msg, source):
+        for row in message_rows(msg, source, infomodel):
             out.write(json.dumps(row, sort_keys=False) + "\n")
         out.flush()
         return
@@ -57,12 +80,58 @@ def print_message(msg: DecodedMessage, source: str, as_json: bool, out: TextIO =
         f"# {source} v{msg.version} domain {msg.domain_id} seq {msg.sequence} "
         f"templates {len(msg.templates)} records {len(msg.records)}\n"
     )
-    for row in message_rows(msg, source):
+    for row in message_rows(msg, source, infomodel):
         ctx = f"  [{'options ' if row['options'] else ''}template {row['template']}]"
-        fields = " ".join(f"{k}={v}" for k, v in row.items()
-                          if k not in ("source", "version", "domain", "sequence", "template", "options"))
+        names = row.get("names", {})
+        fields = " ".join(f"{k}={v} ({names[k]})" if k in names else f"{k}={v}"
+                          for k, v in row.items() if k not in _CONTEXT_KEYS)  # fmt: skip
         out.write(f"{ctx} {fields}\n")
     out.flush()
+
+
+TEMPLATE_HINT = (
+    "exporters re-send templates periodically over UDP (RFC 7011 8.4; ipfixer every collectors[].template_refresh, "
+    "30 s by default, and every 20 messages): records decode from the next refresh on"
+)
+
+
+class Report:
+    """Prints what arrives and says what cannot be read: once per (exporter, version, domain, template
+    id) a data set whose template was never seen, and at the end what stayed unreadable."""
+
+    def __init__(self, decoder: Decoder, as_json: bool, out: TextIO | None = None, err: TextIO | None = None) -> None:
+        self.decoder, self.as_json = decoder, as_json
+        self.out, self.err = out or sys.stdout, err or sys.stderr
+        self.messages = 0
+        self.errors = 0
+        self.skipped: Counter[tuple[str, int, int, int]] = Counter()  # data sets without a template
+
+    def feed(self, data: bytes, source: str, label: str) -> None:
+        """Decode one datagram from `source` (an address) and print it; malformed ones are reported."""
+        try:
+            msg = self.decoder.feed(data, source=source)
+        except DecodeError as exc:
+            self.errors += 1
+            print(f"ipfixer decode: {label}: malformed message: {exc}", file=self.err, flush=True)
+            return
+        self.messages += 1
+        for tid in msg.missing_templates:
+            key = (source, msg.version, msg.domain_id, tid)
+            if key not in self.skipped:
+                kind = "IPFIX" if msg.version == 10 else "NetFlow v9"
+                print(f"ipfixer decode: {label}: {kind} domain {msg.domain_id}: data set for template {tid} "
+                      f"skipped: template {tid} not yet received; {TEMPLATE_HINT}", file=self.err, flush=True)  # fmt: skip
+            self.skipped[key] += 1
+        print_message(msg, label, self.as_json, self.out, self.decoder.infomodel)
+
+    def finish(self) -> None:
+        """At the end: the data sets that were never readable, per template."""
+        never = {k: n for k, n in self.skipped.items() if self.decoder.template(k[3], k[2], k[0], k[1]) is None}
+        if never:
+            what = ", ".join(f"template {tid} from {src} domain {dom} ({n} set{'s' if n > 1 else ''})"
+                             for (src, _v, dom, tid), n in sorted(never.items()))  # fmt: skip
+            print(f"ipfixer decode: {sum(never.values())} data set(s) never decoded, their template was never "
+                  f"received: {what}", file=self.err, flush=True)  # fmt: skip
 
 
 def listen_and_print(address: str, port: int, as_json: bool = False, count: int | None = None,
@@ -75,12 +144,11 @@ def listen_and_print(address: str, port: int, as_json: bool = False, count: int 
     except OSError as exc:
         raise IpfixerError(f"cannot listen on {address}:{port}: {exc.strerror}") from None
     print(f"ipfixer decode: listening on udp {address}:{port}", file=sys.stderr, flush=True)
-    decoder = Decoder()
+    report = Report(Decoder(), as_json)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    seen = 0
-    errors = 0
+    datagrams = 0
     try:
-        while count is None or seen < count:
+        while count is None or datagrams < count:
             wait = 1.0 if deadline is None else max(0.0, deadline - time.monotonic())
             if deadline is not None and wait == 0.0:
                 break
@@ -88,46 +156,48 @@ def listen_and_print(address: str, port: int, as_json: bool = False, count: int 
             if not ready:
                 continue
             data, peer = sock.recvfrom(65535)
-            source = f"{peer[0]}:{peer[1]}"
-            try:
-                msg = decoder.feed(data, source=peer[0])
-            except DecodeError as exc:
-                errors += 1
-                print(f"ipfixer decode: {source}: malformed message: {exc}", file=sys.stderr)
-                continue
-            seen += 1
-            print_message(msg, source, as_json)
+            datagrams += 1
+            report.feed(data, peer[0], f"{peer[0]}:{peer[1]}")
     finally:
         sock.close()
-    return 0 if errors == 0 else 1
+        if datagrams == 0 and timeout_s is not None:
+            print(f"ipfixer decode: no datagram arrived on udp {address}:{port} in {timeout_s:g} s", file=sys.stderr)
+        report.finish()
+    return 0 if report.errors == 0 else 1
 
 
 def decode_pcap(path: Path, as_json: bool = False, port: int | None = None) -> int:
     """Decode the IPFIX / NetFlow v9 datagrams of a capture file (UDP to `port`, or any UDP if None)."""
-    from scapy.layers.inet import UDP
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.inet6 import IPv6
     from scapy.utils import PcapReader
 
     if not path.exists():
         raise IpfixerError(f"{path}: no such capture file")
-    decoder = Decoder()
-    errors = 0
+    report = Report(Decoder(), as_json)
+    packets = 0
+    ports: Counter[int] = Counter()  # UDP destination ports seen, for the hint when nothing matched
     try:
         reader = PcapReader(str(path))
     except Exception as exc:  # scapy raises plain Scapy_Exception for a bad file
         raise IpfixerError(f"{path}: not a capture file: {exc}") from None
     with reader:
         for pkt in reader:
+            packets += 1
             if UDP not in pkt:
                 continue
             udp = pkt[UDP]
+            ports[int(udp.dport)] += 1
             if port is not None and udp.dport != port:
                 continue
-            src = pkt.payload.src if hasattr(pkt.payload, "src") else "?"
-            try:
-                msg = decoder.feed(bytes(udp.payload), source=src)
-            except DecodeError as exc:
-                errors += 1
-                print(f"ipfixer decode: {path}: {src}: malformed message: {exc}", file=sys.stderr)
-                continue
-            print_message(msg, f"{src}:{udp.sport}", as_json)
-    return 0 if errors == 0 else 1
+            ip = pkt.getlayer(IP) or pkt.getlayer(IPv6)  # Ethernet, cooked or raw-IP captures alike
+            src = str(ip.src) if ip is not None else "?"
+            report.feed(bytes(udp.payload), src, f"{path}: {src}:{udp.sport}")
+    matched = sum(ports.values()) if port is None else ports[port]
+    if matched == 0:
+        where = "UDP datagram" if port is None else f"UDP datagram to port {port}"
+        seen = ", ".join(f"{p} ({n})" for p, n in ports.most_common(5))
+        hint = f"; UDP destination ports seen: {seen}; try --port {ports.most_common(1)[0][0]}" if ports else ""
+        print(f"ipfixer decode: {path}: no {where} among {packets} packet(s){hint}", file=sys.stderr)
+    report.finish()
+    return 0 if report.errors == 0 and matched else 1

@@ -184,3 +184,26 @@ def templates_by_id(templates: Sequence[Template] | Mapping[str, Template]) -> d
     """Index templates by id."""
     values = templates.values() if isinstance(templates, Mapping) else templates
     return {t.template_id: t for t in values}
+
+
+def describe(templates: Mapping[str, Template], infomodel: InfoModel | None = None) -> list[str]:
+    """The `ipfixer templates` listing: the registry it was checked against, then per template its fields
+    with ids, types and lengths, and the registry's names of coded values."""
+    infomodel = infomodel or InfoModel.load_default()
+    iana = [e for e in infomodel if not e.is_enterprise]
+    lines = [f"information model: IANA IPFIX registry of {infomodel.registry_date or 'unknown date'} "
+             f"({len(iana)} elements, ids up to {max((e.element_id for e in iana), default=0)}) "
+             f"+ {len(infomodel) - len(iana)} enterprise elements"]  # fmt: skip
+    for tpl in sorted(templates.values(), key=lambda t: t.template_id):
+        kind = f"options, scope {tpl.scope_count}" if tpl.is_options else "data"
+        lines.append(f"{tpl.template_id:5d} {tpl.name} ({kind}, record length {tpl.record_length or 'variable'})")
+        for i, field in enumerate(tpl.fields):
+            el = field.element
+            ident = f"{el.pen}/{el.element_id}" if el.pen else str(el.element_id)
+            length = "var" if field.is_varlen else str(field.length)
+            scope = " scope" if i < tpl.scope_count else ""
+            lines.append(f"      {ident:>10} {el.name:<36} {el.data_type:<22} len {length}{scope}")
+            values = infomodel.value_names(el)
+            if values:
+                lines.append(f"      {'':>10}   values: {', '.join(f'{v} {n}' for v, n in sorted(values.items()))}")
+    return lines

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -152,3 +153,110 @@ def test_fuzz_mutated_messages(base: bytes, flips: list[tuple[int, int]], cut: i
             d.feed(blob)
         except DecodeError:
             pass
+
+
+# -- what `ipfixer decode` says about data it cannot read, and the names of coded values -----------------
+
+
+def test_missing_templates_listed_per_message() -> None:
+    d = Decoder()
+    msg = d.feed(message(DATA, DATA))
+    assert msg.missing_templates == [260, 260] and not msg.records
+    assert d.feed(GOOD).missing_templates == []
+
+
+def test_report_says_once_per_domain_and_template_then_sums_up() -> None:
+    import io
+
+    from ipfixer.collector import Report
+
+    out, err = io.StringIO(), io.StringIO()
+    r = Report(Decoder(), as_json=False, out=out, err=err)
+    for _ in range(3):
+        r.feed(message(DATA), "192.0.2.9", "192.0.2.9:4739")  # data before its template: three times
+    r.feed(message(DATA, domain=2), "192.0.2.9", "192.0.2.9:4739")  # another domain: said again
+    lines = err.getvalue().splitlines()
+    assert len(lines) == 2, lines
+    assert "IPFIX domain 1: data set for template 260 skipped: template 260 not yet received" in lines[0]
+    assert "re-send templates periodically" in lines[0] and "template_refresh, 30 s by default" in lines[0]
+    assert "IPFIX domain 2: data set for template 260" in lines[1]
+    r.feed(GOOD, "192.0.2.9", "192.0.2.9:4739")  # the template arrives for domain 1: records decode
+    assert "ctState=34" in out.getvalue()
+    r.finish()
+    last = err.getvalue().splitlines()[-1]
+    assert last == ("ipfixer decode: 1 data set(s) never decoded, their template was never received: "
+                    "template 260 from 192.0.2.9 domain 2 (1 set)")  # domain 1 was decoded in the end
+
+
+def test_coded_values_named_in_text_and_json() -> None:
+    import io
+    import json
+
+    from ipfixer.collector import Report
+
+    v4 = TS["ipv4_flow"]
+    rec = {"flowEndReason": 1, "flowDirection": 1, "protocolIdentifier": 6}
+    data = message(ipfix.encode_template_set([v4]), ipfix.encode_data_set(256, ipfix.encode_data_records(v4, [rec])))
+    out = io.StringIO()
+    Report(Decoder(), as_json=False, out=out, err=io.StringIO()).feed(data, "a", "a:1")
+    text = out.getvalue()
+    assert "flowEndReason=1 (idle timeout)" in text and "flowDirection=1 (egress flow)" in text
+    assert "protocolIdentifier=6 " in text  # no registry in this file for protocol numbers
+    out = io.StringIO()
+    Report(Decoder(), as_json=True, out=out, err=io.StringIO()).feed(data, "a", "a:1")
+    row = json.loads(out.getvalue())
+    assert row["flowEndReason"] == 1 and row["names"] == {"flowDirection": "egress flow",
+                                                          "flowEndReason": "idle timeout"}
+
+
+def _pcap(path: str, packets: list[Any]) -> None:
+    from scapy.utils import wrpcap
+
+    wrpcap(path, packets)
+
+
+def test_pcap_with_nothing_on_the_port_says_so(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from pathlib import Path
+
+    from scapy.layers.inet import IP, UDP
+
+    from ipfixer.collector import decode_pcap
+
+    p = Path(tmp_path) / "other.pcap"
+    _pcap(str(p), [IP(src="192.0.2.1", dst="192.0.2.2") / UDP(sport=5000, dport=2055) / GOOD] * 3
+                  + [IP(src="192.0.2.1", dst="192.0.2.2") / UDP(sport=5000, dport=53) / b"x"])  # fmt: skip
+    assert decode_pcap(p, port=4739) == 1
+    cap = capsys.readouterr()
+    assert cap.out == ""
+    assert cap.err.strip() == (f"ipfixer decode: {p}: no UDP datagram to port 4739 among 4 packet(s); "
+                               "UDP destination ports seen: 2055 (3), 53 (1); try --port 2055")
+    assert decode_pcap(p, port=2055) == 0  # on the right port the records are there
+    assert capsys.readouterr().out.count("[template 260]") == 6
+
+
+def test_pcap_data_before_templates_says_so_once(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from pathlib import Path
+
+    from scapy.layers.inet import IP, UDP
+
+    from ipfixer.collector import decode_pcap
+
+    p = Path(tmp_path) / "late.pcap"
+    pkt = IP(src="192.0.2.1", dst="192.0.2.2") / UDP(sport=5000, dport=4739)
+    _pcap(str(p), [pkt / message(DATA), pkt / message(DATA)])
+    assert decode_pcap(p, port=4739) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert sum("data set for template 260 skipped" in line for line in err) == 1
+    assert err[-1].endswith("template 260 from 192.0.2.1 domain 1 (2 sets)")
+
+
+def test_listen_with_no_traffic_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    from ipfixer.collector import listen_and_print
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # a free port on loopback
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert listen_and_print("127.0.0.1", port, timeout_s=0.3) == 0
+    assert f"no datagram arrived on udp 127.0.0.1:{port} in 0.3 s" in capsys.readouterr().err

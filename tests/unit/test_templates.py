@@ -103,3 +103,32 @@ def test_duplicate_ids_across_files(tmp_path: Path) -> None:
 
 def test_default_dir() -> None:
     assert DEFAULT_TEMPLATES_DIR.name == "templates" and (DEFAULT_TEMPLATES_DIR / "ipv4_flow.yaml").exists()
+
+
+def test_listing_names_the_registry_and_coded_values(capsys: pytest.CaptureFixture[str]) -> None:
+    """`ipfixer templates`: the registry date, the newest IANA id, and value names where IANA has them."""
+    from ipfixer.cli import main
+
+    assert main(["templates"]) == 0
+    out = capsys.readouterr().out
+    first, *rest = out.splitlines()
+    assert "IANA IPFIX registry of 2026-07-22" in first and "ids up to 533" in first
+    flow_dir = rest.index(next(line for line in rest if " 61 flowDirection " in line))
+    assert rest[flow_dir + 1].split() == ["values:", "0", "ingress", "flow,", "1", "egress", "flow"]
+    end = next(line for line in rest if "values: 0 Reserved, 1 idle timeout" in line)
+    assert "3 end of Flow detected" in end and "5 lack of resources" in end
+    assert "values: 0 Reserved, 1 NAT translation create (Historic)" in out  # natEvent in the NAT templates
+    # an element without a registry gets no values line
+    octets = rest.index(next(line for line in rest if " 1 octetDeltaCount " in line))
+    assert "values:" not in rest[octets + 1]
+
+
+def test_length_rules_come_from_the_data_type_table() -> None:
+    from ipfixer.infomodel import DataType
+    from ipfixer.templates import check_length, valid_lengths
+
+    tcp = IM.by_name("tcpControlBits")  # unsigned16 since RFC 7125; 1 byte is a reduced size (RFC 7011 6.2)
+    assert check_length(tcp, 1) is None and check_length(tcp, 2) is None and "1..2" in (check_length(tcp, 3) or "")
+    big = IM.by_name("ipv6ExtensionHeadersFull")
+    assert big.data_type is DataType.UNSIGNED256 and valid_lengths(big) == "1..32" and check_length(big, 32) is None
+    assert "RFC 6313" in (check_length(IM.by_name("basicList"), 65535) or "")
