@@ -11,7 +11,7 @@
 #define FLOW_MAP_ENTRIES 65536
 #endif
 #ifndef SPILL_RING_PAGES
-#define SPILL_RING_PAGES 64          /* must be a power of two */
+#define SPILL_RING_PAGES 1024        /* a power of two; 4 MiB = ~43,000 spill records (96 bytes each) */
 #endif
 
 #ifndef SAMPLING_INTERVAL

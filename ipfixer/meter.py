@@ -70,8 +70,8 @@ class Meter:
             selector = InterfaceSelector(tuple(cfg.interfaces.include), tuple(cfg.interfaces.exclude))
             self._watcher = LinkWatcher(self._attacher, selector)
             self._watcher.start()
-            accounter = Accounter(cfg.cache.accounter_max_entries, int(cfg.cache.accounter_evict_timeout * 1e9),
-                                  self.clock, interface_name)
+            accounter = Accounter(cfg.cache.accounter_max_entries, int(cfg.timeouts.idle * 1e9), self.clock,
+                                  interface_name, active_timeout_ns=int(cfg.timeouts.active * 1e9))
             self._spill = SpillConsumer(self._prog.bpf, self._prog.spill, self._prog.spill_dtype, accounter)
             self._drainer = Drainer(self._prog.flows, self.clock, int(cfg.timeouts.active * 1e9),
                                     int(cfg.timeouts.idle * 1e9), interface_name)
@@ -121,6 +121,8 @@ class Meter:
         self.config = config
         self._drainer.active_timeout_ns = int(config.timeouts.active * 1e9)
         self._drainer.idle_timeout_ns = int(config.timeouts.idle * 1e9)
+        self._spill.accounter.evict_timeout_ns = int(config.timeouts.idle * 1e9)
+        self._spill.accounter.active_timeout_ns = int(config.timeouts.active * 1e9)
         if (config.cache.kernel_map_entries, config.cache.ring_buffer_pages, config.sampling.interval) != (
                 old.cache.kernel_map_entries, old.cache.ring_buffer_pages, old.sampling.interval):
             log.warning("cache sizes and sampling change only at restart; keeping the running ones")
@@ -143,6 +145,10 @@ class Meter:
         m = self.metrics
         m.overflow_packets.inc(delta("spilled"))
         m.ringbuf_losses.inc(delta("ringbuf_fail"))
+        if delta("ringbuf_fail"):
+            log.warning("spill ring buffer full: %d packets lost since the last drain (%d in all; counted in "
+                        "ignoredPacketTotalCount); raise cache.kernel_map_entries or cache.ring_buffer_pages",
+                        delta("ringbuf_fail"), counters.get("ringbuf_fail", 0))
         m.malformed_packets.inc(delta("trunc_l2") + delta("trunc_l3") + delta("trunc_l4") + delta("malformed"))
         evictions = self._spill.accounter.evictions
         m.accounter_evictions.inc(max(0, evictions - self._last_evictions))
@@ -156,6 +162,9 @@ class Meter:
     def stop(self) -> None:
         """Detach our filters, unload the program, release the lock. Safe to call twice."""
         try:
+            if self._spill is not None:
+                self._spill.close()
+                self._spill = None
             if self._watcher is not None:
                 self._watcher.stop()
                 self._watcher = None

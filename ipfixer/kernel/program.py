@@ -77,7 +77,7 @@ class LoadedProgram:
 
 
 def load_program(
-    map_entries: int = 65536, ring_pages: int = 64, extra_cflags: tuple[str, ...] = ()
+    map_entries: int = 65536, ring_pages: int = 1024, extra_cflags: tuple[str, ...] = ()
 ) -> LoadedProgram:
     """Compile flow_tc.c with the map size and ring size as -D flags and load both entry points."""
     if map_entries < 1:

@@ -4,6 +4,7 @@ Exact packets and octets per flow, direction, ports, protocol, interface and tim
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,9 +25,10 @@ def lab() -> Iterator[Lab]:
         yield lab
 
 
-def run_with_nfcapd(tmp_path: Path, lab: Lab, traffic: Any, **overrides: Any) -> tuple[list[dict[str, Any]], str]:
+def run_with_nfcapd(tmp_path: Path, lab: Lab, traffic: Any, nfcapd_bufsize: int | None = None,
+                    **overrides: Any) -> tuple[list[dict[str, Any]], str]:
     """Start nfcapd and ipfixer in lab.ns_a, run traffic(), SIGTERM ipfixer (flush), return nfdump's flows."""
-    nfc = Nfcapd(tmp_path / "nfcapd", free_udp_port(), netns=lab.ns_a)
+    nfc = Nfcapd(tmp_path / "nfcapd", free_udp_port(), netns=lab.ns_a, bufsize=nfcapd_bufsize)
     proc = None
     try:
         settings: dict[str, Any] = {
@@ -116,6 +118,51 @@ def test_tiny_kernel_map_overflow_totals_exact(tmp_path: Path, lab: Lab) -> None
     assert int(counters["spilled"]) > 0 and int(counters["ringbuf_fail"]) == 0, final
 
 
+PACED = (
+    "import socket,sys,time\n"
+    "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+    "dst,base,n,rate=sys.argv[1],int(sys.argv[2]),int(sys.argv[3]),float(sys.argv[4])\n"
+    "t0=time.monotonic()\n"
+    "for i in range(n):\n"
+    "    s.sendto(b'y'*40,(dst,base+i))\n"
+    "    if i%100==99:\n"
+    "        ahead=t0+(i+1)/rate-time.monotonic()\n"
+    "        if ahead>0: time.sleep(ahead)\n"
+    "print(n/(time.monotonic()-t0))\n"
+)
+
+
+def test_overflow_at_a_realistic_rate_is_lossless(tmp_path: Path, lab: Lab) -> None:
+    """Issue 12: a 4,096-entry kernel map and 50,000 one-packet flows at 20,000 new flows/s. Most spill
+    through the ring buffer (served by its own thread while the daemon drains and encodes) into the
+    Accounter; nfcapd gets every packet and the kernel counts no ring-buffer failure."""
+    base, n = 10000, 50_000
+    rate: dict[str, float] = {}
+
+    def traffic() -> None:
+        out = netns_exec(lab.ns_b, "python3", "-c", PACED, lab.v4_a, str(base), str(n), "20000").stdout
+        rate["achieved"] = float(out.strip())
+
+    # nfcapd sized for bursts (-B, up to net.core.rmem_max): with its default 208 KiB buffer it drops
+    # datagrams of a drain's burst (~330 messages per drain here; it logs them as sequence errors).
+    flows, log = run_with_nfcapd(tmp_path, lab, traffic, nfcapd_bufsize=4 << 20, cache={"kernel_map_entries": 4096})
+    got: dict[int, list[int]] = {}
+    for f in flows:
+        if f.get("proto") == 17 and f.get("src4_addr") == lab.v4_b and f.get("dst4_addr") == lab.v4_a:
+            c = got.setdefault(f["dst_port"], [0, 0])
+            c[0] += f["in_packets"]
+            c[1] += f["in_bytes"]
+    final = next(line for line in log.splitlines() if "final counters" in line)
+    counters = dict(kv.split("=") for kv in final.split("final counters ")[1].split())
+    assert int(counters["ringbuf_fail"]) == 0, (final, rate)
+    # 10,000 new flows per 500 ms drain interval, 4,096 fit in the map: about half must spill.
+    assert int(counters["spilled"]) >= n // 4 and int(counters["map_full"]) == int(counters["spilled"]), final
+    missing = [p for p in range(base, base + n) if p not in got]
+    assert not missing, (len(missing), final, rate)
+    assert {tuple(v) for v in got.values()} == {(1, 68)}
+    assert sorted(got) == list(range(base, base + n))
+
+
 def _tc_filters(lab: Lab) -> str:
     return "".join(netns_exec(lab.ns_a, "tc", "filter", "show", "dev", lab.veth_a, hook).stdout
                    for hook in ("ingress", "egress"))
@@ -140,7 +187,8 @@ def test_nothing_left_after_sigkill_and_restart(tmp_path: Path, lab: Lab) -> Non
     proc = start_ipfixer(lab.ns_a, cfg, log2, env=cli_env())
     try:
         assert "removed 2 stale ipfixer filter(s)" in log2.read_text()
-        assert _tc_filters(lab).count("ipfixer_ingress direct-action") == 1  # one of ours, not two
+        # one of ours, not two (a filter's name carries its owner: ipfixer_ingress.<owner>)
+        assert len(re.findall(r"ipfixer_ingress\S* direct-action", _tc_filters(lab))) == 1
     finally:
         assert stop_ipfixer(proc) == 0
     left = _tc_filters(lab)

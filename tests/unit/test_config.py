@@ -61,7 +61,7 @@ def test_default_config_loads_with_documented_values() -> None:
     assert col.template_refresh == 30.0 and col.template_refresh_messages == 20
     assert col.max_message_size == 1452
     assert (cfg.timeouts.active, cfg.timeouts.idle, cfg.timeouts.drain_interval) == (60.0, 15.0, 1.0)
-    assert cfg.cache.kernel_map_entries == 65536 and cfg.cache.ring_buffer_pages == 64
+    assert cfg.cache.kernel_map_entries == 65536 and cfg.cache.ring_buffer_pages == 1024
     assert cfg.cache.accounter_evict_timeout == 5.0
     assert cfg.sampling.interval == 1
     assert cfg.templates.directory is None and cfg.templates.stats_interval == 60.0
