@@ -6,6 +6,14 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+NS_PER_SECOND = 1_000_000_000
+
+
+def seconds_to_ns(seconds: float) -> int:
+    """A duration in seconds (config values) -> integer nanoseconds, the clocks' unit.  Rounded, not
+    truncated: int(2.01 * 1e9) is 2009999999."""
+    return round(seconds * NS_PER_SECOND)
+
 
 class Clock(Protocol):
     """Wall-clock and monotonic time in nanoseconds."""

@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from ipfixer.infomodel.types import V4_MAPPED_PREFIX
+
 ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
 ETH_P_8021Q = 0x8100
-
-V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
 
 
 class Direction(IntEnum):

@@ -22,13 +22,13 @@ from typing import Any
 
 import numpy as np
 
+from ipfixer.clock import NS_PER_SECOND
 from ipfixer.errors import FieldValueError
 
 VARLEN = 65535  # RFC 7011 7: field length 65535 = variable length
 NTP_EPOCH_OFFSET = 2_208_988_800  # seconds from 1900-01-01 (NTP era 0) to 1970-01-01 (RFC 7011 6.1.9)
 V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"  # RFC 4291 2.5.5.2
 MICRO_FRACTION_MASK = 0xFFFF_F800  # RFC 7011 6.1.9: the lower 11 fraction bits of microseconds are zero
-NS_PER_SECOND = 1_000_000_000
 US_PER_SECOND = 1_000_000
 _BYTES = (bytes, bytearray, memoryview)
 
@@ -423,11 +423,6 @@ def format_mac(raw: bytes) -> str:
     return ":".join(f"{b:02x}" for b in raw)
 
 
-def seconds_to_ns(seconds: float) -> int:
-    """A config duration in seconds -> integer nanoseconds (the clocks' unit)."""
-    return round(seconds * NS_PER_SECOND)
-
-
 @dataclass(frozen=True, slots=True)
 class TypeSpec:
     """One row of the table: IANA number, encoded size and codec."""
@@ -469,5 +464,4 @@ _TABLE: Mapping[DataType, TypeSpec] = MappingProxyType({
     _T.UNSIGNED256: TypeSpec(23, 32, _int("unsigned256", False, 32)),  # RFC 9740
 })  # fmt: skip
 
-__all__ = ["NTP_EPOCH_OFFSET", "V4_MAPPED_PREFIX", "VARLEN", "Codec", "DataType", "TypeSpec", "format_mac",
-           "seconds_to_ns"]  # fmt: skip
+__all__ = ["NTP_EPOCH_OFFSET", "V4_MAPPED_PREFIX", "VARLEN", "Codec", "DataType", "TypeSpec", "format_mac"]  # fmt: skip

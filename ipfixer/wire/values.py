@@ -24,6 +24,8 @@ def varlen_prefix(n: int) -> bytes:
 
 
 def _data_type(data_type: str | DataType, what: str) -> DataType:
+    if isinstance(data_type, DataType):  # Element.data_type always is: no enum lookup per value
+        return data_type
     try:
         return DataType(data_type)
     except ValueError:
@@ -48,6 +50,8 @@ def encode_value(data_type: str | DataType, length: int, value: Any, what: str =
 
 def decode_value(data_type: str | DataType, raw: bytes) -> Any:
     """Python value of a field's bytes (without varlen prefix); odd lengths give raw bytes."""
+    if isinstance(data_type, DataType):
+        return data_type.codec.decode(raw)
     try:
         dt = DataType(data_type)
     except ValueError:

@@ -260,3 +260,16 @@ def test_listen_with_no_traffic_says_so(capsys: pytest.CaptureFixture[str]) -> N
         port = s.getsockname()[1]
     assert listen_and_print("127.0.0.1", port, timeout_s=0.3) == 0
     assert f"no datagram arrived on udp 127.0.0.1:{port} in 0.3 s" in capsys.readouterr().err
+
+
+def test_record_errors_carry_template_field_and_offset() -> None:
+    from ipfixer.errors import FieldDecodeError
+
+    bad = message(ipfix.encode_template_set([VT]), ipfix.encode_data_set(400, b"\x32" + b"x" * 10))
+    with pytest.raises(FieldDecodeError) as e:
+        Decoder().feed(bad)
+    offset = 16 + len(ipfix.encode_template_set([VT])) + 4  # message header, template set, data set header
+    assert (e.value.template_id, e.value.field, e.value.offset) == (400, "interfaceName", offset)
+    left = len(bad) - offset - 1  # the set's bytes after the 1-byte length prefix (10 + 1 padding)
+    assert str(e.value) == (f"template 400 field interfaceName (record at offset {offset}): "
+                            f"overruns the set (50 bytes, {left} left)")

@@ -81,7 +81,7 @@ def to_columns(t: Template, rows: list[dict[str, Any]]) -> dict[str, np.ndarray]
     for f in t.fields:
         if all(f.name not in r for r in rows) and rows:
             continue  # a missing column
-        vals = [r.get(f.name) for r in rows]
+        vals: list[Any] = [r.get(f.name) for r in rows]
         dt = f.element.data_type
         if dt in BYTES_LEN or dt in ("string", "octetArray"):
             k = BYTES_LEN.get(dt, f.length)
@@ -121,7 +121,7 @@ def test_default_templates_and_flow_dtype_addresses() -> None:
     mapped = np.zeros((2, 16), np.uint8)
     mapped[:, 10:12] = 0xFF
     mapped[:, 12:] = [10, 0, 0, 1]
-    cols = {"sourceIPv4Address": mapped, "ctState": np.array([0x22, 0x01], np.uint8),
+    cols: dict[str, np.ndarray] = {"sourceIPv4Address": mapped, "ctState": np.array([0x22, 0x01], np.uint8),
             "destinationIPv4Address": np.array([0xC0000201, 1], np.uint32)}  # fmt: skip
     rec = {
         "sourceIPv4Address": ipaddress.IPv4Address("10.0.0.1"),
@@ -158,3 +158,47 @@ def test_header_packers_match_construct(length: int, t: int, seq: int, dom: int)
         {"count": length, "sys_uptime": t, "unix_secs": seq, "sequence_number": dom, "source_id": t})
     assert header_packer(netflow9.FlowSetHeader).pack(length, 4) == netflow9.FlowSetHeader.build(
         {"flowset_id": length, "length": 4})
+
+
+def test_errors_carry_template_field_and_value() -> None:
+    """Both encoders raise FieldValueError with the context as fields, formatted in one place."""
+    from ipfixer.errors import FieldValueError
+
+    enc = BatchEncoder(Template(300, "r", (TemplateField(IM.by_name("octetDeltaCount"), 3),)))
+    with pytest.raises(FieldValueError) as batch:
+        enc.encode({"octetDeltaCount": np.array([5, 2**24], np.uint64)}, 2)
+    e = batch.value
+    assert (e.template_id, e.field, e.value, e.reason) == (300, "octetDeltaCount", 2**24, "value does not fit in 3 byte(s)")
+    assert str(e) == "template 300 field octetDeltaCount: value does not fit in 3 byte(s)"
+    with pytest.raises(FieldValueError) as scalar:
+        ipfix.encode_data_records(TS["ipv4_flow"], [{"protocolIdentifier": 300}])
+    assert scalar.value.value == 300 and str(scalar.value).startswith("template 256 field protocolIdentifier: 300")
+    from ipfixer.wire.values import encode_value
+
+    with pytest.raises(FieldValueError) as keyed:
+        encode_value("ipv4Address", 4, "nonsense", template_id=7, field="x")
+    assert (keyed.value.template_id, keyed.value.field, keyed.value.value) == (7, "x", "nonsense")
+
+
+def test_unsigned256_scalar_only() -> None:
+    """RFC 9740 unsigned256: 32 bytes big-endian, reduced sizes; numpy has no such integer, so no batch layout."""
+    from ipfixer.wire.values import decode_value, encode_value
+
+    e = IM.by_name("tcpOptionsFull")
+    assert encode_value(e.data_type, 32, 2**255 + 1) == b"\x80" + bytes(30) + b"\x01"
+    assert decode_value(e.data_type, b"\x80" + bytes(30) + b"\x01") == 2**255 + 1
+    assert encode_value(e.data_type, 3, 0x10203) == b"\x01\x02\x03"
+    with pytest.raises(EncodeError, match="does not fit in 32"):
+        encode_value(e.data_type, 32, 2**256)
+    with pytest.raises(EncodeError, match="unsigned256 has no batch layout"):
+        BatchEncoder(Template(300, "u", (TemplateField(e, 32),)))
+
+
+@pytest.mark.parametrize("name", ["basicList", "subTemplateList", "subTemplateMultiList"])
+def test_lists_are_decoded_raw_and_not_encoded(name: str) -> None:
+    from ipfixer.infomodel import DataType
+    from ipfixer.wire.values import decode_value, encode_value
+
+    with pytest.raises(EncodeError, match=f"data type {name} cannot be encoded"):
+        encode_value(DataType(name), VARLEN, b"\x01")
+    assert decode_value(name, b"\x01\x02") == b"\x01\x02"
