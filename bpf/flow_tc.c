@@ -24,6 +24,20 @@ static __always_inline void count(__u32 idx)
         *v += 1;                     /* per-CPU slot, tc runs with BH off: no atomic needed */
 }
 
+/* Wire packets/octets by direction, live at every drain (the metrics' packets/octets_observed), where
+ * flow records show them only once exported. H3 (issue 10); direction is a compile-time constant. */
+static __always_inline void count_observed(__u8 direction, const struct pkt_info *info)
+{
+    __u32 idx = CNT_OBS_PACKETS_INGRESS + direction;
+    __u64 *v = counters.lookup(&idx);
+    if (v)
+        *v += info->packets;
+    idx = CNT_OBS_OCTETS_INGRESS + direction;
+    v = counters.lookup(&idx);
+    if (v)
+        *v += info->octets;
+}
+
 static __always_inline void add_to(struct flow_metrics *m, struct pkt_info *info, __u64 now)
 {
 #ifdef IPFIXER_BENCH_PLAIN_ADDS
@@ -64,6 +78,7 @@ static __always_inline int account(struct __sk_buff *skb, __u8 direction)
         count(CNT_FRAGMENT);
     key.direction = direction;
     key.ifindex = skb->ifindex;
+    count_observed(direction, &info);
     __u64 now = bpf_ktime_get_ns();
 
     struct flow_metrics *m = flows.lookup(&key);

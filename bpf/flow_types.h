@@ -85,6 +85,10 @@ enum ipfixer_counter {
     CNT_NOT_SAMPLED,                 /* skipped by 1-in-N sampling (SAMPLING_INTERVAL > 1) */
     CNT_BAD_LENGTH,                  /* malformed: IP length beyond the bytes received (octets capped at
                                         what the skb holds), or IPv4 total length below its header */
+    CNT_OBS_PACKETS_INGRESS,         /* metered wire packets (GSO expanded) by direction: + FLOW_DIR_* */
+    CNT_OBS_PACKETS_EGRESS,
+    CNT_OBS_OCTETS_INGRESS,          /* their IP-layer octets, by direction */
+    CNT_OBS_OCTETS_EGRESS,
     CNT_MAX
 };
 

@@ -22,6 +22,8 @@ from ipfixer.instance import NamespaceLock
 __all__ = ["Meter", "NamespaceLock", "interface_name", "sampling_cflags"]  # NamespaceLock: the NFLOG meter's too
 
 log = logging.getLogger("ipfixer.meter")
+# Kernel counters of packets the classifier could not parse as they claim to be (malformed_packets).
+MALFORMED_COUNTERS = ("trunc_l2", "trunc_l3", "trunc_l4", "malformed", "bad_length")
 
 
 def interface_name(ifindex: int) -> str:
@@ -54,7 +56,7 @@ class Meter:
         from ipfixer.flows.accounter import Accounter
         from ipfixer.kernel.attach import Attacher, InterfaceSelector, LinkWatcher
         from ipfixer.kernel.drain import Drainer
-        from ipfixer.kernel.program import load_program
+        from ipfixer.kernel.program import COUNTER_NAMES, load_program
         from ipfixer.kernel.spill import SpillConsumer
 
         cfg = self.config
@@ -75,6 +77,8 @@ class Meter:
             self._spill = SpillConsumer(self._prog.bpf, self._prog.spill, self._prog.spill_dtype, accounter)
             self._drainer = Drainer(self._prog.flows, self.clock, int(cfg.timeouts.active * 1e9),
                                     int(cfg.timeouts.idle * 1e9), interface_name)
+            self.metrics.observed_live = True  # packets/octets_observed from the kernel at each drain
+            self.metrics.count_classifier(dict.fromkeys(COUNTER_NAMES, 0))  # every series exists at zero
         except BaseException:
             self.stop()
             raise
@@ -149,7 +153,8 @@ class Meter:
             log.warning("spill ring buffer full: %d packets lost since the last drain (%d in all; counted in "
                         "ignoredPacketTotalCount); raise cache.kernel_map_entries or cache.ring_buffer_pages",
                         delta("ringbuf_fail"), counters.get("ringbuf_fail", 0))
-        m.malformed_packets.inc(delta("trunc_l2") + delta("trunc_l3") + delta("trunc_l4") + delta("malformed"))
+        m.malformed_packets.inc(sum(delta(n) for n in MALFORMED_COUNTERS))
+        m.count_classifier({name: delta(name) for name in counters})  # incl. live packets/octets_observed
         evictions = self._spill.accounter.evictions
         m.accounter_evictions.inc(max(0, evictions - self._last_evictions))
         self._last_evictions = evictions

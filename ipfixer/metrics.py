@@ -33,11 +33,22 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.packets_observed = Counter(
-            "ipfixer_packets_observed", "Packets seen by the meter", ["direction"], registry=r
+            "ipfixer_packets_observed",
+            "Packets metered (wire packets, GSO expanded): the kernel's counters at each drain", ["direction"],
+            registry=r,
         )
         self.octets_observed = Counter(
-            "ipfixer_octets_observed", "IP-layer octets seen by the meter", ["direction"], registry=r
+            "ipfixer_octets_observed", "IP-layer octets metered, as they crossed the wire (kernel, each drain)",
+            ["direction"], registry=r,
         )
+        self.classifier_packets = Counter(
+            "ipfixer_classifier_packets",
+            "Packets the classifier counted, by kernel counter (non_ip, fragment, ipv6_ext_limit, bad_length, "
+            "trunc_*, map_full, spilled, ...)", ["counter"], registry=r,
+        )
+        # True once a meter feeds packets/octets_observed from its own live counters (the kernel meter);
+        # otherwise they follow the exported flows (count_flows).
+        self.observed_live = False
         self.flows_exported = Counter(
             "ipfixer_flows_exported", "Flow records handed to the exporter", registry=r
         )
@@ -109,11 +120,14 @@ class Metrics:
             self.conntrack_enrichments.inc(rows)
 
     def count_flows(self, batch: np.ndarray) -> None:
-        """Flows handed to the exporter (a FLOW_DTYPE batch), and the packets/octets they carry."""
+        """Flows handed to the exporter (a FLOW_DTYPE batch), and, unless a meter reports them live
+        (observed_live), the packets/octets they carry."""
         n = len(batch)
         if n == 0:
             return
         self.flows_exported.inc(n)
+        if self.observed_live:
+            return
         for value, direction in enumerate(DIRECTIONS):  # model.Direction: 0 ingress, 1 egress
             rows = batch["direction"] == value
             if rows.any():
@@ -149,6 +163,20 @@ class Metrics:
                 if delta > 0:
                     child.inc(delta)
             self._seen[c.name] = now
+
+    def count_classifier(self, deltas: dict[str, int]) -> None:
+        """Increments of the kernel's counters since the last drain, by counter name: observed_* feed
+        packets/octets_observed by direction, the rest ipfixer_classifier_packets_total."""
+        for name, delta in deltas.items():
+            kind, _, direction = name.rpartition("_")
+            if kind in ("observed_packets", "observed_octets") and direction in DIRECTIONS:
+                counter = self.packets_observed if kind == "observed_packets" else self.octets_observed
+                if delta > 0:
+                    counter.labels(direction).inc(delta)
+                continue
+            child = self.classifier_packets.labels(name)  # created at zero on the first call
+            if delta > 0:
+                child.inc(delta)
 
     # -- HTTP ------------------------------------------------------------------------------------
     def start_http(self, listen: str) -> None:

@@ -42,6 +42,10 @@ COUNTER_NAMES: tuple[str, ...] = (
     "fragment",
     "not_sampled",
     "bad_length",
+    "observed_packets_ingress",
+    "observed_packets_egress",
+    "observed_octets_ingress",
+    "observed_octets_egress",
 )
 
 

@@ -165,3 +165,28 @@ def test_update_exporter_counts_deltas_and_survives_a_reload() -> None:
     assert v['ipfixer_collector_bytes_total{collector="c1"}'] == 600
     assert v['ipfixer_collector_errors_total{collector="c1"}'] == 1
     assert v['ipfixer_template_refreshes_total{collector="c1"}'] == 2
+
+
+def test_kernel_counters_drive_observed_and_classifier_series() -> None:
+    """With a live meter (observed_live), packets/octets_observed follow the kernel's counters and
+    exported flows do not count them a second time; every other counter has its own series."""
+    from ipfixer.model import FLOW_DTYPE
+
+    m = Metrics()
+    m.observed_live = True
+    m.count_classifier({"observed_packets_ingress": 7, "observed_octets_ingress": 700, "observed_packets_egress": 0,
+                        "observed_octets_egress": 0, "non_ip": 2, "fragment": 0, "bad_length": 3})
+    m.count_classifier({"observed_packets_ingress": 1, "observed_octets_ingress": 50, "non_ip": 1})
+    batch = np.zeros(2, dtype=FLOW_DTYPE)
+    batch["packets"] = [5, 3]
+    batch["octets"] = [500, 250]
+    m.count_flows(batch)
+    v = parse(m.render().decode())
+    assert v['ipfixer_packets_observed_total{direction="ingress"}'] == 8
+    assert v['ipfixer_octets_observed_total{direction="ingress"}'] == 750
+    assert v['ipfixer_packets_observed_total{direction="egress"}'] == 0
+    assert v["ipfixer_flows_exported_total"] == 2
+    assert v['ipfixer_classifier_packets_total{counter="non_ip"}'] == 3
+    assert v['ipfixer_classifier_packets_total{counter="fragment"}'] == 0  # exists before its first event
+    assert v['ipfixer_classifier_packets_total{counter="bad_length"}'] == 3
+    assert not any("observed_packets" in k for k in v if k.startswith("ipfixer_classifier"))
