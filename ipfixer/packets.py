@@ -109,9 +109,13 @@ def parse_ethernet(frame: bytes) -> ParsedFrame | None:
     """Parse an Ethernet II frame with up to two VLAN tags (outer id kept); None if shorter than a header."""
     if len(frame) < 14:
         return None
-    dst_mac, src_mac = frame[0:6], frame[6:12]
-    ethertype = struct.unpack_from("!H", frame, 12)[0]
-    off, vlan_id = 14, 0
+    return _after_ethertype(frame[6:12], frame[0:6], frame, 12)
+
+
+def _after_ethertype(src_mac: bytes, dst_mac: bytes, frame: bytes, at: int) -> ParsedFrame | None:
+    """The frame from its EtherType field at `at` on: VLAN tags (up to two), then IP or another protocol."""
+    ethertype = struct.unpack_from("!H", frame, at)[0]
+    off, vlan_id = at + 2, 0
     for _ in range(2):
         if ethertype not in (ETH_P_8021Q, ETH_P_8021AD):
             break
@@ -122,6 +126,69 @@ def parse_ethernet(frame: bytes) -> ParsedFrame | None:
         off += 4
     ip = parse_ip(frame[off:]) if ethertype in (ETH_P_IP, ETH_P_IPV6) else None
     return ParsedFrame(src_mac, dst_mac, vlan_id, ethertype, ip, len(frame))
+
+
+# pcap link types (https://www.tcpdump.org/linktypes.html) that replay reads; ipfixer.capture names them.
+LINKTYPE_NULL, LINKTYPE_ETHERNET, LINKTYPE_RAW_OLD, LINKTYPE_RAW, LINKTYPE_LOOP = 0, 1, 12, 101, 108
+LINKTYPE_LINUX_SLL, LINKTYPE_IPV4, LINKTYPE_IPV6, LINKTYPE_LINUX_SLL2 = 113, 228, 229, 276
+_ARPHRD_ETHER = 1
+# BSD loopback: the address family, in the writer's byte order (NULL) or network order (LOOP);
+# AF_INET6 is 10 on Linux, 24 on NetBSD/OpenBSD, 28 on FreeBSD, 30 on macOS.
+_AF_INET, _AF_INET6 = 2, frozenset({10, 24, 28, 30})
+
+
+def _raw_ip(data: bytes, version: int | None = None, frame_len: int | None = None) -> ParsedFrame | None:
+    ip = parse_ip(data)
+    if ip is None or (version is not None and data[0] >> 4 != version):
+        return None
+    return ParsedFrame(_ZERO6, _ZERO6, 0, ip.ethertype, ip, len(data) if frame_len is None else frame_len)
+
+
+def _cooked(data: bytes, hatype: int, halen: int, addr_at: int, ethertype_at: int, header: int) -> ParsedFrame | None:
+    """Linux cooked capture (tcpdump -i any): the sender's address, then the EtherType and the packet."""
+    if len(data) < header:
+        return None
+    src = data[addr_at:addr_at + 6] if hatype == _ARPHRD_ETHER and halen == 6 else _ZERO6
+    # Rebuilt as `ethertype + payload` so VLAN tags the kernel left in are read like Ethernet's.
+    return _after_ethertype(src, _ZERO6, data[ethertype_at:ethertype_at + 2] + data[header:], 0)
+
+
+def parse_link(linktype: int, data: bytes) -> ParsedFrame | None:
+    """Parse one captured frame by its pcap link type; None if malformed (or the link type is unknown)."""
+    if linktype == LINKTYPE_ETHERNET:
+        return parse_ethernet(data)
+    if linktype in (LINKTYPE_RAW, LINKTYPE_RAW_OLD):
+        return _raw_ip(data)
+    if linktype == LINKTYPE_IPV4:
+        return _raw_ip(data, 4)
+    if linktype == LINKTYPE_IPV6:
+        return _raw_ip(data, 6)
+    if linktype == LINKTYPE_LINUX_SLL:  # packet type, ARPHRD, address length, 8-byte address, protocol
+        if len(data) < 16:
+            return None
+        hatype, halen = struct.unpack_from("!HH", data, 2)
+        frame = _cooked(data, hatype, halen, 6, 14, 16)
+    elif linktype == LINKTYPE_LINUX_SLL2:  # protocol, reserved, ifindex, ARPHRD, packet type, addr len, addr
+        if len(data) < 20:
+            return None
+        hatype, halen = struct.unpack_from("!H", data, 8)[0], data[11]
+        frame = _cooked(data, hatype, halen, 12, 0, 20)
+    elif linktype in (LINKTYPE_NULL, LINKTYPE_LOOP):
+        if len(data) < 4:
+            return None
+        family = struct.unpack_from("!I", data)[0]
+        if linktype == LINKTYPE_NULL and family > 0xFFFF:  # the writer was little-endian: families are small
+            family = struct.unpack_from("<I", data)[0]
+        if family == _AF_INET:
+            return _raw_ip(data[4:], 4, len(data))
+        if family in _AF_INET6:
+            return _raw_ip(data[4:], 6, len(data))
+        return None
+    else:
+        return None
+    if frame is None:
+        return None
+    return ParsedFrame(frame.src_mac, frame.dst_mac, frame.vlan_id, frame.ethertype, frame.ip, len(data))
 
 
 def frame_key(frame: ParsedFrame, direction: int, ifindex: int) -> tuple[FlowKey, int, int, int]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,21 +16,19 @@ from typing import Any
 
 import numpy as np
 
+from ipfixer.capture import CaptureFile, linktype_name
 from ipfixer.config import Config
-from ipfixer.errors import IpfixerError
+from ipfixer.errors import CaptureError
 from ipfixer.export.factory import build_exporter, sampling_values
 from ipfixer.flows.accounter import Accounter
 from ipfixer.model import Direction, RawPacket
-from ipfixer.packets import ParsedFrame, frame_key, parse_ethernet, parse_ip
+from ipfixer.packets import frame_key, parse_link
 
 log = logging.getLogger("ipfixer.replay")
 
-LINKTYPE_ETHERNET = 1
-LINKTYPE_RAW = 101
-LINKTYPE_RAW_OLD = 12
-LINKTYPE_LINUX_SLL = 113
-LINKTYPE_IPV4 = 228
-LINKTYPE_IPV6 = 229
+# The exporter's "boot" lies this long before the first packet: NetFlow v9 times are ms since boot
+# (RFC 3954 5.1, FIRST_SWITCHED), and a first flow at uptime 0 is read by nfdump as 1970-01-01.
+BOOT_BEFORE_FIRST_PACKET_NS = 1_000_000_000
 
 
 @dataclass
@@ -45,24 +42,6 @@ class CaptureClock:
 
     def mono_ns(self) -> int:
         return self.now_ns
-
-
-def _frame(linktype: int, data: bytes) -> ParsedFrame | None:
-    """Parse one captured frame by link type (Ethernet, raw IP, Linux cooked)."""
-    if linktype == LINKTYPE_ETHERNET:
-        return parse_ethernet(data)
-    if linktype == LINKTYPE_LINUX_SLL:
-        if len(data) < 16:
-            return None
-        # SLL: packet type, ARPHRD, addr len, 8-byte addr, protocol; rebuild as Ethernet-like.
-        proto = struct.unpack_from("!H", data, 14)[0]
-        return parse_ethernet(b"\x00" * 6 + data[6:12] + struct.pack("!H", proto) + data[16:])
-    if linktype in (LINKTYPE_RAW, LINKTYPE_RAW_OLD, LINKTYPE_IPV4, LINKTYPE_IPV6):
-        ip = parse_ip(data)
-        if ip is None:
-            return None
-        return ParsedFrame(b"\x00" * 6, b"\x00" * 6, 0, ip.ethertype, ip, len(data))
-    return None
 
 
 class _Progress:
@@ -89,15 +68,13 @@ class _Progress:
 
 
 def replay_pcap(path: Path, config: Config, progress: bool = True, ifindex: int = 0) -> dict[str, Any]:
-    """Export every flow of `path` to the configured collectors; returns a summary of what was done."""
-    from scapy.utils import RawPcapReader
+    """Export every flow of `path` to the configured collectors; returns a summary of what was done.
 
+    The file is validated first (CaptureError: not a capture, truncated, unsupported link type), so a
+    file that cannot be replayed exactly exports nothing."""
     if not path.is_file():
-        raise IpfixerError(f"{path}: no such capture file")
-    try:
-        reader = RawPcapReader(str(path))
-    except Exception as exc:  # scapy raises Scapy_Exception for anything it cannot read
-        raise IpfixerError(f"{path}: not a pcap/pcapng file: {exc}") from None
+        raise CaptureError(str(path), "no such capture file")
+    capture = CaptureFile(path)
     clock = CaptureClock()
     exporter = None
     accounter = Accounter(config.cache.accounter_max_entries, int(config.cache.accounter_evict_timeout * 1e9),
@@ -105,20 +82,16 @@ def replay_pcap(path: Path, config: Config, progress: bool = True, ifindex: int 
     bar = _Progress(os.path.getsize(path), progress)
     packets = malformed = flows = 0
     try:
-        with reader:
-            linktype = getattr(reader, "linktype", LINKTYPE_ETHERNET)
-            for data, meta in reader:
-                ts_ns = _timestamp_ns(meta)
+        with capture:
+            for pkt in capture:
+                ts_ns = pkt.ts_ns
                 clock.now_ns = max(clock.now_ns, ts_ns)
                 if exporter is None:
-                    exporter = build_exporter(config, ts_ns)
+                    exporter = build_exporter(config, ts_ns - BOOT_BEFORE_FIRST_PACKET_NS)
                     exporter.export_sampling(ts_ns, sampling_values(config))
                 packets += 1
-                frame = _frame(linktype, data)
-                if frame is None:
-                    malformed += 1
-                    continue
-                if frame.ip is None and frame.ethertype in (0x0800, 0x86DD):
+                frame = parse_link(pkt.linktype, pkt.data)
+                if frame is None or (frame.ip is None and frame.ethertype in (0x0800, 0x86DD)):
                     malformed += 1
                     continue
                 key, octets, flags, tos = frame_key(frame, Direction.INGRESS, ifindex)
@@ -128,7 +101,7 @@ def replay_pcap(path: Path, config: Config, progress: bool = True, ifindex: int 
                 if evicted is not None:
                     flows += _export(exporter, evicted, clock.now_ns)
                 if packets % 4096 == 0:
-                    bar.update(_offset(reader), packets)
+                    bar.update(capture.offset, packets)
             if exporter is not None:
                 flows += _export(exporter, accounter.flush(), clock.now_ns)
                 exporter.export_stats(clock.now_ns, malformed)
@@ -139,6 +112,8 @@ def replay_pcap(path: Path, config: Config, progress: bool = True, ifindex: int 
     stats = exporter.stats if exporter is not None else {}
     return {
         "file": str(path),
+        "format": capture.format,
+        "link_types": sorted(linktype_name(t) for t in capture.layout.linktypes),
         "packets": packets,
         "malformed": malformed,
         "flows": flows,
@@ -151,19 +126,3 @@ def _export(exporter: Any, batch: np.ndarray, now_ns: int) -> int:
     if len(batch):
         exporter.export(batch, now_ns)
     return len(batch)
-
-
-def _timestamp_ns(meta: Any) -> int:
-    """Capture timestamp of a packet in ns, for pcap (sec/usec) and pcapng (tshigh/tslow/resolution)."""
-    if hasattr(meta, "sec"):
-        return int(meta.sec) * 1_000_000_000 + int(meta.usec) * 1_000
-    ts = (int(meta.tshigh) << 32) | int(meta.tslow)
-    res = int(getattr(meta, "tsresol", 1_000_000))
-    return ts * 1_000_000_000 // res
-
-
-def _offset(reader: Any) -> int:
-    try:
-        return int(reader.f.tell())
-    except (AttributeError, OSError, ValueError):
-        return 0

@@ -48,3 +48,42 @@ def test_malformed_never_raises() -> None:
     for n in range(0, 80):
         parse_ethernet(bytes(Ether() / IPv6() / IPv6ExtHdrHopByHop() / UDP())[:n])
     assert parse_ip(bytes(IP() / UDP()))  is not None and parse_ip(bytes(IP() / UDP())).ethertype == ETH_P_IP
+
+
+def test_parse_link_every_supported_link_type() -> None:
+    """The same IP packet under each link-layer header replay reads gives the same key and octets."""
+    from ipfixer.packets import parse_link
+
+    ip4 = bytes(IP(src="10.1.0.1", dst="10.1.0.2") / UDP(sport=1000, dport=2000) / (b"y" * 30))
+    ip6 = bytes(IPv6(src="2001:db8::1", dst="2001:db8::2") / UDP(sport=1000, dport=2000) / (b"y" * 30))
+    mac = bytes.fromhex("020000000009")
+    sll = bytes.fromhex("0000 0001 0006") + mac + b"\x00\x00"  # to us, ARPHRD_ETHER, 6-byte address
+    sll2 = lambda proto: proto + bytes.fromhex("0000 00000003 0001 00 06") + mac + b"\x00\x00"  # noqa: E731
+    cases = [
+        (1, bytes(Ether(src="02:00:00:00:00:09") / IP(ip4)), ip4, mac),
+        (101, ip4, ip4, None), (101, ip6, ip6, None), (12, ip4, ip4, None), (228, ip4, ip4, None),
+        (229, ip6, ip6, None),
+        (113, sll + b"\x08\x00" + ip4, ip4, mac), (113, sll + b"\x86\xdd" + ip6, ip6, mac),
+        (113, sll + b"\x81\x00\x00\x2a\x08\x00" + ip4, ip4, mac),  # a VLAN tag the kernel left in
+        (276, sll2(b"\x08\x00") + ip4, ip4, mac), (276, sll2(b"\x86\xdd") + ip6, ip6, mac),
+        (0, b"\x02\x00\x00\x00" + ip4, ip4, None), (0, b"\x00\x00\x00\x02" + ip4, ip4, None),
+        (0, b"\x1e\x00\x00\x00" + ip6, ip6, None), (0, b"\x00\x00\x00\x18" + ip6, ip6, None),
+        (108, b"\x00\x00\x00\x02" + ip4, ip4, None), (108, b"\x00\x00\x00\x1c" + ip6, ip6, None),
+    ]
+    for linktype, data, ip, src_mac in cases:
+        frame = parse_link(linktype, data)
+        assert frame is not None and frame.ip is not None, linktype
+        assert frame.ip == parse_ip(ip), linktype
+        assert frame.ip.ip_octets == len(ip) and frame.frame_len == len(data)
+        assert frame.src_mac == (src_mac or b"\x00" * 6), linktype
+    assert parse_link(113, sll + b"\x81\x00\x00\x2a\x08\x00" + ip4).vlan_id == 42  # type: ignore[union-attr]
+
+
+def test_parse_link_malformed_is_none() -> None:
+    from ipfixer.packets import parse_link
+
+    ip4 = bytes(IP() / UDP())
+    ip6 = bytes(IPv6() / UDP())
+    for linktype, data in [(228, ip6), (229, ip4), (0, b"\x07\x00\x00\x00" + ip4), (108, b"\x02\x00"),
+                           (113, b"\x00" * 15), (276, b"\x00" * 19), (101, b""), (147, ip4), (1, b"\x00" * 13)]:
+        assert parse_link(linktype, data) is None, linktype

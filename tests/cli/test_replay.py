@@ -70,3 +70,61 @@ def test_replay_bad_file(tmp_path: Path) -> None:
     res = subprocess.run([*IPFIXER, "replay", str(bad), "--config", str(cfg)], capture_output=True, text=True,
                          timeout=60, env=cli_env())
     assert res.returncode == 1 and "not a pcap" in res.stderr and "Traceback" not in res.stderr
+
+
+def _refused(tmp_path: Path, path: Path, reason: str) -> None:
+    """Exit 1, one line naming the file and the reason (given whole or its start), nothing exported."""
+    coll = UdpCollector()
+    try:
+        cfg = write_config(tmp_path / "c.yaml", [{"address": "127.0.0.1", "port": coll.port}])
+        res = subprocess.run([*IPFIXER, "replay", str(path), "--config", str(cfg), "-q"], capture_output=True,
+                             text=True, timeout=60, env=cli_env())
+        coll.receive(1.5, until_idle=1.0)
+    finally:
+        coll.close()
+    assert res.returncode == 1 and res.stdout == "", res.stdout + res.stderr
+    (line,) = res.stderr.splitlines()
+    assert line.startswith(f"ipfixer: error: {path}: {reason}"), line
+    assert coll.messages == []
+
+
+def test_truncated_pcap_refused(tmp_path: Path) -> None:
+    good = tmp_path / "in.pcap"
+    _capture(good)
+    data = good.read_bytes()
+    cut = tmp_path / "cut.pcap"
+    cut.write_bytes(data[:-3])  # the last record (a 16-byte frame) lost 3 bytes, as when tcpdump is killed
+    _refused(tmp_path, cut, f"truncated: packet 27 at byte {len(data) - 32} claims 16 bytes, 13 remain")
+    cut.write_bytes(data[:-20])
+    _refused(tmp_path, cut, "truncated: packet 27 at byte")
+
+
+def test_truncated_pcapng_refused(tmp_path: Path) -> None:
+    from scapy.utils import PcapNgWriter  # noqa: PLC0415 - only this test writes pcapng with scapy
+
+    path = tmp_path / "in.pcapng"
+    with PcapNgWriter(str(path)) as w:
+        for i in range(3):
+            pkt = Ether() / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1, dport=2) / (b"x" * 10)
+            pkt.time = T0 + i
+            w.write(pkt)
+    data = path.read_bytes()
+    path.write_bytes(data[:-5])
+    _refused(tmp_path, path, "truncated: block at byte")
+
+
+def test_unknown_link_type_refused(tmp_path: Path) -> None:
+    path = tmp_path / "usb.pcap"
+    wrpcap(str(path), [Ether() / IP() / UDP()], linktype=220)
+    _refused(tmp_path, path, "USB_LINUX_MMAPPED (220) is not supported; replay reads EN10MB, IPV4, IPV6, "
+                             "LINUX_SLL, LINUX_SLL2, LOOP, NULL, RAW")
+
+
+def test_not_a_capture_and_empty_refused(tmp_path: Path) -> None:
+    path = tmp_path / "x.pcap"
+    path.write_bytes(b"GET / HTTP/1.1\r\n")
+    _refused(tmp_path, path, "not a pcap/pcapng capture (starts with 474554202f204854)")
+    path.write_bytes(b"")
+    _refused(tmp_path, path, "empty file, not a pcap/pcapng capture")
+    path.write_bytes(bytes.fromhex("d4c3b2a1") + b"\x02\x00")
+    _refused(tmp_path, path, "truncated pcap file header (6 of 24 bytes)")
