@@ -99,12 +99,15 @@ class Report:
     """Prints what arrives and says what cannot be read: once per (exporter, version, domain, template
     id) a data set whose template was never seen, and at the end what stayed unreadable."""
 
+    MAX_TRACKED = 4096  # (exporter, version, domain, template id) keys remembered
+
     def __init__(self, decoder: Decoder, as_json: bool, out: TextIO | None = None, err: TextIO | None = None) -> None:
         self.decoder, self.as_json = decoder, as_json
         self.out, self.err = out or sys.stdout, err or sys.stderr
         self.messages = 0
         self.errors = 0
         self.skipped: Counter[tuple[str, int, int, int]] = Counter()  # data sets without a template
+        self.skipped_untracked = 0  # beyond MAX_TRACKED keys (a hostile stream of random ids): counted only
 
     def feed(self, data: bytes, source: str, label: str) -> None:
         """Decode one datagram from `source` (an address) and print it; malformed ones are reported."""
@@ -117,6 +120,12 @@ class Report:
         self.messages += 1
         for tid in msg.missing_templates:
             key = (source, msg.version, msg.domain_id, tid)
+            if key not in self.skipped and len(self.skipped) >= self.MAX_TRACKED:
+                if not self.skipped_untracked:
+                    print(f"ipfixer decode: {label}: more than {self.MAX_TRACKED} unknown templates; "
+                          "further ones are counted, not listed", file=self.err, flush=True)  # fmt: skip
+                self.skipped_untracked += 1
+                continue
             if key not in self.skipped:
                 kind = "IPFIX" if msg.version == 10 else "NetFlow v9"
                 print(f"ipfixer decode: {label}: {kind} domain {msg.domain_id}: data set for template {tid} "
@@ -128,10 +137,16 @@ class Report:
         """At the end: the data sets that were never readable, per template."""
         never = {k: n for k, n in self.skipped.items() if self.decoder.template(k[3], k[2], k[0], k[1]) is None}
         if never:
+            listed = sorted(never.items())[:20]
             what = ", ".join(f"template {tid} from {src} domain {dom} ({n} set{'s' if n > 1 else ''})"
-                             for (src, _v, dom, tid), n in sorted(never.items()))  # fmt: skip
+                             for (src, _v, dom, tid), n in listed)  # fmt: skip
+            if len(never) > len(listed):
+                what += f", and {len(never) - len(listed)} more templates"
             print(f"ipfixer decode: {sum(never.values())} data set(s) never decoded, their template was never "
                   f"received: {what}", file=self.err, flush=True)  # fmt: skip
+        if self.skipped_untracked:
+            print(f"ipfixer decode: {self.skipped_untracked} more data set(s) of unknown templates not listed",
+                  file=self.err, flush=True)
 
 
 def listen_and_print(address: str, port: int, as_json: bool = False, count: int | None = None,

@@ -6,7 +6,7 @@ error names the file, the template id and the field.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,12 +178,6 @@ def load_templates(
         ids[t.template_id] = path
         out[t.name] = t
     return out
-
-
-def templates_by_id(templates: Sequence[Template] | Mapping[str, Template]) -> dict[int, Template]:
-    """Index templates by id."""
-    values = templates.values() if isinstance(templates, Mapping) else templates
-    return {t.template_id: t for t in values}
 
 
 def describe(templates: Mapping[str, Template], infomodel: InfoModel | None = None) -> list[str]:

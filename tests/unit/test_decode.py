@@ -273,3 +273,22 @@ def test_record_errors_carry_template_field_and_offset() -> None:
     left = len(bad) - offset - 1  # the set's bytes after the 1-byte length prefix (10 + 1 padding)
     assert str(e.value) == (f"template 400 field interfaceName (record at offset {offset}): "
                             f"overruns the set (50 bytes, {left} left)")
+
+
+def test_report_bounds_what_it_remembers() -> None:
+    """A stream of random template ids cannot grow the report without bound or flood the terminal."""
+    import io
+
+    from ipfixer.collector import Report
+
+    err = io.StringIO()
+    r = Report(Decoder(), as_json=False, out=io.StringIO(), err=err)
+    r.MAX_TRACKED = 3
+    for tid in range(300, 310):
+        r.feed(message(ipfix.encode_data_set(tid, b"\x00" * 8)), "a", "a:1")
+    lines = err.getvalue().splitlines()
+    assert len(lines) == 4 and "more than 3 unknown templates" in lines[3]
+    assert len(r.skipped) == 3 and r.skipped_untracked == 7
+    r.finish()
+    tail = err.getvalue().splitlines()[-2:]
+    assert "3 data set(s) never decoded" in tail[0] and tail[1].endswith("7 more data set(s) of unknown templates not listed")
