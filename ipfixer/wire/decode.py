@@ -69,12 +69,13 @@ def _v9_scope_element(scope_type: int, length: int, index: int) -> Element:
 class Decoder:
     """Decodes datagrams from any number of exporters; remembers their templates."""
 
-    def __init__(self, infomodel: InfoModel | None = None) -> None:
+    def __init__(self, infomodel: InfoModel | None = None, max_templates: int = 65536) -> None:
         self.infomodel = infomodel or InfoModel.load_default()
+        self.max_templates = max_templates  # templates remembered over all exporters and domains
         self._templates: dict[tuple[object, int, int, int], Template] = {}
         self.stats: dict[str, int] = {
             "messages": 0, "records": 0, "templates": 0, "withdrawals": 0,
-            "unknown_template_sets": 0, "reserved_sets": 0,
+            "unknown_template_sets": 0, "reserved_sets": 0, "templates_refused": 0,
         }  # fmt: skip
 
     def template(
@@ -191,9 +192,12 @@ class Decoder:
         return TemplateField(element, length)
 
     def _learn(self, t: Template, key: tuple[object, int, int, int], msg: DecodedMessage) -> None:
-        self._templates[key] = t
         self.stats["templates"] += 1
         msg.templates.append(t)
+        if key not in self._templates and len(self._templates) >= self.max_templates:
+            self.stats["templates_refused"] += 1  # bounded state: a peer cannot grow it without limit
+            return
+        self._templates[key] = t
 
     def _withdraw(self, source: object, version: int, domain: int, tid: int, msg: DecodedMessage) -> None:
         self.stats["withdrawals"] += 1

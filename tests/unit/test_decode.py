@@ -292,3 +292,12 @@ def test_report_bounds_what_it_remembers() -> None:
     r.finish()
     tail = err.getvalue().splitlines()[-2:]
     assert "3 data set(s) never decoded" in tail[0] and tail[1].endswith("7 more data set(s) of unknown templates not listed")
+
+
+def test_template_state_is_bounded() -> None:
+    d = Decoder(max_templates=2)
+    for domain in (1, 2, 3):
+        d.feed(message(TEMPLATES, domain=domain))
+    assert d.stats["templates_refused"] == 1 and d.template(260, 3) is None and d.template(260, 2) is not None
+    d.feed(message(TEMPLATES, domain=1))  # a refresh of a known template is always taken
+    assert d.stats["templates_refused"] == 1 and d.feed(message(DATA, domain=1)).records
