@@ -43,9 +43,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from ipfixer.config import resolve_collectors
     from ipfixer.export.factory import load_config_templates
 
     config = _load_checked(args.file)
+    resolve_collectors(config, args.file)  # what `run` would refuse at start-up, as a config error
     data, options = load_config_templates(config)
     names = sorted({t.name for t in [*data.values(), *options]})
     print(f"{args.file}: ok ({len(config.collectors)} collector(s); templates {', '.join(names)})")
@@ -160,8 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def quiet_scapy() -> None:
+    """scapy logs its own warnings ("MAC address to reach destination not found", "unknown LL type")
+    straight to stderr through a handler of its own. Set its logger's level before scapy is imported
+    (scapy keeps a level already set): only its errors get through, and ipfixer reports its own problems."""
+    logging.getLogger("scapy").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; reports every ipfixer error once, without a traceback."""
+    quiet_scapy()
     args = build_parser().parse_args(argv)
     try:
         rc: Any = args.func(args)

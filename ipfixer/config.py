@@ -15,7 +15,10 @@ import math
 import os
 import re
 import reprlib
+import socket
 import sys
+import threading
+import time
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -141,7 +144,46 @@ def _check_host(value: str) -> str:
         raise ValueError("not an IP address or host name (the port goes in 'port')")
     if not _HOSTNAME_RE.fullmatch(value):
         raise ValueError("not an IP address or host name")
+    if value.rstrip(".").rsplit(".", 1)[-1].isdigit():  # RFC 1123 2.1, RFC 3696 2: never a name's last label
+        raise ValueError("not an IP address (an IPv4 address is 4 numbers 0-255) nor a host name")
     return value
+
+
+RESOLVE_TIMEOUT_S = 5.0
+
+
+def resolve_collectors(config: Config, source: str, timeout_s: float = RESOLVE_TIMEOUT_S) -> None:
+    """Resolve every collector name as the exporter will (UDP getaddrinfo), all at once, within timeout_s:
+    ConfigError naming `collectors[i].address` for each that does not resolve, so `check` catches what
+    `run` would refuse. Daemon threads: a resolver that never answers cannot keep the process alive."""
+    results: dict[int, str | None] = {}
+    threads = []
+
+    def resolve(i: int, host: str, port: int) -> None:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM, proto=socket.IPPROTO_UDP)
+            results[i] = None if infos else "resolves to no address"
+        except (OSError, UnicodeError) as e:
+            results[i] = f"does not resolve: {e.strerror if isinstance(e, socket.gaierror) else e}"
+
+    for i, c in enumerate(config.collectors):
+        try:
+            ipaddress.ip_address(c.address)
+            continue
+        except ValueError:
+            pass
+        t = threading.Thread(target=resolve, args=(i, c.address, c.port), daemon=True, name=f"resolve-{i}")
+        t.start()
+        threads.append((i, t))
+    deadline = time.monotonic() + timeout_s
+    errors = []
+    for i, t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+        problem = results.get(i, f"no answer from the resolver within {format_duration(timeout_s)}")
+        if problem is not None:
+            errors.append(f"{source}: collectors[{i}].address: {problem} (got {config.collectors[i].address!r})")
+    if errors:
+        raise ConfigError("\n".join(errors))
 
 
 # --------------------------------------------------------------------------------------------- models

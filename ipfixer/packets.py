@@ -11,7 +11,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from ipfixer.model import ETH_P_IP, ETH_P_IPV6, V4_MAPPED_PREFIX, FlowKey
+from ipfixer.infomodel.types import V4_MAPPED_PREFIX
+from ipfixer.model import ETH_P_IP, ETH_P_IPV6, FlowKey
 
 ETH_P_8021Q = 0x8100
 ETH_P_8021AD = 0x88A8

@@ -36,6 +36,7 @@ BAD_CONFIGS = [
     ("collectors: [{address: 127.0.0.1}\n", "YAML", ""),
     ("collectors: [{address: 127.0.0.1}]\ntemplates: {ipv4: no_such_template}\n", "templates.ipv4",
      "'no_such_template'"),
+    ("collectors: [{address: 999.1.2.3}]\n", "collectors[0].address", "'999.1.2.3'"),
 ]
 
 
@@ -130,3 +131,33 @@ def test_unresolvable_collector_is_a_clear_error(tmp_path: Path) -> None:
     res = ipfixer("run", "--config", str(cfg), timeout=60)
     assert res.returncode == 1 and "no-such-collector.invalid" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_check_resolves_collector_names(tmp_path: Path) -> None:
+    """`check` refuses what `run` would: a name that does not resolve is a config error (key path, value)."""
+    cfg = write_config(tmp_path / "c.yaml", [{"address": "127.0.0.1", "port": 4739},
+                                              {"address": "no-such-collector.invalid", "port": 4739}])
+    res = ipfixer("check", str(cfg))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert (f"{cfg}: collectors[1].address: does not resolve: Name or service not known "
+            "(got 'no-such-collector.invalid')") in res.stderr
+    cfg = write_config(tmp_path / "c.yaml", [{"address": "localhost", "port": 4739}])
+    res = ipfixer("check", str(cfg))
+    assert res.returncode == 0, res.stderr
+
+
+def test_no_scapy_warnings_on_the_terminal(tmp_path: Path) -> None:
+    """scapy's own "WARNING: ..." lines (here: a capture of an unknown link type) never reach stderr."""
+    from scapy.layers.inet import IP, UDP
+    from scapy.utils import wrpcap
+
+    path = tmp_path / "user0.pcap"
+    wrpcap(str(path), [IP(dst="192.0.2.1") / UDP(dport=9)], linktype=147)
+    res = ipfixer("decode", "--pcap", str(path), "--port", "9")
+    assert "WARNING" not in res.stderr and "LL type" not in res.stderr, res.stderr
+    assert str(path) in res.stderr  # ipfixer's own message is still there
+    res = ipfixer("replay", str(path), "--config", str(write_config(tmp_path / "c.yaml",
+                                                                   [{"address": "127.0.0.1", "port": 9}])))
+    assert res.returncode == 1 and res.stderr.splitlines() == [
+        f"ipfixer: error: {path}: USER0 (147) is not supported; replay reads EN10MB, IPV4, IPV6, LINUX_SLL, "
+        "LINUX_SLL2, LOOP, NULL, RAW"]
