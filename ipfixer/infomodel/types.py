@@ -61,10 +61,9 @@ class DataType(StrEnum):
     SUB_TEMPLATE_MULTI_LIST = "subTemplateMultiList"
     UNSIGNED256 = "unsigned256"
 
-    @property
-    def spec(self) -> TypeSpec:
-        """This type's row of the table."""
-        return _TABLE[self]
+    # Set once from _TABLE below: plain attributes, since the encoders read them for every value.
+    spec: TypeSpec  # this type's row of the table
+    codec: Codec  # encoder, decoder and numpy format of the type
 
     @property
     def number(self) -> int:
@@ -75,11 +74,6 @@ class DataType(StrEnum):
     def length(self) -> int:
         """The encoded size (VARLEN for the variable-length types)."""
         return _TABLE[self].length
-
-    @property
-    def codec(self) -> Codec:
-        """Encoder, decoder and numpy format of the type."""
-        return _TABLE[self].codec
 
     @property
     def is_integer(self) -> bool:
@@ -463,5 +457,9 @@ _TABLE: Mapping[DataType, TypeSpec] = MappingProxyType({
     _T.SUB_TEMPLATE_MULTI_LIST: TypeSpec(22, VARLEN, ListCodec("subTemplateMultiList")),
     _T.UNSIGNED256: TypeSpec(23, 32, _int("unsigned256", False, 32)),  # RFC 9740
 })  # fmt: skip
+for _dt, _spec in _TABLE.items():
+    _dt.spec, _dt.codec = _spec, _spec.codec
+if set(_TABLE) != set(DataType):
+    raise AssertionError("every DataType needs its row in _TABLE")
 
 __all__ = ["NTP_EPOCH_OFFSET", "V4_MAPPED_PREFIX", "VARLEN", "Codec", "DataType", "TypeSpec", "format_mac"]  # fmt: skip
