@@ -65,6 +65,7 @@ class Daemon:
         self._enrichment: Any = None
         self._next_stats_ns = 0
         self._interface_table: dict[int, str] = {}
+        self._control: Any = None  # ipfixer.control.ControlServer: `ipfixer ctl` commands, run by the loop
 
     # -- lifecycle -------------------------------------------------------------------------------
     def run(self, duration_s: float | None = None) -> int:
@@ -106,6 +107,10 @@ class Daemon:
         meter.start()  # undoes itself on failure
         self._meter = meter
         self._send_options(force=True)
+        from ipfixer.control import ControlServer, socket_path
+
+        self._control = ControlServer(socket_path(cfg))
+        self._control.start()
         if not self._meter.interfaces():
             log.warning("no interface matches interfaces.include=%s exclude=%s yet; waiting for one to appear",
                         list(cfg.interfaces.include), list(cfg.interfaces.exclude))
@@ -129,6 +134,8 @@ class Daemon:
             self._meter.poll(int(wait_ms))
             if self._enrichment is not None:
                 self._enrichment.poll()
+            if self._control is not None:
+                self._control.serve_pending(self)  # between two polls: export never waits for a client
 
     def _cycle(self) -> None:
         """One drain: expired kernel flows + Accounter evictions -> enrichment -> export."""
@@ -218,6 +225,8 @@ class Daemon:
                 counters = " ".join(f"{k}={v}" for k, v in sorted(self._meter.counters().items()))
                 log.info("flushed remaining flows; final counters %s", counters)
         finally:
+            if self._control is not None:
+                self._control.close()
             if self._meter is not None:
                 self._meter.stop()
             if self._enrichment is not None:
