@@ -16,7 +16,7 @@ CAP_BPF = 39
 REQUIRED = {
     CAP_BPF: ("CAP_BPF", "load the TC classifier and create its maps"),
     CAP_PERFMON: ("CAP_PERFMON", "read kernel time and pointers in BPF programs"),
-    CAP_NET_ADMIN: ("CAP_NET_ADMIN", "add clsact qdiscs and tc filters"),
+    CAP_NET_ADMIN: ("CAP_NET_ADMIN", "add clsact qdiscs and tc filters (NFLOG: the nftables rule)"),
 }
 
 
@@ -28,12 +28,15 @@ def effective_caps(status_text: str) -> int:
     return 0
 
 
-def missing_caps(cap_eff: int) -> list[str]:
-    """Names and reasons of required capabilities absent from `cap_eff`."""
+def missing_caps(cap_eff: int, need_bpf: bool = True) -> list[str]:
+    """Names and reasons of required capabilities absent from `cap_eff` (need_bpf=False: the NFLOG
+    source, which needs only CAP_NET_ADMIN for its nftables rule and netlink socket)."""
     sys_admin = bool(cap_eff & (1 << CAP_SYS_ADMIN))
     out = []
     for bit, (name, why) in REQUIRED.items():
         if cap_eff & (1 << bit):
+            continue
+        if not need_bpf and bit in (CAP_BPF, CAP_PERFMON):
             continue
         if sys_admin and bit in (CAP_BPF, CAP_PERFMON):
             continue
@@ -41,9 +44,9 @@ def missing_caps(cap_eff: int) -> list[str]:
     return out
 
 
-def check_capabilities(status_path: Path = Path("/proc/self/status")) -> None:
+def check_capabilities(status_path: Path = Path("/proc/self/status"), need_bpf: bool = True) -> None:
     """Raise KernelError naming every missing capability."""
-    missing = missing_caps(effective_caps(status_path.read_text()))
+    missing = missing_caps(effective_caps(status_path.read_text()), need_bpf)
     if missing:
         raise KernelError(
             "missing capabilities: " + ", ".join(missing)

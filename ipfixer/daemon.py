@@ -19,12 +19,20 @@ from typing import Any
 
 import numpy as np
 
+from ipfixer.caps import check_capabilities
 from ipfixer.clock import Clock, SystemClock
 from ipfixer.config import Config, load_config
 from ipfixer.errors import ConfigError, IpfixerError
 from ipfixer.export.factory import build_exporter, load_config_templates, sampling_values
 
 log = logging.getLogger("ipfixer")
+
+
+def collector_urls(cfg: Config) -> str:
+    """`ipfix://10.0.0.9:4739,netflow9://[::1]:2055`: IPv6 literals in brackets (RFC 3986 3.2.2)."""
+    return ",".join(
+        f"{c.protocol}://{f'[{c.address}]' if ':' in c.address else c.address}:{c.port}" for c in cfg.collectors
+    )
 
 
 def setup_logging(level: str) -> None:
@@ -84,6 +92,9 @@ class Daemon:
         from ipfixer.metrics import Metrics
 
         cfg = self.config
+        # Capabilities first: a missing one is refused before anything listens (metrics port) or is
+        # subscribed to, with a message naming it (not an EADDRINUSE or EPERM from a later step).
+        check_capabilities(need_bpf=cfg.source != "nflog")
         self._metrics = Metrics([c.name for c in cfg.collectors])
         if cfg.metrics.listen:
             self._metrics.start_http(cfg.metrics.listen)
@@ -111,11 +122,16 @@ class Daemon:
 
         self._control = ControlServer(socket_path(cfg))
         self._control.start()
-        if not self._meter.interfaces():
-            log.warning("no interface matches interfaces.include=%s exclude=%s yet; waiting for one to appear",
-                        list(cfg.interfaces.include), list(cfg.interfaces.exclude))
+        self._warn_if_nothing_metered("yet")
         log.info("started interfaces=%s collectors=%s", ",".join(self._meter.interfaces()),
-                 ",".join(f"{c.protocol}://{c.address}:{c.port}" for c in cfg.collectors))
+                 collector_urls(cfg))
+
+    def _warn_if_nothing_metered(self, when: str) -> None:
+        """A selection that matches no interface meters nothing: say so (at start and after a reload)."""
+        if not self._meter.interfaces():
+            inc, exc = list(self.config.interfaces.include), list(self.config.interfaces.exclude)
+            log.warning("no interface matches interfaces.include=%s exclude=%s %s; metering nothing until one "
+                        "appears", inc, exc, when)
 
     def _loop(self, deadline: float | None) -> None:
         interval_ns = int(self.config.timeouts.drain_interval * 1e9)
@@ -207,10 +223,14 @@ class Daemon:
         old_exporter, self._exporter = self._exporter, new_exporter
         old_exporter.close()
         self.config = new
+        before = set(self._meter.interfaces())
         self._meter.reconfigure(new)
+        gone = sorted(before - set(self._meter.interfaces()))
+        if gone:
+            log.warning("reload: stopped metering %s (no longer selected)", ",".join(gone))
+        self._warn_if_nothing_metered("after the reload")
         self._send_options(force=True)
-        log.info("reloaded config=%s collectors=%s", self.config_path,
-                 ",".join(f"{c.protocol}://{c.address}:{c.port}" for c in new.collectors))
+        log.info("reloaded config=%s collectors=%s", self.config_path, collector_urls(new))
 
     def _shutdown(self) -> None:
         """Flush everything still in the kernel map and the Accounter, then detach."""

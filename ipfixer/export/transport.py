@@ -27,7 +27,7 @@ class UdpTransport:
         """Resolve the collector now so a wrong name fails at start-up, naming the collector."""
         self.host = host
         self.port = port
-        self.name = f"{host}:{port}"
+        self.name = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # IPv6 literal: RFC 3986 3.2.2
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM, proto=socket.IPPROTO_UDP)
         except (socket.gaierror, UnicodeError, OverflowError) as e:

@@ -9,7 +9,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import logging
 import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +23,8 @@ import numpy as np
 
 from ipfixer.errors import KernelError
 from ipfixer.resources import share_dir
+
+log = logging.getLogger(__name__)
 
 BPF_DIR = share_dir("bpf")  # the wheel's copy or the checkout's bpf/
 PROGRAM_FILE = BPF_DIR / "flow_tc.c"
@@ -87,7 +94,14 @@ def load_program(
     if map_entries < 1:
         raise KernelError(f"flow map size must be >= 1, got {map_entries}")
     if ring_pages < 1 or ring_pages & (ring_pages - 1):
-        raise KernelError(f"ring buffer pages must be a power of two, got {ring_pages}")
+        raise KernelError(f"ring buffer pages (cache.ring_buffer_pages) must be a power of two, got {ring_pages}")
+    ring_bytes = ring_pages * PAGE_SIZE
+    if ring_bytes > MAX_RING_BYTES:
+        raise KernelError(
+            f"ring buffer of {ring_pages} pages ({ring_bytes:,} bytes) is larger than the kernel allows: its size "
+            f"is a power-of-two byte count in 32 bits, at most {MAX_RING_BYTES // PAGE_SIZE} pages of "
+            f"{PAGE_SIZE} bytes (cache.ring_buffer_pages)"
+        )
     if not PROGRAM_FILE.is_file():
         raise KernelError(f"BPF source not found at {PROGRAM_FILE}")
     try:
@@ -104,15 +118,25 @@ def load_program(
         "-Wno-unused-function",
         *extra_cflags,
     ]
+    failed: Exception | None = None
+    with _c_stderr() as captured:
+        try:
+            bpf = BPF(src_file=str(PROGRAM_FILE).encode(), cflags=cflags)
+        except Exception as exc:  # bcc raises plain Exception on compile and map errors alike
+            failed = exc
+    if failed is not None:
+        raise KernelError(_explain_build_failure(captured[0], failed, map_entries, ring_pages)) from failed
     try:
-        bpf = BPF(src_file=str(PROGRAM_FILE).encode(), cflags=cflags)
-    except Exception as exc:  # bcc raises plain Exception on compile errors
-        raise KernelError(
-            f"compiling {PROGRAM_FILE} failed ({exc}); are kernel headers installed? run ./setup.sh"
-        ) from exc
-    try:
-        ingress = bpf.load_func(INGRESS_FUNC.encode(), BPF.SCHED_CLS)
-        egress = bpf.load_func(EGRESS_FUNC.encode(), BPF.SCHED_CLS)
+        with _c_stderr() as captured:
+            try:
+                ingress = bpf.load_func(INGRESS_FUNC.encode(), BPF.SCHED_CLS)
+                egress = bpf.load_func(EGRESS_FUNC.encode(), BPF.SCHED_CLS)
+            except Exception as exc:
+                failed = exc
+        if failed is not None:
+            verifier = [ln for ln in captured[0].splitlines() if ln.strip()][-3:]
+            raise KernelError(f"loading the BPF classifier failed (verifier or permissions): {failed}"
+                              + (f"; verifier: {' | '.join(verifier)}" if verifier else ""))
         flows = bpf[b"flows"]
         layout = bpf[b"spill_layout"]
         prog = LoadedProgram(
@@ -128,10 +152,61 @@ def load_program(
             map_entries=map_entries,
             ring_pages=ring_pages,
         )
+    except KernelError:
+        bpf.cleanup()
+        raise
     except Exception as exc:
         bpf.cleanup()
         raise KernelError(f"loading the BPF classifier failed (verifier or permissions): {exc}") from exc
     return prog
+
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+MAX_RING_BYTES = 1 << 31  # BPF_MAP_TYPE_RINGBUF: max_entries (u32) is a power of two and a page multiple
+
+
+@contextmanager
+def _c_stderr() -> Iterator[list[str]]:
+    """Capture file descriptor 2 meanwhile: bcc and libbpf print the real cause of a failure (the map
+    the kernel refused, clang's errors, the verifier log) there, not in the exception they raise.
+    Yields a list that holds the captured text once the block is over. Hand-written: no library does
+    fd-level capture. What others wrote to stderr meanwhile is echoed too (never lost)."""
+    box: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as tmp:
+            os.dup2(tmp.fileno(), 2)
+            try:
+                yield box
+            finally:
+                os.dup2(saved, 2)
+                tmp.seek(0)
+                box.append(tmp.read().decode(errors="replace"))
+    finally:
+        os.close(saved)
+    if box and box[0]:
+        log.debug("bcc output:\n%s", box[0].rstrip())
+
+
+def _explain_build_failure(output: str, exc: Exception, map_entries: int, ring_pages: int) -> str:
+    """The one line that says why bcc failed: a map the kernel refused (with the config key that sizes
+    it), else clang's first errors (with the kernel headers hint only when a header is missing)."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    refused = next((ln for ln in lines if "could not open bpf map" in ln), None)
+    if refused is not None:
+        if ": spill," in refused:
+            size = f"cache.ring_buffer_pages={ring_pages} ({ring_pages * PAGE_SIZE:,} bytes)"
+        elif ": flows," in refused:
+            size = f"cache.kernel_map_entries={map_entries}"
+        else:
+            size = f"cache.kernel_map_entries={map_entries}, cache.ring_buffer_pages={ring_pages}"
+        return f"the kernel refused a BPF map: {refused}; lower {size} (or raise the memlock limit)"
+    errors = [ln for ln in lines if "error:" in ln][:3]
+    headers = not errors or any("file not found" in e for e in errors)
+    hint = " are kernel headers installed? run ./setup.sh" if headers else ""
+    detail = "; ".join(errors) if errors else str(exc)
+    return f"compiling {PROGRAM_FILE} failed: {detail};{hint}".rstrip(";")
 
 
 # --- raw bpf() calls through libbpf (bcc 0.26 lacks per-key lookup-and-delete and test runs) ---

@@ -122,6 +122,35 @@ def test_invalid_reload_keeps_running(tmp_path: Path, lab: Lab) -> None:
     assert totals_by_flow(coll.flow_records())[(lab.v4_b, lab.v4_a, 40021, 9021, 17)] == [3, 3 * 38]
 
 
+def test_reload_to_no_interface_warns_and_ipv6_collector_is_bracketed(tmp_path: Path, lab: Lab) -> None:
+    """A SIGHUP whose selection matches nothing says which interfaces stopped being metered and that
+    nothing is metered; an IPv6 collector is logged as ipfix://[::1]:port (and receives)."""
+    coll6 = UdpCollector(family=socket.AF_INET6, address="::1", netns=lab.ns_a)
+    log = tmp_path / "ipfixer.log"
+    cfg = write_config(tmp_path / "ipfixer.yaml", [{"address": "::1", "port": coll6.port}],
+                       interfaces={"include": [lab.veth_a], "exclude": []}, lock_dir=str(tmp_path / "lock"),
+                       timeouts={"active": "60s", "idle": "30s", "drain_interval": "500ms"})
+    proc = start_daemon(lab, cfg, log)
+    try:
+        assert f"collectors=ipfix://[::1]:{coll6.port}" in log.read_text()
+        lab.send_udp(lab.ns_b, lab.v4_a, 40071, 9071, [10] * 2)
+        cfg.write_text(cfg.read_text().replace(lab.veth_a, "ipfxnomatch*"))
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while b"msg=reloaded" not in log.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        text = log.read_text()
+        assert "msg=reloaded" in text, text
+        assert f"reload: stopped metering {lab.veth_a} (no longer selected)" in text
+        assert "level=WARNING" in text and "no interface matches interfaces.include=['ipfxnomatch*']" in text
+        assert f"collectors=ipfix://[::1]:{coll6.port}" in text.split("msg=reloaded")[1]
+    finally:
+        stop_daemon(proc, log)
+    coll6.receive(5, until_idle=1.0)
+    coll6.close()
+    assert totals_by_flow(coll6.flow_records())[(lab.v4_b, lab.v4_a, 40071, 9071, 17)] == [2, 2 * 38]
+
+
 def test_second_instance_refused(tmp_path: Path, lab: Lab) -> None:
     log = tmp_path / "ipfixer.log"
     cfg = base_config(tmp_path, lab, 9)
