@@ -106,6 +106,20 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_ctl(args: argparse.Namespace) -> int:
+    from ipfixer.control import format_result, request, socket_path
+
+    if args.socket:
+        path = Path(args.socket)
+    else:
+        from ipfixer.config import load_config
+
+        path = socket_path(load_config(args.config))
+    result = request(path, args.ctl_command, {"top": args.top} if args.ctl_command == "flows" else {})
+    print(json.dumps(result, sort_keys=True) if args.json else format_result(args.ctl_command, result))
+    return EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ipfixer.demo import run_demo
 
@@ -155,6 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--url", default=None, help="metrics URL (default: from the config's metrics.listen)")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_cmd_stats)
+
+    ctl = sub.add_parser("ctl", help="control a running daemon over its unix socket (root)")
+    ctl.add_argument("ctl_command", choices=("stats", "flows", "expire-all", "send-templates", "reload"),
+                     metavar="{stats,flows,expire-all,send-templates,reload}")
+    ctl.add_argument("--config", "-c", default=str(DEFAULT_CONFIG), help="the daemon's config (finds the socket)")
+    ctl.add_argument("--socket", "-s", default=None, help="control socket path (default: from the config)")
+    ctl.add_argument("--json", action="store_true")
+    ctl.add_argument("--top", type=int, default=20, help="flows: how many, largest by octets (default: %(default)s)")
+    ctl.set_defaults(func=_cmd_ctl)
 
     demo = sub.add_parser("demo", help="build a lab of network namespaces, export its traffic, show the flows")
     demo.add_argument("--duration", type=float, default=8.0)

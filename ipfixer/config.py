@@ -355,6 +355,8 @@ class Config(BaseModel):
     metrics: MetricsConfig = MetricsConfig()  # frozen: one shared default is safe
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     lock_dir: Path = Field(default=Path("/run/ipfixer"), description="where the instance lock lives")
+    control_socket: Path | None = Field(
+        default=None, description="unix socket of `ipfixer ctl` (root only); null = <lock_dir>/ctl.sock")
 
     @field_validator("log_level", mode="before")
     @classmethod
