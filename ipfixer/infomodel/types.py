@@ -68,27 +68,27 @@ class DataType(StrEnum):
     @property
     def number(self) -> int:
         """IANA's number for the type (RFC 5610 informationElementDataType)."""
-        return _TABLE[self].number
+        return self.spec.number
 
     @property
     def length(self) -> int:
         """The encoded size (VARLEN for the variable-length types)."""
-        return _TABLE[self].length
+        return self.spec.length
 
     @property
     def is_integer(self) -> bool:
         """Signed or unsigned integers, the types with reduced-size encoding 1..length (RFC 7011 6.2)."""
-        return isinstance(_TABLE[self].codec, IntegerCodec)
+        return isinstance(self.codec, IntegerCodec)
 
     @property
     def is_float(self) -> bool:
         """float32 / float64 (float64 may be sent in 4 bytes, RFC 7011 6.2)."""
-        return isinstance(_TABLE[self].codec, FloatCodec)
+        return isinstance(self.codec, FloatCodec)
 
     @property
     def is_varlen(self) -> bool:
         """The types ipfixer sends either fixed-length or variable-length (RFC 7011 7)."""
-        return isinstance(_TABLE[self].codec, OctetsCodec)
+        return isinstance(self.codec, OctetsCodec)
 
     def check_length(self, length: int) -> str | None:
         """Why `length` is not a valid encoding of this type, or None if it is (RFC 7011 6.2, 7)."""
@@ -142,6 +142,8 @@ class Codec:
     format of the field in a record dtype (None: no batch layout); `column(col, length)` the array to
     store in that field from a batch column, after checking every value fits."""
 
+    name = "?"
+
     def encode(self, value: Any, length: int) -> bytes:
         raise FieldValueError(f"data type {self.name} cannot be encoded", value=value)
 
@@ -153,8 +155,6 @@ class Codec:
 
     def column(self, col: np.ndarray, length: int) -> np.ndarray:
         raise FieldValueError(f"data type {self.name} has no batch layout")
-
-    name = "?"
 
 
 class IntegerCodec(Codec):
