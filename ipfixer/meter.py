@@ -76,7 +76,7 @@ class Meter:
                                   interface_name, active_timeout_ns=int(cfg.timeouts.active * 1e9))
             self._spill = SpillConsumer(self._prog.bpf, self._prog.spill, self._prog.spill_dtype, accounter)
             self._drainer = Drainer(self._prog.flows, self.clock, int(cfg.timeouts.active * 1e9),
-                                    int(cfg.timeouts.idle * 1e9), interface_name)
+                                    int(cfg.timeouts.idle * 1e9), interface_name, sweep_drains=sweep_drains(cfg))
             self.metrics.observed_live = True  # packets/octets_observed from the kernel at each drain
             self.metrics.count_classifier(dict.fromkeys(COUNTER_NAMES, 0))  # every series exists at zero
         except BaseException:
@@ -125,6 +125,7 @@ class Meter:
         self.config = config
         self._drainer.active_timeout_ns = int(config.timeouts.active * 1e9)
         self._drainer.idle_timeout_ns = int(config.timeouts.idle * 1e9)
+        self._drainer.sweep_drains = sweep_drains(config)
         self._spill.accounter.evict_timeout_ns = int(config.timeouts.idle * 1e9)
         self._spill.accounter.active_timeout_ns = int(config.timeouts.active * 1e9)
         if (config.cache.kernel_map_entries, config.cache.ring_buffer_pages, config.sampling.interval) != (
@@ -182,6 +183,13 @@ class Meter:
                 self._prog = None
         finally:
             self._lock.release()
+
+
+def sweep_drains(cfg: Config) -> int:
+    """Drains over which the drainer reads the whole kernel map: an expired flow is found within a
+    quarter of the idle timeout (kernel/drain.py)."""
+    t = cfg.timeouts
+    return max(1, int(t.idle / (4 * t.drain_interval)))
 
 
 def sampling_cflags(interval: int) -> tuple[str, ...]:

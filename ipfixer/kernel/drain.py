@@ -1,32 +1,70 @@
-"""Turn kernel flow-map entries into FLOW_DTYPE batches, removing what is exported atomically.
+"""Export expired kernel flow-map entries as FLOW_DTYPE batches, removing exactly what is exported.
 
-Never read-then-delete (it loses the packets counted in between). Two strategies, both measured by
-benchmarks/datapath.py (1M flows, this VM, where a bpf() syscall costs ~3 us):
+Never read-then-delete blindly (it loses the packets counted in between). Costs measured on this VM
+(1M entries, a bpf() syscall ~1.5 us; benchmarks/scale.py): BPF_MAP_LOOKUP_BATCH 0.58 s,
+BPF_MAP_LOOKUP_AND_DELETE_BATCH 0.76 s, BPF_MAP_LOOKUP_AND_DELETE_ELEM 1.6 us per key.
 
-- "take_all" (default, chosen): BPF_MAP_LOOKUP_AND_DELETE_BATCH takes every entry (atomic per
-  element, ~1 us/flow in the kernel here); flows that have not expired are carried in userspace and
-  merged with the entry the kernel starts for them (vectorised, by a 64-bit key hash verified on the
-  full key). 1M flows: all expiring ~1.9 s, none ~1.3 s, 1M carried + 1M new merged ~3.5 s;
-  100k flows: 0.13 / 0.09 / 0.25 s. The kernel map only holds flows seen since the last drain.
-- "per_key": a BPF_MAP_LOOKUP_BATCH snapshot decides, then BPF_MAP_LOOKUP_AND_DELETE_ELEM per
-  expiring flow; long-lived flows stay in the kernel map. ~3-5 us per expiring flow: 1M -> ~6 s.
+"sweep" (default): flows stay in the kernel map while they live, so a packet of a known flow is an
+update, not an insert, and a drain costs what changed plus a cheap read of the rest:
+- each drain reads a slice of the map with BPF_MAP_LOOKUP_BATCH (no delete), resuming where the last
+  one stopped; `sweep_drains` drains cover the whole map (the daemon picks it so an expired flow is
+  found within a quarter of the idle timeout; 1 = the whole map every drain). A drain given end_keys
+  (conntrack DESTROY) reads the whole map, so those flows end at this drain;
+- the expiry rule (flows/expiry.py) picks idle, active-timeout and FIN/RST flows; each is removed with
+  BPF_MAP_LOOKUP_AND_DELETE_ELEM, atomic under its bucket lock, and what that returns is exported, so
+  packets that arrived since the read are in the record, not lost;
+- when more than 3/4 of a whole-map read expires at once, per-key deletes would cost more than taking
+  everything: BPF_MAP_LOOKUP_AND_DELETE_BATCH takes the map, expiring flows are exported and the rest
+  are put back with BPF_NOEXIST. A survivor the datapath re-created meanwhile (EEXIST) is carried in
+  userspace and merged (flows/rows.py) with the kernel's entry, taken atomically, at the next drain.
+"take_all" (the earlier design, kept for benchmarks/scale.py's comparison): every drain takes every
+entry and carries the live ones in userspace, re-merging all of them each time.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import os
 from collections.abc import Callable, Collection
 from typing import Any
 
 import numpy as np
 
 from ipfixer.clock import Clock
-from ipfixer.flows.expiry import expiry_reasons, wall_ms
+from ipfixer.errors import KernelError
+from ipfixer.flows.expiry import expiry_reasons
+from ipfixer.flows.rows import build_rows, concat, match_keys, merge, merge_leaves, select
 from ipfixer.kernel.program import libbpf, map_batch
-from ipfixer.model import FLOW_DTYPE, Direction, EndReason, empty_batch, five_tuple_keys
+from ipfixer.model import EndReason, empty_batch, five_tuple_keys
+
+BPF_NOEXIST = 1
+# Expiring share of a whole-map read above which the map is taken whole: taking costs ~0.8 us per
+# entry plus ~1.5 us per survivor put back, per-key deletes ~1.6 us per expiring flow.
+_MASS_SHARE = 0.75
+_MASS_MIN = 1024  # ...if that is more than this many flows (fewer cost milliseconds either way)
+
+
+class _BatchOpts(ctypes.Structure):
+    _fields_ = [("sz", ctypes.c_size_t), ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+def _lib() -> ctypes.CDLL:
+    lib = libbpf()
+    vp = ctypes.c_void_p
+    lib.bpf_map_update_elem.argtypes = [ctypes.c_int, vp, vp, ctypes.c_uint64]
+    lib.bpf_map_update_elem.restype = ctypes.c_int
+    lib.bpf_map_lookup_batch.argtypes = [ctypes.c_int, vp, vp, vp, vp, ctypes.POINTER(ctypes.c_uint32), vp]
+    lib.bpf_map_lookup_batch.restype = ctypes.c_int
+    return lib
+
+
+def _err(ret: int) -> int:
+    return ctypes.get_errno() or -ret
 
 
 class Drainer:
-    """Exports idle, active-timeout and finished (FIN/RST) flows from the kernel flow map."""
+    """Exports idle, active-timeout and finished (FIN/RST, conntrack-destroyed) flows of the kernel map."""
 
     def __init__(
         self,
@@ -35,35 +73,38 @@ class Drainer:
         active_timeout_ns: int,
         idle_timeout_ns: int,
         interface_namer: Callable[[int], str] | None = None,
-        strategy: str = "take_all",
+        strategy: str = "sweep",
+        sweep_drains: int = 1,
     ) -> None:
-        if strategy not in ("take_all", "per_key"):
-            raise ValueError(f"strategy must be take_all or per_key, not {strategy!r}")
+        if strategy not in ("sweep", "take_all"):
+            raise ValueError(f"strategy must be sweep or take_all, not {strategy!r}")
+        if sweep_drains < 1:
+            raise ValueError(f"sweep_drains must be >= 1, got {sweep_drains}")
         self.strategy = strategy
         self.flows = flows  # bcc HashTable (flow_key -> flow_metrics)
         self.clock = clock
         self.active_timeout_ns = active_timeout_ns
         self.idle_timeout_ns = idle_timeout_ns
+        self.sweep_drains = sweep_drains
         self.interface_namer = interface_namer
         self.key_dtype = np.dtype(flows.Key)
         self.leaf_dtype = np.dtype(flows.Leaf)
         self.capacity = int(flows.max_entries)
         self.map_fd = int(flows.map_fd)
-        # Same-named key fields at FLOW_DTYPE's offsets: one C-level structured copy instead of one
-        # strided pass per field (0.09 s instead of 0.6 s for 1M flows).
-        self._key_src = _fields_view(self.key_dtype, self.key_dtype)
-        self._key_dst = _fields_view(self.key_dtype, FLOW_DTYPE)
+        self._lib = _lib()
         self._carry_keys = np.empty(0, dtype=self.key_dtype)
         self._carry_leaves = np.empty(0, dtype=self.leaf_dtype)
-        leaf_fields: Any = self.leaf_dtype.fields
-        if self.leaf_dtype.itemsize % 8:
-            raise ValueError("struct flow_metrics must be a multiple of 8 bytes")
-        self._leaf_words = {name: leaf_fields[name][1] // 8 for name in
-                            ("packets", "octets", "first_ns", "last_ns", "tcp_flags", "tos")}
+        self._token = ctypes.create_string_buffer(64)  # where the sweep resumes (a bucket index)
+        self._resume = False
+        self._swept = 0  # entries read in the current sweep cycle
         self.drains = 0
-        self.kernel_entries = 0
+        self.kernel_entries = 0  # the map's fill as of the last whole read (what the fill-ratio metric shows)
         self.exported_flows = 0
-        self.vanished = 0  # expiring keys already gone when deleted (another drainer): not exported twice
+        self.read_entries = 0  # entries read by the last drain (its vectorised pass)
+        self.deleted_keys = 0  # per-key lookup-and-deletes so far
+        self.mass_drains = 0  # drains that took the whole map
+        self.put_back = 0  # survivors of a mass drain put back into the kernel map
+        self.vanished = 0  # expiring keys already gone when deleted: not exported twice
 
     def interface_name(self, ifindex: int) -> str:
         """Name of an observation interface for enrichment (empty when no namer is set)."""
@@ -71,82 +112,94 @@ class Drainer:
 
     @property
     def carried(self) -> int:
-        """Flows held in userspace between drains (take_all strategy)."""
+        """Flows held in userspace between drains."""
         return len(self._carry_keys)
 
     def drain(self, now_mono_ns: int | None = None, end_keys: Collection[bytes] = ()) -> np.ndarray:
         """Export and remove flows that are idle, past the active timeout, or ended (FIN/RST, or a
-        connection conntrack destroyed: `end_keys`, packed 5-tuples as model.five_tuple_keys makes)."""
-        if self.strategy == "per_key":
-            return self._drain_per_key(now_mono_ns)
+        connection conntrack destroyed: `end_keys`, packed 5-tuples as model.five_tuple_keys makes).
+        `now_mono_ns` is when expiry is decided (default: the clock's now)."""
         now_wall = self.clock.wall_ns()
         now_mono = self.clock.mono_ns()
-        decide_at = now_mono if now_mono_ns is None else now_mono_ns
-        keys, leaves = self._take_all()
-        reasons = expiry_reasons(
-            leaves["first_ns"], leaves["last_ns"], leaves["tcp_flags"], keys["protocol"],
-            decide_at, self.idle_timeout_ns, self.active_timeout_ns,
-        )
-        if end_keys and not reasons.all():
-            ended = np.fromiter((k in end_keys for k in five_tuple_keys(keys)), dtype=bool, count=len(keys))
-            reasons[ended & (reasons == 0)] = EndReason.END_OF_FLOW
-        go = reasons != 0
-        self._carry_keys, self._carry_leaves = _select(keys, ~go), _select(leaves, ~go)
-        batch = self._to_batch(_select(keys, go), _select(leaves, go), reasons[go], now_wall, now_mono)
+        at = now_mono if now_mono_ns is None else now_mono_ns
+        if self.strategy == "take_all":
+            batch = self._drain_take_all(at, end_keys, now_wall, now_mono)
+        else:
+            batch = self._drain_sweep(at, end_keys, now_wall, now_mono)
         self.drains += 1
         self.exported_flows += len(batch)
         return batch
 
-    def _take_all(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every flow: the kernel map's entries (atomically removed) merged with the carry."""
-        keys, leaves = map_batch(self.map_fd, self.key_dtype, self.leaf_dtype, self.capacity, delete=True)
-        self.kernel_entries = len(keys)  # the map's fill at this drain (what the fill-ratio metric shows)
-        ck, cl = self._carry_keys, self._carry_leaves
-        self._carry_keys = np.empty(0, dtype=self.key_dtype)
-        self._carry_leaves = np.empty(0, dtype=self.leaf_dtype)
-        if len(ck) == 0:
-            return keys, leaves
-        if len(keys) == 0:
-            return ck, cl
-        _, ci, ni = np.intersect1d(_key_hash(ck), _key_hash(keys), assume_unique=False, return_indices=True)
-        vkey = f"V{self.key_dtype.itemsize}"
-        same = _rows(ck).view(vkey)[ci, 0] == _rows(keys).view(vkey)[ni, 0]  # a hash collision is no match
-        ci, ni = ci[same], ni[same]
-        cl = np.ascontiguousarray(cl).copy()
-        cw = cl.view(np.uint64).reshape(len(cl), -1)  # leaf as rows of u64 words: contiguous math
-        nw = np.ascontiguousarray(leaves).view(np.uint64).reshape(len(leaves), -1)
-        c, n = cw[ci], nw[ni]
-        w = self._leaf_words
-        c[:, w["packets"]] += n[:, w["packets"]]
-        c[:, w["octets"]] += n[:, w["octets"]]
-        c[:, w["first_ns"]] = np.minimum(c[:, w["first_ns"]], n[:, w["first_ns"]])
-        c[:, w["last_ns"]] = np.maximum(c[:, w["last_ns"]], n[:, w["last_ns"]])
-        c[:, w["tcp_flags"]] |= n[:, w["tcp_flags"]]
-        c[:, w["tos"]] = n[:, w["tos"]]  # the word holding tos (rest of it is zero padding)
-        cw[ci] = c
-        rest = np.ones(len(keys), dtype=bool)
-        rest[ni] = False
-        return _concat(ck, _select(keys, rest)), _concat(cl, _select(leaves, rest))
+    def _reasons(self, keys: np.ndarray, leaves: np.ndarray, at: int, end_keys: Collection[bytes]) -> np.ndarray:
+        reasons = expiry_reasons(leaves["first_ns"], leaves["last_ns"], leaves["tcp_flags"], keys["protocol"], at,
+                                 self.idle_timeout_ns, self.active_timeout_ns)
+        if end_keys and len(keys) and not reasons.all():
+            hit = np.fromiter((k in end_keys for k in five_tuple_keys(keys)), dtype=bool, count=len(keys))
+            reasons[hit & (reasons == 0)] = EndReason.END_OF_FLOW
+        return reasons
 
-    def _drain_per_key(self, now_mono_ns: int | None) -> np.ndarray:
-        now_wall = self.clock.wall_ns()
-        now_mono = self.clock.mono_ns()
-        decide_at = now_mono if now_mono_ns is None else now_mono_ns
-        keys, leaves = map_batch(self.map_fd, self.key_dtype, self.leaf_dtype, self.capacity, delete=False)
-        if len(keys) == 0:
+    # -- sweep ------------------------------------------------------------------------------------
+    def _drain_sweep(self, at: int, end_keys: Collection[bytes], now_wall: int, now_mono: int) -> np.ndarray:
+        out = [self._drain_carry(at, end_keys, now_wall, now_mono)] if len(self._carry_keys) else []
+        whole = self.sweep_drains == 1 or bool(end_keys)
+        if whole:
+            keys, leaves = map_batch(self.map_fd, self.key_dtype, self.leaf_dtype, self.capacity, delete=False)
+            self.kernel_entries = len(keys)
+            self._resume, self._swept = False, 0
+        else:
+            keys, leaves = self._read_slice(-(-self.capacity // self.sweep_drains))
+        self.read_entries = len(keys)
+        reasons = self._reasons(keys, leaves, at, end_keys)
+        go = np.flatnonzero(reasons)
+        if whole and len(go) > _MASS_SHARE * max(len(keys), 1) and len(go) > _MASS_MIN:
+            out.append(self._drain_mass(at, end_keys, now_wall, now_mono))
+        elif len(go):
+            k, lv, r = self._take_keys(select(keys, go), reasons[go])
+            out.append(build_rows(k, lv, r, now_wall, now_mono))
+        out = [b for b in out if len(b)]
+        if not out:
             return empty_batch(0)
-        reasons = expiry_reasons(
-            leaves["first_ns"],
-            leaves["last_ns"],
-            leaves["tcp_flags"],
-            keys["protocol"],
-            decide_at,
-            self.idle_timeout_ns,
-            self.active_timeout_ns,
-        )
-        sel = np.flatnonzero(reasons)
-        keys = np.ascontiguousarray(keys[sel])
-        reasons = reasons[sel]
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+    def _read_slice(self, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        """Up to about `limit` entries with BPF_MAP_LOOKUP_BATCH, from where the last slice ended;
+        a finished cycle updates kernel_entries and starts over at the next drain."""
+        keys = np.empty(limit + 4096, dtype=self.key_dtype)
+        leaves = np.empty(limit + 4096, dtype=self.leaf_dtype)
+        opts = _BatchOpts(ctypes.sizeof(_BatchOpts), 0, 0)
+        out_tok = ctypes.create_string_buffer(64)
+        n, floor = 0, 1
+        while n < limit:
+            ask = max(min(4096, limit - n), floor)
+            if n + ask > len(keys):
+                keys = np.resize(keys, n + ask)
+                leaves = np.resize(leaves, n + ask)
+            count = ctypes.c_uint32(ask)
+            ret = self._lib.bpf_map_lookup_batch(
+                self.map_fd, self._token if self._resume else None, out_tok,
+                keys.ctypes.data + n * self.key_dtype.itemsize, leaves.ctypes.data + n * self.leaf_dtype.itemsize,
+                ctypes.byref(count), ctypes.byref(opts))
+            n += count.value
+            if ret < 0:
+                err = _err(ret)
+                if err == errno.ENOENT:  # end of the map: the cycle is complete
+                    self._swept += n
+                    self.kernel_entries = self._swept
+                    self._resume, self._swept = False, 0
+                    return keys[:n], leaves[:n]
+                if err == errno.ENOSPC and count.value == 0:  # one bucket holds more than we asked for
+                    floor = ask * 2
+                    continue
+                raise KernelError(f"bpf map batch lookup: {os.strerror(err)}")
+            ctypes.memmove(self._token, out_tok, 64)
+            self._resume = True
+        self._swept += n
+        self.kernel_entries = max(self.kernel_entries, self._swept)
+        return keys[:n], leaves[:n]
+
+    def _take_keys(self, keys: np.ndarray, reasons: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """BPF_MAP_LOOKUP_AND_DELETE_ELEM per key: (keys, leaves as taken, reasons) of those still there."""
+        keys = np.ascontiguousarray(keys)
         taken = np.empty(len(keys), dtype=self.leaf_dtype)
         found = np.ones(len(keys), dtype=bool)
         fn = libbpf().bpf_map_lookup_and_delete_elem  # argtypes set: plain ints are pointers
@@ -156,84 +209,75 @@ class Drainer:
         for i in range(len(keys)):
             if fn(fd, kbase + i * ksize, vbase + i * vsize) < 0:
                 found[i] = False
+        self.deleted_keys += len(keys)
         self.vanished += int(len(found) - found.sum())
-        batch = self._to_batch(keys[found], taken[found], reasons[found], now_wall, now_mono)
-        self.drains += 1
-        self.exported_flows += len(batch)
+        return keys[found], taken[found], reasons[found]
+
+    def _drain_mass(self, at: int, end_keys: Collection[bytes], now_wall: int, now_mono: int) -> np.ndarray:
+        """Most of the map expires: take it whole, export the expiring, put the rest back."""
+        self.mass_drains += 1
+        keys, leaves = map_batch(self.map_fd, self.key_dtype, self.leaf_dtype, self.capacity, delete=True)
+        reasons = self._reasons(keys, leaves, at, end_keys)
+        go = reasons != 0
+        batch = build_rows(select(keys, go), select(leaves, go), reasons[go], now_wall, now_mono)
+        self._put_back(select(keys, ~go), select(leaves, ~go))
         return batch
+
+    def _put_back(self, keys: np.ndarray, leaves: np.ndarray) -> None:
+        """Insert entries with BPF_NOEXIST, one bpf() call each (the batch update accepts no NOEXIST);
+        those the datapath re-created meanwhile (EEXIST), or that no longer fit, go to the carry and are
+        merged with the kernel's entry at the next drain."""
+        keys, leaves = np.ascontiguousarray(keys), np.ascontiguousarray(leaves)
+        fn = self._lib.bpf_map_update_elem
+        kbase, ksize = keys.ctypes.data, keys.itemsize
+        vbase, vsize = leaves.ctypes.data, leaves.itemsize
+        fd = self.map_fd
+        failed = [i for i in range(len(keys)) if fn(fd, kbase + i * ksize, vbase + i * vsize, BPF_NOEXIST) < 0]
+        self.put_back += len(keys) - len(failed)
+        if failed:
+            idx = np.array(failed, dtype=np.intp)
+            self._carry_keys = concat(self._carry_keys, select(keys, idx))
+            self._carry_leaves = concat(self._carry_leaves, select(leaves, idx))
+
+    def _drain_carry(self, at: int, end_keys: Collection[bytes], now_wall: int, now_mono: int) -> np.ndarray:
+        """Carried flows: merge the kernel's entry for the same key (taken atomically), then export the
+        expired and try to put the rest back."""
+        ck, cl = self._carry_keys, np.array(self._carry_leaves, copy=True)
+        self._carry_keys = np.empty(0, dtype=self.key_dtype)
+        self._carry_leaves = np.empty(0, dtype=self.leaf_dtype)
+        k, lv, _ = self._take_keys(ck, np.zeros(len(ck), np.uint8))
+        ia, ib = match_keys(ck, k)
+        part = cl[ia]
+        merge_leaves(part, lv[ib])
+        cl[ia] = part
+        reasons = self._reasons(ck, cl, at, end_keys)
+        go = reasons != 0
+        self._put_back(select(ck, ~go), select(cl, ~go))
+        return build_rows(select(ck, go), select(cl, go), reasons[go], now_wall, now_mono)
+
+    # -- take_all ---------------------------------------------------------------------------------
+    def _drain_take_all(self, at: int, end_keys: Collection[bytes], now_wall: int, now_mono: int) -> np.ndarray:
+        keys, leaves = self._take_everything()
+        reasons = self._reasons(keys, leaves, at, end_keys)
+        go = reasons != 0
+        self._carry_keys, self._carry_leaves = select(keys, ~go), select(leaves, ~go)
+        return build_rows(select(keys, go), select(leaves, go), reasons[go], now_wall, now_mono)
+
+    def _take_everything(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every flow: the kernel map's entries (atomically removed) merged with the carry."""
+        keys, leaves = map_batch(self.map_fd, self.key_dtype, self.leaf_dtype, self.capacity, delete=True)
+        self.kernel_entries = self.read_entries = len(keys)
+        ck, cl = self._carry_keys, self._carry_leaves
+        self._carry_keys = np.empty(0, dtype=self.key_dtype)
+        self._carry_leaves = np.empty(0, dtype=self.leaf_dtype)
+        return merge(ck, cl, keys, leaves)
 
     def flush(self) -> np.ndarray:
         """Export and remove every flow (shutdown): flowEndReason forced end."""
         now_wall = self.clock.wall_ns()
         now_mono = self.clock.mono_ns()
-        keys, leaves = self._take_all()
-        reasons = np.full(len(keys), EndReason.FORCED_END, dtype=np.uint8)
-        batch = self._to_batch(keys, leaves, reasons, now_wall, now_mono)
+        keys, leaves = self._take_everything()
+        self._resume, self._swept = False, 0
+        batch = build_rows(keys, leaves, EndReason.FORCED_END, now_wall, now_mono)
         self.exported_flows += len(batch)
         return batch
-
-    def _to_batch(
-        self, keys: np.ndarray, leaves: np.ndarray, reasons: np.ndarray, now_wall: int, now_mono: int
-    ) -> np.ndarray:
-        out = empty_batch(len(keys))
-        out.view(self._key_dst)[...] = np.ascontiguousarray(keys).view(self._key_src)
-        out["packets"] = leaves["packets"]
-        out["octets"] = leaves["octets"]
-        out["start_ms"] = wall_ms(leaves["first_ns"], now_wall, now_mono)
-        out["end_ms"] = wall_ms(leaves["last_ns"], now_wall, now_mono)
-        out["tcp_flags"] = (leaves["tcp_flags"] & 0xFF).astype(np.uint8)
-        out["tos"] = leaves["tos"]
-        out["end_reason"] = reasons
-        ingress = keys["direction"] == Direction.INGRESS
-        out["ingress_if"] = np.where(ingress, keys["ifindex"], 0)
-        out["egress_if"] = np.where(ingress, 0, keys["ifindex"])
-        assert out.dtype == FLOW_DTYPE
-        return out
-
-
-def _rows(a: np.ndarray) -> np.ndarray:
-    """A structured array as a 2-D uint8 array (row copies are plain memcpy, not per-field)."""
-    return np.ascontiguousarray(a).view(np.uint8).reshape(len(a), a.dtype.itemsize)
-
-
-def _select(a: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """a[mask] for a structured array, through its raw rows."""
-    out: np.ndarray = _rows(a)[mask].reshape(-1).view(a.dtype)
-    return out
-
-
-def _concat(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """np.concatenate of two structured arrays of one dtype, through their raw rows."""
-    return np.concatenate([_rows(a), _rows(b)]).reshape(-1).view(a.dtype)
-
-
-def _key_hash(keys: np.ndarray) -> np.ndarray:
-    """A 64-bit hash of each key, column by column over u64 words (collisions: checked by the caller)."""
-    raw = np.ascontiguousarray(keys).view(np.uint8).reshape(len(keys), keys.dtype.itemsize)
-    whole = keys.dtype.itemsize // 8 * 8
-    cols = [raw[:, i:i + 8].copy().view(np.uint64)[:, 0] for i in range(0, whole, 8)]
-    if whole < keys.dtype.itemsize:
-        tail = np.zeros((len(keys), 8), dtype=np.uint8)
-        tail[:, : keys.dtype.itemsize - whole] = raw[:, whole:]
-        cols.append(tail.view(np.uint64)[:, 0])
-    h = np.full(len(keys), 0xCBF29CE484222325, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for col in cols:
-            h ^= col
-            h *= np.uint64(0x100000001B3)
-            h ^= h >> np.uint64(29)
-    return h
-
-
-def _fields_view(names_from: np.dtype, layout: np.dtype) -> np.dtype:
-    """A dtype with names_from's non-padding fields at their offsets in layout (same itemsize)."""
-    fields: Any = layout.fields or {}
-    names = [n for n in names_from.names or () if not n.startswith("pad")]
-    spec: dict[str, Any] = {
-        "names": names,
-        "formats": [fields[n][0] for n in names],
-        "offsets": [fields[n][1] for n in names],
-        "itemsize": layout.itemsize,
-    }
-    out: np.dtype = np.dtype(spec)  # type: ignore[call-overload]
-    return out

@@ -82,7 +82,7 @@ class RingReader:
 
     def _read_odd(self, cons: int, prod: int, max_records: int) -> np.ndarray:
         """Record by record (a record of another size or a discarded one is in the ring)."""
-        out = []
+        out: list[np.ndarray] = []
         while cons < prod and len(out) < max_records:
             off = cons & self.mask
             ln = int(self._data[off:off + 4].view("<u4")[0])
