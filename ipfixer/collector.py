@@ -163,7 +163,7 @@ def listen_and_print(address: str, port: int, as_json: bool = False, count: int 
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     datagrams = 0
     try:
-        while count is None or datagrams < count:
+        while count is None or report.messages < count:  # decoded messages, as before
             wait = 1.0 if deadline is None else max(0.0, deadline - time.monotonic())
             if deadline is not None and wait == 0.0:
                 break
