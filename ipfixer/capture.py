@@ -54,6 +54,7 @@ _PCAPNG_SHB = 0x0A0D0D0A
 _PCAPNG_BOM = 0x1A2B3C4D
 _BLOCK_IDB, _BLOCK_OPB, _BLOCK_SPB, _BLOCK_EPB = 1, 2, 3, 6
 _OPT_TSRESOL, _OPT_TSOFFSET = 9, 14
+MAX_TS_NS = 2**63  # flow times are int64 ns downstream; a pcap's 32-bit seconds always fit
 
 
 def linktype_name(linktype: int) -> str:
@@ -203,7 +204,12 @@ class CaptureFile:
                 if body + min_len + caplen > end:
                     raise self._fail(f"packet {layout.packets + 1} at byte {body - 8}: captured length "
                                      f"{caplen} exceeds its block")
-                linktype = interfaces[if_id].linktype
+                iface = interfaces[if_id]
+                high, low = fields[1:3] if block_type == _BLOCK_EPB else fields[2:4]
+                if not 0 <= _ns(iface, high, low) < MAX_TS_NS:
+                    raise self._fail(f"packet {layout.packets + 1} at byte {body - 8}: timestamp out of range "
+                                     f"(before 1970 or after 2262)")
+                linktype = iface.linktype
                 self._check_linktype(linktype, f" (interface {if_id}, packet {layout.packets + 1})")
                 layout.linktypes.add(linktype)
                 layout.packets += 1
@@ -309,6 +315,9 @@ class CaptureFile:
             else:
                 continue
             iface = interfaces[if_id]
-            units = (high << 32) | low
-            ts_ns = units * 1_000_000_000 // iface.units_per_s + iface.offset_s * 1_000_000_000
-            yield CapturedPacket(iface.linktype, ts_ns, mm[data:data + caplen], wire)
+            yield CapturedPacket(iface.linktype, _ns(iface, high, low), mm[data:data + caplen], wire)
+
+
+def _ns(iface: _Interface, high: int, low: int) -> int:
+    """pcapng timestamp (draft 4.6): units of if_tsresol since 1970 plus if_tsoffset seconds, in ns."""
+    return ((high << 32) | low) * 1_000_000_000 // iface.units_per_s + iface.offset_s * 1_000_000_000

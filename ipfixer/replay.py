@@ -28,6 +28,7 @@ log = logging.getLogger("ipfixer.replay")
 
 # The exporter's "boot" lies this long before the first packet: NetFlow v9 times are ms since boot
 # (RFC 3954 5.1, FIRST_SWITCHED), and a first flow at uptime 0 is read by nfdump as 1970-01-01.
+# Never before 1970 (systemInitTimeMilliseconds is unsigned): a capture from 1970 is shown as 1970.
 BOOT_BEFORE_FIRST_PACKET_NS = 1_000_000_000
 
 
@@ -87,7 +88,7 @@ def replay_pcap(path: Path, config: Config, progress: bool = True, ifindex: int 
                 ts_ns = pkt.ts_ns
                 clock.now_ns = max(clock.now_ns, ts_ns)
                 if exporter is None:
-                    exporter = build_exporter(config, ts_ns - BOOT_BEFORE_FIRST_PACKET_NS)
+                    exporter = build_exporter(config, max(0, ts_ns - BOOT_BEFORE_FIRST_PACKET_NS))
                     exporter.export_sampling(ts_ns, sampling_values(config))
                 packets += 1
                 frame = parse_link(pkt.linktype, pkt.data)

@@ -128,3 +128,28 @@ def test_not_a_capture_and_empty_refused(tmp_path: Path) -> None:
     _refused(tmp_path, path, "empty file, not a pcap/pcapng capture")
     path.write_bytes(bytes.fromhex("d4c3b2a1") + b"\x02\x00")
     _refused(tmp_path, path, "truncated pcap file header (6 of 24 bytes)")
+
+
+def test_extreme_capture_times_replay_cleanly(tmp_path: Path) -> None:
+    """A capture from 1970 (text2pcap's, tools' defaults) and one at the end of pcap's 32-bit seconds: no
+    encode error, times exact (the v9 boot never lies before 1970)."""
+    for t, ms in ((0.0005, 0), (4294967295.25, 4294967295250)):
+        pkt = Ether() / IP(src="10.9.0.1", dst="10.9.0.2") / UDP(sport=7, dport=8) / b"z"
+        pkt.time = t
+        wrpcap(str(tmp_path / "t.pcap"), [pkt])
+        for protocol in ("ipfix", "netflow9"):
+            coll = UdpCollector()
+            try:
+                cfg = write_config(tmp_path / "c.yaml", [{"address": "127.0.0.1", "port": coll.port,
+                                                          "protocol": protocol}])
+                res = subprocess.run([*IPFIXER, "replay", str(tmp_path / "t.pcap"), "--config", str(cfg), "-q"],
+                                     capture_output=True, text=True, timeout=60, env=cli_env())
+                coll.receive(5, until_idle=1.0)
+            finally:
+                coll.close()
+            assert res.returncode == 0 and res.stderr == "", res.stderr
+            (rec,) = coll.flow_records()
+            if protocol == "ipfix":
+                assert rec["flowStartMilliseconds"] == rec["flowEndMilliseconds"] == ms
+            else:
+                assert rec["packetDeltaCount"] == 1
