@@ -161,3 +161,36 @@ def test_no_scapy_warnings_on_the_terminal(tmp_path: Path) -> None:
     assert res.returncode == 1 and res.stderr.splitlines() == [
         f"ipfixer: error: {path}: USER0 (147) is not supported; replay reads EN10MB, IPV4, IPV6, LINUX_SLL, "
         "LINUX_SLL2, LOOP, NULL, RAW"]
+
+
+@pytest.mark.root
+def test_check_bounds_a_resolver_that_never_answers(tmp_path: Path) -> None:
+    """In a namespace whose resolver (a socket the test holds on 127.0.0.1:53) never answers, `check`
+    gives up after its bounded wait with a config error naming the collector, instead of hanging."""
+    import shutil
+
+    from ipfixer.config import RESOLVE_TIMEOUT_S
+    from ipfixer.lab import ip, unique_name
+    from ipfixer.netns import in_netns
+
+    ns = unique_name("h4r")
+    etc = Path("/etc/netns") / ns  # `ip netns exec` bind-mounts this resolv.conf over /etc/resolv.conf
+    ip("netns", "add", ns)
+    try:
+        ip("-n", ns, "link", "set", "lo", "up")
+        etc.mkdir(parents=True)
+        (etc / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:30 attempts:1\n")
+        dead = in_netns(ns, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        dead.bind(("127.0.0.1", 53))
+        cfg = write_config(tmp_path / "c.yaml", [{"address": "collector.ipfx-h4.test", "port": 4739}])
+        res = subprocess.run(["ip", "netns", "exec", ns, *IPFIXER, "check", str(cfg)], capture_output=True,
+                             text=True, timeout=60, env=cli_env(), cwd=ROOT)
+        asked = dead.recv(512, socket.MSG_DONTWAIT)  # the query did reach the silent resolver
+        dead.close()
+    finally:
+        shutil.rmtree(etc, ignore_errors=True)
+        ip("netns", "del", ns, check=False)
+    assert asked and b"ipfx-h4" in asked
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert (f"{cfg}: collectors[0].address: no answer from the resolver within {RESOLVE_TIMEOUT_S:g}s "
+            "(got 'collector.ipfx-h4.test')") in res.stderr
