@@ -47,7 +47,8 @@ def test_malformed_never_raises() -> None:
     assert arp is not None and arp.ip is None and arp.ethertype == 0x0806
     for n in range(0, 80):
         parse_ethernet(bytes(Ether() / IPv6() / IPv6ExtHdrHopByHop() / UDP())[:n])
-    assert parse_ip(bytes(IP() / UDP()))  is not None and parse_ip(bytes(IP() / UDP())).ethertype == ETH_P_IP
+    plain = parse_ip(bytes(IP() / UDP()))
+    assert plain is not None and plain.ethertype == ETH_P_IP
 
 
 def test_parse_link_every_supported_link_type() -> None:
@@ -58,7 +59,10 @@ def test_parse_link_every_supported_link_type() -> None:
     ip6 = bytes(IPv6(src="2001:db8::1", dst="2001:db8::2") / UDP(sport=1000, dport=2000) / (b"y" * 30))
     mac = bytes.fromhex("020000000009")
     sll = bytes.fromhex("0000 0001 0006") + mac + b"\x00\x00"  # to us, ARPHRD_ETHER, 6-byte address
-    sll2 = lambda proto: proto + bytes.fromhex("0000 00000003 0001 00 06") + mac + b"\x00\x00"  # noqa: E731
+
+    def sll2(proto: bytes) -> bytes:  # protocol, reserved, ifindex 3, ARPHRD_ETHER, to us, 6-byte address
+        return proto + bytes.fromhex("0000 00000003 0001 00 06") + mac + b"\x00\x00"
+
     cases = [
         (1, bytes(Ether(src="02:00:00:00:00:09") / IP(ip4)), ip4, mac),
         (101, ip4, ip4, None), (101, ip6, ip6, None), (12, ip4, ip4, None), (228, ip4, ip4, None),

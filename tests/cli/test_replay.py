@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
@@ -17,10 +18,10 @@ T0 = 1_700_000_000.0
 
 
 def _capture(path: Path) -> dict[tuple[object, ...], list[int]]:
-    pkts = []
+    pkts: list[Any] = []
     expected: dict[tuple[object, ...], list[int]] = {}
 
-    def add(pkt, key, n, ip_len):  # type: ignore[no-untyped-def]
+    def add(pkt: Any, key: tuple[object, ...], n: int, ip_len: int) -> None:
         for _ in range(n):
             p = pkt.copy()
             p.time = T0 + len(pkts) * 0.001
