@@ -141,7 +141,7 @@ class Meter:
         self._attacher.attach_selected(selector)
 
     def _update_metrics(self) -> None:
-        counters = self._prog.counter_values()
+        counters: dict[str, int] = self._prog.counter_values()
         last, self._last_counters = self._last_counters, counters
 
         def delta(name: str) -> int:
