@@ -108,3 +108,34 @@ def test_fuzz_capture_reader(files: list[bytes], tmp_path_factory: pytest.TempPa
             parse_link(pkt.linktype, pkt.data)  # None or a frame, never an exception
 
     run()
+
+
+def _tshark_frames(path: Path) -> list[tuple[int, int]]:
+    """(ms, captured length) per frame, as tshark reads them."""
+    out = subprocess.run(["tshark", "-r", str(path), "-T", "fields", "-E", "separator=,", "-e", "frame.time_epoch",
+                          "-e", "frame.cap_len"], capture_output=True, text=True, timeout=60, check=True).stdout
+    return [(int(Decimal(t) * 1000 // 1), int(n)) for t, n in (line.split(",") for line in out.split())]
+
+
+def test_big_endian_and_multi_section_files_agree_with_tshark(tmp_path: Path) -> None:
+    pkts = []
+    for i in range(3):
+        p = Ether() / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1, dport=2) / (b"x" * (7 * i))
+        p.time = Decimal(1_700_000_000) + Decimal(i) / 3
+        pkts.append(p)
+    files: dict[str, Path] = {}
+    for name, kw in (("be.pcap", {"endianness": ">"}), ("be_ns.pcap", {"endianness": ">", "nano": True})):
+        wrpcap(str(tmp_path / name), pkts, **kw)
+        files[name] = tmp_path / name
+    with PcapNgWriter(str(tmp_path / "one.pcapng")) as w:
+        for p in pkts:
+            w.write(p)
+    one = (tmp_path / "one.pcapng").read_bytes()
+    (tmp_path / "two.pcapng").write_bytes(one + _pcapng(0x83, 0, [8 * 1_700_000_100, 8 * 1_700_000_101], FRAME))
+    files["two.pcapng"] = tmp_path / "two.pcapng"  # two sections: the second's interface has 1/8 s units
+    assert (tmp_path / "be.pcap").read_bytes()[:4] == bytes.fromhex("a1b2c3d4")
+    for name, path in files.items():
+        with CaptureFile(path) as cap:
+            mine = [(p.ts_ns // 10**6, len(p.data)) for p in cap]
+        assert mine == _tshark_frames(path), name
+    assert len(mine) == 5
