@@ -121,7 +121,7 @@ def test_big_endian_and_multi_section_files_agree_with_tshark(tmp_path: Path) ->
     pkts = []
     for i in range(3):
         p = Ether() / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1, dport=2) / (b"x" * (7 * i))
-        p.time = Decimal(1_700_000_000) + Decimal(i) / 3
+        p.time = Decimal(1_700_000_000) + Decimal(i) / 3  # type: ignore[assignment]  # scapy takes a Decimal
         pkts.append(p)
     files: dict[str, Path] = {}
     for name, kw in (("be.pcap", {"endianness": ">"}), ("be_ns.pcap", {"endianness": ">", "nano": True})):
