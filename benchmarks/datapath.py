@@ -91,12 +91,18 @@ def process_cpu_ns(pid: int) -> int:
     return (int(fields[11]) + int(fields[12])) * (1_000_000_000 // os.sysconf("SC_CLK_TCK"))
 
 
-def blast(mac_a: str, mac_b: str, count: int, flows: int,
+def blast(mac_a: str, mac_b: str, count: int, flows: int, vary: str = "port",
           probe: Callable[[], int] | None = None) -> tuple[float, float, int, float, float]:
-    """trafgen count frames; returns (wall ns/pkt, cpu ns/pkt, packets received, softirq ns/pkt,
+    """trafgen count frames over `flows` flows (distinct UDP source ports, or with vary="addr" distinct
+    source addresses from 10.1.0.0); returns (wall ns/pkt, cpu ns/pkt, packets received, softirq ns/pkt,
     probe ns/pkt) where probe is a monitor's own cost counter (BPF run time, process CPU time)."""
-    cfg = (f"{{ eth(da={mac_a}, sa={mac_b}), ipv4(saddr=10.250.0.2, daddr=10.250.0.99, ttl=64), "
-           f"udp(sp={f'dinc(1024, {1023 + flows}, 1)' if flows > 1 else '1024'}, dp=9), fill(0x41, 18) }}")
+    if vary == "addr" and flows > 1:
+        base = 0x0A010000
+        src, sport = f"dinc({base}, {base + flows - 1})", "1024"
+    else:
+        src, sport = "10.250.0.2", f"dinc(1024, {1023 + flows}, 1)" if flows > 1 else "1024"
+    cfg = (f"{{ eth(da={mac_a}, sa={mac_b}), ipv4(saddr={src}, daddr=10.250.0.99, ttl=64), "
+           f"udp(sp={sport}, dp=9), fill(0x41, 18) }}")
     p0 = probe() if probe else 0
     rx0, cpu0, t0 = rx_packets(), cpu_busy_ns(), time.monotonic_ns()
     _trafgen(cfg, count)
@@ -124,13 +130,49 @@ def best_of(runs: int, *a: object, probe: Callable[[], int] | None = None) -> tu
 
 
 def datapath(count: int, flows: int, runs: int) -> None:
-    mac_a, mac_b = setup()
-    prog = load_program(map_entries=65536)
+    r = measure(count, flows, runs)
+    base, bare, ipfx, soft, metered = r["none"], r["clsact only"], r["ipfixer"], r["softflowd"], r["metered"]
+    print(f"datapath: {count} x 64-byte UDP frames, {flows} flows, trafgen -> veth, best of {runs}")
+    print(f"  {'mode':<12}{'wall ns/pkt':>12}{'cpu ns/pkt':>12}{'softirq ns':>11}{'received':>10}"
+          f"{'cpu ratio':>10}")
+    for name, x in (("none", base), ("clsact only", bare), ("ipfixer", ipfx), ("softflowd", soft)):
+        print(f"  {name:<12}{x[0]:>12.0f}{x[1]:>12.0f}{x[3]:>11.0f}{x[2]:>10}{x[1] / base[1]:>10.2f}")
+    print("  (cpu = all CPUs' busy time / packets: includes anything else running on the machine)")
+    print(f"  ipfixer added {ipfx[1] - base[1]:.0f} cpu ns/pkt, softflowd {soft[1] - base[1]:.0f}; "
+          f"ipfixer metered {metered[0]:.0f} packets (all runs share the map)")
+    print(f"  own cost per packet: ipfixer classifier in the datapath {ipfx[4]:.0f} ns (kernel bpf_stats "
+          f"run_time_ns), softflowd process {soft[4]:.0f} ns (utime+stime; its AF_PACKET copy in the "
+          f"kernel comes on top); ratio ipfixer/softflowd {ipfx[4] / max(soft[4], 1):.2f}")
+    print(f"  throughput loss with ipfixer: wall {100 * (ipfx[0] / base[0] - 1):.1f}% per packet "
+          f"(trafgen offered load, single sender)")
+    prog = load_program(map_entries=1024)
     try:
-        base = best_of(runs, mac_a, mac_b, count, flows)
+        frame = bytes.fromhex("02" * 12 + "0800") + bytes.fromhex(
+            "4500002e000040004011000" + "0" + "0afa00020afa0063") + bytes(8) + b"A" * 18
+        prog_test_run(prog.ingress_fd, frame)
+        _, dur = prog_test_run(prog.ingress_fd, frame, repeat=1_000_000)
+    finally:
+        prog.close()
+    print(f"  classifier alone (BPF_PROG_TEST_RUN, existing flow): {dur} ns/run")
+    print(f"  shared hash vs per-CPU hash: {atomic_cost(frame)}")
+
+
+Result = tuple[float, float, int, float, float]
+
+
+def measure(count: int, flows: int, runs: int, map_entries: int = 65536, vary: str = "port",
+            drain_s: float = 1.0) -> dict[str, Result]:
+    """Best-of-runs figures with no monitor, a bare clsact hook, ipfixer (its drainer draining the map
+    every drain_s in a thread, as the daemon does) and softflowd; "metered": ipfixer's packet count."""
+    import threading
+
+    mac_a, mac_b = setup()
+    prog = load_program(map_entries=map_entries)
+    try:
+        base = best_of(runs, mac_a, mac_b, count, flows, vary)
         ns(NS_A, "tc", "qdisc", "add", "dev", VA, "clsact")
         try:
-            bare = best_of(runs, mac_a, mac_b, count, flows)  # the hook without any filter
+            bare = best_of(runs, mac_a, mac_b, count, flows, vary)  # the hook without any filter
         finally:
             ns(NS_A, "tc", "qdisc", "del", "dev", VA, "clsact")
         att = Attacher(prog.ingress_fd, prog.egress_fd, "both", netns=NS_A)
@@ -138,11 +180,21 @@ def datapath(count: int, flows: int, runs: int) -> None:
             att.attach(VA)
             stats_was = Path("/proc/sys/kernel/bpf_stats_enabled").read_text().strip()
             Path("/proc/sys/kernel/bpf_stats_enabled").write_text("1")  # the kernel times each run
+            d = Drainer(prog.flows, SystemClock(), 60 * 10**9, 15 * 10**9, sweep_drains=3)
+            stop = threading.Event()
+
+            def drainer() -> None:
+                while not stop.wait(drain_s):
+                    d.drain()
+
+            th = threading.Thread(target=drainer, daemon=True)
+            th.start()
             try:
-                ipfx = best_of(runs, mac_a, mac_b, count, flows, probe=lambda: prog_run_ns(prog.ingress_fd))
+                ipfx = best_of(runs, mac_a, mac_b, count, flows, vary, probe=lambda: prog_run_ns(prog.ingress_fd))
             finally:
+                stop.set()
+                th.join()
                 Path("/proc/sys/kernel/bpf_stats_enabled").write_text(stats_was)
-            d = Drainer(prog.flows, SystemClock(), 60 * 10**9, 60 * 10**9)
             metered = int(d.flush()["packets"].sum())
         finally:
             att.detach_all()
@@ -152,7 +204,7 @@ def datapath(count: int, flows: int, runs: int) -> None:
                                "-p", pid, "-c", ctl], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             time.sleep(1.0)
-            soft = best_of(runs, mac_a, mac_b, count, flows, probe=lambda: process_cpu_ns(sf.pid))
+            soft = best_of(runs, mac_a, mac_b, count, flows, vary, probe=lambda: process_cpu_ns(sf.pid))
         finally:
             sf.terminate()
             try:
@@ -162,25 +214,8 @@ def datapath(count: int, flows: int, runs: int) -> None:
                 sf.wait(timeout=10)
             for p in (pid, ctl):
                 Path(p).unlink(missing_ok=True)
-        print(f"datapath: {count} x 64-byte UDP frames, {flows} flows, trafgen -> veth, best of {runs}")
-        print(f"  {'mode':<12}{'wall ns/pkt':>12}{'cpu ns/pkt':>12}{'softirq ns':>11}{'received':>10}"
-              f"{'cpu ratio':>10}")
-        for name, r in (("none", base), ("clsact only", bare), ("ipfixer", ipfx), ("softflowd", soft)):
-            print(f"  {name:<12}{r[0]:>12.0f}{r[1]:>12.0f}{r[3]:>11.0f}{r[2]:>10}{r[1] / base[1]:>10.2f}")
-        print("  (cpu = all CPUs' busy time / packets: includes anything else running on the machine)")
-        print(f"  ipfixer added {ipfx[1] - base[1]:.0f} cpu ns/pkt, softflowd {soft[1] - base[1]:.0f}; "
-              f"ipfixer metered {metered} packets (last run, all runs share the map)")
-        print(f"  own cost per packet: ipfixer classifier in the datapath {ipfx[4]:.0f} ns (kernel bpf_stats "
-              f"run_time_ns), softflowd process {soft[4]:.0f} ns (utime+stime; its AF_PACKET copy in the "
-              f"kernel comes on top); ratio ipfixer/softflowd {ipfx[4] / max(soft[4], 1):.2f}")
-        print(f"  throughput loss with ipfixer: wall {100 * (ipfx[0] / base[0] - 1):.1f}% per packet "
-              f"(trafgen offered load, single sender)")
-        frame = bytes.fromhex("02" * 12 + "0800") + bytes.fromhex(
-            "4500002e000040004011000" + "0" + "0afa00020afa0063") + bytes(8) + b"A" * 18
-        prog_test_run(prog.ingress_fd, frame)
-        _, dur = prog_test_run(prog.ingress_fd, frame, repeat=1_000_000)
-        print(f"  classifier alone (BPF_PROG_TEST_RUN, existing flow): {dur} ns/run")
-        print(f"  shared hash vs per-CPU hash: {atomic_cost(frame)}")
+        return {"none": base, "clsact only": bare, "ipfixer": ipfx, "softflowd": soft,
+                "metered": (float(metered), 0.0, 0, 0.0, 0.0)}
     finally:
         prog.close()
         teardown()

@@ -13,9 +13,10 @@ update, not an insert, and a drain costs what changed plus a cheap read of the r
 - the expiry rule (flows/expiry.py) picks idle, active-timeout and FIN/RST flows; each is removed with
   BPF_MAP_LOOKUP_AND_DELETE_ELEM, atomic under its bucket lock, and what that returns is exported, so
   packets that arrived since the read are in the record, not lost;
-- when more than 3/4 of a whole-map read expires at once, per-key deletes would cost more than taking
+- when more than 3/4 of the map expires at once, per-key deletes would cost more than taking
   everything: BPF_MAP_LOOKUP_AND_DELETE_BATCH takes the map, expiring flows are exported and the rest
-  are put back with BPF_NOEXIST. A survivor the datapath re-created meanwhile (EEXIST) is carried in
+  are put back with BPF_NOEXIST. The deadlines of the last read (sorted) show such a drain coming,
+  which then skips its read. A survivor the datapath re-created meanwhile (EEXIST) is carried in
   userspace and merged (flows/rows.py) with the kernel's entry, taken atomically, at the next drain.
 "take_all" (the earlier design, kept for benchmarks/scale.py's comparison): every drain takes every
 entry and carries the live ones in userspace, re-merging all of them each time.
@@ -33,7 +34,7 @@ import numpy as np
 
 from ipfixer.clock import Clock
 from ipfixer.errors import KernelError
-from ipfixer.flows.expiry import expiry_reasons
+from ipfixer.flows.expiry import expiry_reasons, flow_deadlines
 from ipfixer.flows.rows import build_rows, concat, match_keys, merge, merge_leaves, select
 from ipfixer.kernel.program import libbpf, map_batch
 from ipfixer.model import EndReason, empty_batch, five_tuple_keys
@@ -61,6 +62,13 @@ def _lib() -> ctypes.CDLL:
 
 def _err(ret: int) -> int:
     return ctypes.get_errno() or -ret
+
+
+def _join(batches: list[np.ndarray]) -> np.ndarray:
+    out = [b for b in batches if len(b)]
+    if not out:
+        return empty_batch(0)
+    return out[0] if len(out) == 1 else np.concatenate(out)
 
 
 class Drainer:
@@ -97,6 +105,8 @@ class Drainer:
         self._token = ctypes.create_string_buffer(64)  # where the sweep resumes (a bucket index)
         self._resume = False
         self._swept = 0  # entries read in the current sweep cycle
+        self._deadlines = np.empty(0, dtype=np.int64)  # when the flows of the last sweep cycle expire
+        self._cycle_deadlines: list[np.ndarray] = []
         self.drains = 0
         self.kernel_entries = 0  # the map's fill as of the last whole read (what the fill-ratio metric shows)
         self.exported_flows = 0
@@ -141,6 +151,11 @@ class Drainer:
     # -- sweep ------------------------------------------------------------------------------------
     def _drain_sweep(self, at: int, end_keys: Collection[bytes], now_wall: int, now_mono: int) -> np.ndarray:
         out = [self._drain_carry(at, end_keys, now_wall, now_mono)] if len(self._carry_keys) else []
+        due = int(np.searchsorted(self._deadlines, at, side="right"))
+        if due > _MASS_SHARE * len(self._deadlines) and due > _MASS_MIN:
+            # The last read foresaw most of the map expiring by now: take it whole without reading first.
+            out.append(self._drain_mass(at, end_keys, now_wall, now_mono))
+            return _join(out)
         whole = self.sweep_drains == 1 or bool(end_keys)
         if whole:
             keys, leaves = map_batch(self.map_fd, self.key_dtype, self.leaf_dtype, self.capacity, delete=False)
@@ -153,13 +168,25 @@ class Drainer:
         go = np.flatnonzero(reasons)
         if whole and len(go) > _MASS_SHARE * max(len(keys), 1) and len(go) > _MASS_MIN:
             out.append(self._drain_mass(at, end_keys, now_wall, now_mono))
-        elif len(go):
+            return _join(out)
+        if len(go):
             k, lv, r = self._take_keys(select(keys, go), reasons[go])
             out.append(build_rows(k, lv, r, now_wall, now_mono))
-        out = [b for b in out if len(b)]
-        if not out:
-            return empty_batch(0)
-        return out[0] if len(out) == 1 else np.concatenate(out)
+        self._note_deadlines(keys, leaves, reasons == 0, whole)
+        return _join(out)
+
+    def _note_deadlines(self, keys: np.ndarray, leaves: np.ndarray, kept: np.ndarray, whole: bool) -> None:
+        """Remember when the flows just read will expire (sorted), per sweep cycle, so a drain can see
+        a mass expiry coming without reading the map first."""
+        d = flow_deadlines(leaves["first_ns"][kept], leaves["last_ns"][kept], leaves["tcp_flags"][kept],
+                           keys["protocol"][kept], self.idle_timeout_ns, self.active_timeout_ns)
+        if whole:
+            self._deadlines, self._cycle_deadlines = np.sort(d), []
+            return
+        self._cycle_deadlines.append(d)
+        if not self._resume:  # this slice finished a cycle
+            self._deadlines = np.sort(np.concatenate(self._cycle_deadlines))
+            self._cycle_deadlines = []
 
     def _read_slice(self, limit: int) -> tuple[np.ndarray, np.ndarray]:
         """Up to about `limit` entries with BPF_MAP_LOOKUP_BATCH, from where the last slice ended;
@@ -220,7 +247,11 @@ class Drainer:
         reasons = self._reasons(keys, leaves, at, end_keys)
         go = reasons != 0
         batch = build_rows(select(keys, go), select(leaves, go), reasons[go], now_wall, now_mono)
-        self._put_back(select(keys, ~go), select(leaves, ~go))
+        kept_keys, kept_leaves = select(keys, ~go), select(leaves, ~go)
+        self._put_back(kept_keys, kept_leaves)
+        self._note_deadlines(kept_keys, kept_leaves, np.ones(len(kept_keys), dtype=bool), True)
+        self._resume, self._swept = False, 0
+        self.kernel_entries = len(kept_keys)
         return batch
 
     def _put_back(self, keys: np.ndarray, leaves: np.ndarray) -> None:
@@ -278,6 +309,7 @@ class Drainer:
         now_mono = self.clock.mono_ns()
         keys, leaves = self._take_everything()
         self._resume, self._swept = False, 0
+        self._deadlines, self._cycle_deadlines = np.empty(0, dtype=np.int64), []
         batch = build_rows(keys, leaves, EndReason.FORCED_END, now_wall, now_mono)
         self.exported_flows += len(batch)
         return batch

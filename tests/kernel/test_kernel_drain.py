@@ -172,3 +172,19 @@ def test_a_put_back_flow_recreated_meanwhile_is_carried_and_merged(program: Any)
     assert len(d.drain()) == 0 and d.carried == 0  # merged and now back in the kernel map
     prog_test_run(program.ingress_fd, udp(7))
     assert [(int(r["src_port"]), int(r["packets"])) for r in d.flush()] == [(7, 4)]
+
+
+def test_a_foreseen_mass_expiry_takes_the_map_without_reading_it_first(program: Any) -> None:
+    idle = 500 * MS
+    now = time.monotonic_ns()
+    fill_map(program, 3000, first_ns=now - idle + 150 * MS)  # alive now, idle in 150 ms
+    fill_map(program, 100, first_ns=now, base=100_000)
+    d = Drainer(program.flows, SystemClock(), 3600_000 * MS, idle)
+    assert len(d.drain()) == 0 and d.read_entries == 3100 and d.mass_drains == 0
+    time.sleep(0.2)
+    d.read_entries = -1
+    batch = d.drain()
+    assert d.mass_drains == 1 and d.read_entries == -1  # taken whole, no read first
+    assert len(batch) == 3000 and set(batch["end_reason"].tolist()) == {EndReason.IDLE_TIMEOUT}
+    assert len(program.flows.items()) + d.carried == 100
+    assert int(d.flush()["packets"].sum()) == 100
