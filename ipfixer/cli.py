@@ -74,6 +74,10 @@ def _cmd_decode(args: argparse.Namespace) -> int:
 
     if args.pcap:
         return decode_pcap(Path(args.pcap), as_json=args.json, port=args.port)
+    if args.file:
+        from ipfixer.export.files import decode_file
+
+        return decode_file(Path(args.file), as_json=args.json)
     return listen_and_print(args.listen, args.port, as_json=args.json, count=args.count, timeout_s=args.timeout)
 
 
@@ -81,6 +85,11 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     from ipfixer.replay import replay_pcap
 
     config = _load_checked(args.config)
+    if args.output:  # the capture becomes an IPFIX File (RFC 5655) instead of going to the collectors
+        from ipfixer.config import CollectorConfig
+
+        out = CollectorConfig(transport="file", path=Path(args.output), max_message_size=65507)
+        config = config.model_copy(update={"collectors": (out,)})
     summary = replay_pcap(Path(args.pcap), config, progress=not args.quiet)
     print(json.dumps(summary, sort_keys=True))
     return EXIT_OK
@@ -153,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--listen", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     dec.add_argument("--port", type=int, default=4739, help="UDP port (default: %(default)s)")
     dec.add_argument("--pcap", default=None, help="read datagrams from a capture file instead")
+    dec.add_argument("--file", default=None, help="read an IPFIX File (RFC 5655) instead")
     dec.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     dec.add_argument("--count", type=int, default=None, help="stop after this many messages")
     dec.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
@@ -162,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("pcap")
     rep.add_argument("--config", "-c", default=str(DEFAULT_CONFIG))
     rep.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    rep.add_argument("--output", "-o", default=None, help="write an IPFIX File (RFC 5655) instead of exporting")
     rep.set_defaults(func=_cmd_replay)
 
     st = sub.add_parser("stats", help="show a running daemon's counters")

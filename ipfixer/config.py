@@ -167,6 +167,8 @@ def resolve_collectors(config: Config, source: str, timeout_s: float = RESOLVE_T
             results[i] = f"does not resolve: {e.strerror if isinstance(e, socket.gaierror) else e}"
 
     for i, c in enumerate(config.collectors):
+        if c.transport == "file":
+            continue
         try:
             ipaddress.ip_address(c.address)
             continue
@@ -217,13 +219,19 @@ class InterfacesConfig(BaseModel):
 
 
 class CollectorConfig(BaseModel):
-    """One export destination over UDP."""
+    """One export destination: UDP to address:port, or RFC 5655 IPFIX files (transport: file)."""
 
     model_config = _MODEL
 
     name: str = Field(default="", description="label in logs and metrics; default '<address>:<port>'")
-    address: NonEmptyStr = Field(description="IP address or host name (resolved when the exporter starts)")
+    address: str = Field(default="", description="IP address or host name (resolved when the exporter starts); "
+                                                 "required for udp, empty for file")
     port: Port = 4739
+    transport: Literal["udp", "file"] = Field(default="udp", description="udp, or file: IPFIX files at path")
+    path: Path | None = Field(default=None, description="file: where to write; rotated files are named "
+                                                        "<stem>.<UTC time>.<n><suffix>")
+    rotate_size: StrictInt = Field(default=0, ge=0, description="file: start a new file after this many bytes (0 = never)")
+    rotate_interval: Duration | None = Field(default=None, description="file: start a new file this often (null = never)")
     protocol: Literal["ipfix", "netflow9"] = "ipfix"
     template_refresh: Duration = Field(default=30.0, description="resend templates at least this often")
     template_refresh_messages: StrictInt = Field(
@@ -234,10 +242,24 @@ class CollectorConfig(BaseModel):
     @field_validator("address")
     @classmethod
     def _address(cls, value: str) -> str:
-        return _check_host(value)
+        return _check_host(value) if value else value
 
     @model_validator(mode="after")
     def _default_name(self) -> CollectorConfig:
+        if self.transport == "file":
+            if self.path is None:
+                raise ValueError("path: required with transport: file")
+            if self.address:
+                raise ValueError(f"address: a file collector has none (got {self.address!r})")
+            if self.protocol != "ipfix":
+                raise ValueError(f"protocol: IPFIX files (RFC 5655) hold IPFIX only (got {self.protocol!r})")
+            if not self.name:
+                object.__setattr__(self, "name", f"file:{self.path}")
+            return self
+        if not self.address:
+            raise ValueError("address: required (an IP address or host name)")
+        if self.path is not None or self.rotate_size or self.rotate_interval is not None:
+            raise ValueError("path, rotate_size and rotate_interval are for transport: file only")
         if not self.name:
             host = f"[{self.address}]" if ":" in self.address else self.address
             object.__setattr__(self, "name", f"{host}:{self.port}")  # frozen: set once, while validating
@@ -367,14 +389,15 @@ class Config(BaseModel):
     @classmethod
     def _unique(cls, value: tuple[CollectorConfig, ...]) -> tuple[CollectorConfig, ...]:
         _non_empty(value)
-        endpoints: dict[tuple[str, int], int] = {}
+        endpoints: dict[tuple[str, int | str], int] = {}
         names: dict[str, int] = {}
         for i, c in enumerate(value):
-            if (c.address, c.port) in endpoints:
-                raise ValueError(f"collectors {endpoints[(c.address, c.port)]} and {i} are both {c.name}")
+            where = (c.address, c.port) if c.transport == "udp" else ("file", str(c.path))
+            if where in endpoints:
+                raise ValueError(f"collectors {endpoints[where]} and {i} are both {c.name}")
             if c.name in names:
                 raise ValueError(f"collectors {names[c.name]} and {i} have the same name {c.name!r}")
-            endpoints[(c.address, c.port)] = i
+            endpoints[where] = i
             names[c.name] = i
         return value
 

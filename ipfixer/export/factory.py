@@ -47,20 +47,30 @@ def load_config_templates(config: Config) -> tuple[dict[int, Template], list[Tem
 def build_exporter(config: Config, boot_wall_ns: int) -> Exporter:
     """One ExportSession and UdpTransport per configured collector."""
     data, options = load_config_templates(config)
-    collectors: list[tuple[str, ExportSession, UdpTransport]] = []
+    collectors: list[tuple[str, ExportSession, Any]] = []  # UdpTransport or export.files.FileTransport
     try:
         for c in config.collectors:
+            to_file = c.transport == "file"
             session = ExportSession(
                 c.protocol,
                 config.observation_domain_id,
                 data,
                 options,
                 max_message_size=c.max_message_size,
-                template_refresh_s=c.template_refresh,
-                template_refresh_messages=c.template_refresh_messages,
+                template_refresh_s=0 if to_file else c.template_refresh,  # a file: templates once per file
+                template_refresh_messages=0 if to_file else c.template_refresh_messages,
                 boot_wall_ns=boot_wall_ns,
             )
-            collectors.append((c.name, session, UdpTransport(c.address, c.port)))
+            transport: Any
+            if to_file:
+                from ipfixer.export.files import FileTransport
+
+                assert c.path is not None  # CollectorConfig requires it for transport: file
+                transport = FileTransport(c.path, c.rotate_size, c.rotate_interval)
+                transport.on_rotate = session.reset  # RFC 5655 8.1: each file starts with the templates
+            else:
+                transport = UdpTransport(c.address, c.port)
+            collectors.append((c.name, session, transport))
     except BaseException:
         for _, _, transport in collectors:
             transport.close()
