@@ -343,6 +343,13 @@ class EnrichmentConfig(BaseModel):
     nat_events: StrictBool = False
     cgroups: StrictBool = False
     nflog_group: StrictInt = Field(default=5, ge=0, le=65535)
+    # conntrack table kept by ipfixer (ipfixer/enrich/ctsync.py): its bound, how often it is re-dumped
+    # (also after every event overrun), and the event socket's receive buffer
+    conntrack_max_entries: StrictInt = Field(default=2_097_152, ge=1024, le=1 << 26)
+    conntrack_resync_interval: Duration = Field(default=60.0, description="full conntrack re-dump period")
+    conntrack_events_buffer: StrictInt = Field(
+        default=16 << 20, ge=4096, le=1 << 30, description="bytes; events beyond it overrun (then a resync)"
+    )
 
 
 class MetricsConfig(BaseModel):

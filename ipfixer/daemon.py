@@ -173,6 +173,7 @@ class Daemon:
         if self._enrichment is not None:
             try:
                 self._metrics.count_enriched(self._enrichment.enrich(batch))
+                self._metrics.update_enrichment(self._enrichment.counters())
             except IpfixerError as exc:
                 log.warning("enrichment failed: %s", exc)
         now = self.clock.wall_ns()

@@ -21,6 +21,19 @@ from ipfixer.config import split_host_port
 from ipfixer.errors import ConfigError, IpfixerError
 
 DIRECTIONS = ("ingress", "egress")
+ENRICHMENT_COUNTERS = {
+    "hits": "Flow rows matched to a conntrack entry",
+    "misses": "Flow rows (not ICMP errors) that matched no conntrack entry",
+    "unmatched": "Flow rows left without conntrack data (misses and unmatched ICMP errors)",
+    "evictions": "Conntrack entries dropped because ipfixer's table was full",
+    "event_overruns": "Times the conntrack event socket overran (ENOBUFS: events lost, resync follows)",
+    "overrun_resyncs": "Conntrack re-dumps started because events were lost",
+    "dumps": "Complete conntrack table dumps",
+    "dump_errors": "Conntrack dumps that failed or timed out",
+    "events": "Conntrack events read",
+    "dropped_events": "Conntrack events dropped because a bounded queue was full",
+    "parse_errors": "Malformed ctnetlink messages skipped",
+}
 # Drains take from well under a millisecond (idle box) to a large fraction of a second (full map).
 DRAIN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -92,6 +105,12 @@ class Metrics:
         self.conntrack_enrichments = Counter(
             "ipfixer_conntrack_enrichments", "Flows enriched with conntrack / NAT data", registry=r
         )
+        # enrichment counters (ipfixer/enrich/pipeline.py Enrichment.counters): name -> Counter
+        self.enrichment = {
+            name: Counter(f"ipfixer_conntrack_{name}", help_, registry=r)
+            for name, help_ in ENRICHMENT_COUNTERS.items()
+        }
+        self._enrichment_seen: dict[str, int] = {}
         for direction in DIRECTIONS:
             self.packets_observed.labels(direction)
             self.octets_observed.labels(direction)
@@ -118,6 +137,15 @@ class Metrics:
         """An enricher filled `rows` flows (its enrich() return value)."""
         if rows > 0:
             self.conntrack_enrichments.inc(rows)
+
+    def update_enrichment(self, totals: dict[str, int]) -> None:
+        """Turn the enrichment's cumulative counters into counter increments (unknown names ignored)."""
+        for name, value in totals.items():
+            counter = self.enrichment.get(name)
+            delta = value - self._enrichment_seen.get(name, 0)
+            if counter is not None and delta > 0:
+                counter.inc(delta)
+            self._enrichment_seen[name] = value
 
     def count_flows(self, batch: np.ndarray) -> None:
         """Flows handed to the exporter (a FLOW_DTYPE batch), and, unless a meter reports them live

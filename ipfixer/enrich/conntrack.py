@@ -1,52 +1,40 @@
-"""Conntrack enrichment: post-NAT addresses/ports, mark, zone and an OVN-style state bitmask for flows
-(the NEW/DESTROY event stream is in ipfixer.enrich.events).
+"""Conntrack enrichment: post-NAT addresses/ports, mark, zone and an OVN-style state bitmask for flows.
 
-Netlink I/O is done on plain `socket.socket`s (AF_NETLINK, NETLINK_NETFILTER) created inside the
-wanted network namespace; message bodies are decoded (and the dump request encoded) with pyroute2's
-ctnetlink declarations (`pyroute2.netlink.nfnetlink.nfctsocket.nfct_msg`). Why not `NFCTSocket` itself:
-in pyroute2 0.9 it runs an asyncio loop bound to the creating thread, while the daemon dumps from its
-drain thread and reads events from another; a raw socket is thread-agnostic and lets us bound every
-wait with select(). Namespaces: a socket keeps the netns it was created in, so `socket_in_netns` creates
-it in a short-lived thread that first setns()es into /var/run/netns/<name> (setns(CLONE_NEWNET) only
-changes the calling thread); the rest of the process stays where it is.
+The kernel side (sockets, dump, event decoding) is ipfixer.enrich.ctnetlink; keeping the table in
+step with the kernel off the export loop is ipfixer.enrich.ctsync; the NEW/DESTROY event stream and
+NAT event records are ipfixer.enrich.events. This module is the model and the join:
+
+- `CtIndex`: an immutable snapshot of entries (CT_DTYPE rows from one dump) with a sorted 64-bit hash
+  index over the four role keys of every entry, so a whole batch of flows is matched with one
+  `np.searchsorted` (and verified byte for byte, so a hash collision is a miss, never a wrong match).
+- `ConntrackTable`: that snapshot plus a bounded delta of entries learned from events since, joined
+  to flow batches by `enrich`, with hit/miss/evict/unmatched counters.
 """
 
 from __future__ import annotations
 
-import collections
 import errno
-import ipaddress
 import logging
-import os
-import select
 import socket
-import struct
-import time
-from collections.abc import Iterable
+import threading
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
-from pyroute2.netlink.nfnetlink.nfctsocket import nfct_msg
 
+from ipfixer.enrich.ctnetlink import (
+    CT_DTYPE,
+    NETLINK_NETFILTER,
+    DumpTimeout,
+    ParseStats,
+    dump_conntrack,
+    open_ctnetlink,
+)
 from ipfixer.model import FIVE_TUPLE_STRUCT, V4_MAPPED_PREFIX, five_tuple_keys
-from ipfixer.netns import socket_in_netns
 
 log = logging.getLogger(__name__)
 
-NETLINK_NETFILTER = 12
-NFNL_SUBSYS_CTNETLINK = 1
-IPCTNL_MSG_CT_NEW = 0
-IPCTNL_MSG_CT_GET = 1
-IPCTNL_MSG_CT_DELETE = 2
-NFNLGRP_CONNTRACK_NEW = 1
-NFNLGRP_CONNTRACK_DESTROY = 3
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-NLM_F_REQUEST = 0x1
-NLM_F_DUMP = 0x300
-SOL_NETLINK = 270
-NETLINK_ADD_MEMBERSHIP = 1
+__all__ = ["NETLINK_NETFILTER", "CtIndex", "ConnKey", "ConntrackEntry", "ConntrackTable", "CtTuple"]
 
 # enum ip_conntrack_status (include/uapi/linux/netfilter/nf_conntrack_common.h)
 IPS_EXPECTED = 1 << 0
@@ -55,22 +43,13 @@ IPS_ASSURED = 1 << 2
 IPS_CONFIRMED = 1 << 3
 IPS_SRC_NAT = 1 << 4
 IPS_DST_NAT = 1 << 5
-IPS_SEQ_ADJUST = 1 << 6
-IPS_SRC_NAT_DONE = 1 << 7
-IPS_DST_NAT_DONE = 1 << 8
-IPS_DYING = 1 << 9
-IPS_FIXED_TIMEOUT = 1 << 10
-IPS_TEMPLATE = 1 << 11
 IPS_UNTRACKED = 1 << 12
-IPS_HELPER = 1 << 13
-IPS_OFFLOAD = 1 << 14
-IPS_HW_OFFLOAD = 1 << 15
 _IPS_NAMES = [
     "EXPECTED", "SEEN_REPLY", "ASSURED", "CONFIRMED", "SRC_NAT", "DST_NAT", "SEQ_ADJUST", "SRC_NAT_DONE",
     "DST_NAT_DONE", "DYING", "FIXED_TIMEOUT", "TEMPLATE", "UNTRACKED", "HELPER", "OFFLOAD", "HW_OFFLOAD",
 ]  # fmt: skip
 
-# ct_state bitmask, OVN semantics (ovs-fields(7) ct_state)
+# ct_state bitmask, OVN semantics (ovs-fields(7) ct_state; /work/shared/reference OVN flags)
 CT_NEW = 0x01
 CT_ESTABLISHED = 0x02
 CT_RELATED = 0x04
@@ -82,7 +61,7 @@ CT_DNAT = 0x80
 
 _ICMP_PROTOS = (1, 58)
 _ICMP_ERROR_TYPES = {1: (3, 4, 5, 11, 12), 58: (1, 2, 3, 4)}  # dest unreach, quench, redirect, time, param
-
+HAS_GONE = 0x10  # CT_DTYPE["has"]: carried over from an older snapshot, absent from the latest dump
 
 
 class ConnKey(NamedTuple):
@@ -137,27 +116,8 @@ class CtCounter:
 
 
 @dataclass(frozen=True, slots=True)
-class CtNatRange:
-    """CTA_NAT_SRC/DST (only in ctnetlink requests and some events): address and port range."""
-
-    min_ip: str | None = None
-    max_ip: str | None = None
-    min_port: int | None = None
-    max_port: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class CtSeqAdj:
-    """CTA_SEQ_ADJ_ORIG/REPLY: TCP sequence rewriting by helpers (e.g. FTP NAT)."""
-
-    correction_pos: int | None = None
-    offset_before: int | None = None
-    offset_after: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class ConntrackEntry:
-    """One kernel conntrack entry; every field optional because kernels and sysctls differ."""
+    """One kernel conntrack entry as an object (events, tests); tables keep CT_DTYPE rows instead."""
 
     id: int | None = None
     origin: CtTuple | None = None
@@ -170,17 +130,8 @@ class ConntrackEntry:
     use: int | None = None
     zone: int | None = None
     mark: int | None = None
-    mark_mask: int | None = None
     timestamp_start_ns: int | None = None  # wall clock, needs nf_conntrack_timestamp=1
     timestamp_stop_ns: int | None = None
-    helper: str | None = None
-    nat_src: CtNatRange | None = None
-    nat_dst: CtNatRange | None = None
-    seq_adj_orig: CtSeqAdj | None = None
-    seq_adj_reply: CtSeqAdj | None = None
-    sec_ctx: str | None = None
-    sec_mark: int | None = None
-    labels: int | None = None
 
     @property
     def status_names(self) -> list[str]:
@@ -193,22 +144,18 @@ class ConntrackEntry:
         """Source translated: IPS_SRC_NAT, or the reply is not addressed to the origin's source."""
         if (self.status or 0) & IPS_SRC_NAT:
             return True
-        if self.origin is None or self.reply is None:
+        if self.origin is None or self.reply is None or self.origin.proto in _ICMP_PROTOS:
             return False
-        return (self.reply.dst, self.reply.ports[1]) != (self.origin.src, self.origin.ports[0]) and (
-            self.origin.proto not in _ICMP_PROTOS
-        )
+        return (self.reply.dst, self.reply.ports[1]) != (self.origin.src, self.origin.ports[0])
 
     @property
     def dnat(self) -> bool:
         """Destination translated: IPS_DST_NAT, or the reply does not come from the origin's dest."""
         if (self.status or 0) & IPS_DST_NAT:
             return True
-        if self.origin is None or self.reply is None:
+        if self.origin is None or self.reply is None or self.origin.proto in _ICMP_PROTOS:
             return False
-        return (self.reply.src, self.reply.ports[0]) != (self.origin.dst, self.origin.ports[1]) and (
-            self.origin.proto not in _ICMP_PROTOS
-        )
+        return (self.reply.src, self.reply.ports[0]) != (self.origin.dst, self.origin.ports[1])
 
     @property
     def ipv6(self) -> bool:
@@ -217,265 +164,288 @@ class ConntrackEntry:
         return src is not None and src[:12] != V4_MAPPED_PREFIX
 
     def ct_state(self, reply_direction: bool) -> int:
-        """OVN ct_state bits for a packet of this connection (see ConntrackTable.enrich)."""
-        status = self.status or 0
-        if status & IPS_UNTRACKED:
-            return 0
-        state = CT_TRACKED
-        if status & IPS_SEEN_REPLY:
-            state |= CT_ESTABLISHED
-        elif not status & IPS_EXPECTED:
-            state |= CT_NEW
-        if status & IPS_EXPECTED:
-            state |= CT_RELATED
-        if reply_direction:
-            state |= CT_REPLY
-        if self.snat:
-            state |= CT_SNAT
-        if self.dnat:
-            state |= CT_DNAT
-        return state
+        """OVN ct_state bits for a flow of this connection (see ct_state_bits)."""
+        row = self.to_row()
+        return int(ct_state_bits(np.asarray([row], dtype=CT_DTYPE), np.asarray([reply_direction]))[0])
 
     def role_keys(self) -> list[tuple[ConnKey, bool]]:
-        """The four keys a meter can see for this connection, with 'is reply direction'.
-
-        Origin direction before NAT = origin tuple; after NAT = reply tuple reversed. Reply direction
-        before de-NAT = reply tuple; after = origin tuple reversed. Without NAT these coincide pairwise;
-        the first listed wins. ICMP reversed keys take the other tuple's type/code (echo vs echo-reply).
-        """
+        """The four keys a meter can see for this connection, with 'is reply direction' (see role_keys)."""
         if self.origin is None or self.reply is None:
             return []
-        o, r = self.origin.key(), self.reply.key()
-        icmp = o.protocol in _ICMP_PROTOS
-        inv_r = ConnKey(
-            o.protocol,
-            r.dst_addr,
-            r.src_addr,
-            *((o.src_port, o.dst_port) if icmp else (r.dst_port, r.src_port)),
-        )
-        inv_o = ConnKey(
-            o.protocol,
-            o.dst_addr,
-            o.src_addr,
-            *((r.src_port, r.dst_port) if icmp else (o.dst_port, o.src_port)),
-        )
-        return [(o, False), (r, True), (inv_r, False), (inv_o, True)]
+        words = role_key_array(np.asarray([self.to_row()], dtype=CT_DTYPE))
+        out = []
+        for role in range(4):
+            raw = words[role, 0].tobytes()[: FIVE_TUPLE_STRUCT.size]
+            out.append((ConnKey(*FIVE_TUPLE_STRUCT.unpack(raw)), role in (1, 3)))
+        return out
+
+    def to_row(self) -> np.void:
+        """This entry as one CT_DTYPE row."""
+        row = np.zeros((), dtype=CT_DTYPE)
+        o, r = self.origin or CtTuple(), self.reply or CtTuple()
+        row["proto"] = o.proto or 0
+        row["o_src"] = np.frombuffer(o.src or bytes(16), np.uint8)
+        row["o_dst"] = np.frombuffer(o.dst or bytes(16), np.uint8)
+        row["o_sport"], row["o_dport"] = o.ports
+        row["r_src"] = np.frombuffer(r.src or bytes(16), np.uint8)
+        row["r_dst"] = np.frombuffer(r.dst or bytes(16), np.uint8)
+        row["r_sport"], row["r_dport"] = r.ports
+        row["icmp_id"] = o.icmp_id or 0
+        row["status"], row["mark"], row["zone"] = self.status or 0, self.mark or 0, self.zone or 0
+        row["id"] = self.id or 0
+        row["ts_start"], row["ts_stop"] = self.timestamp_start_ns or 0, self.timestamp_stop_ns or 0
+        out: np.void = row[()]  # type: ignore[assignment]
+        return out
 
     @classmethod
-    def from_netlink(cls, msg: Any) -> ConntrackEntry:
-        """Decode a pyroute2 nfct_msg (dump reply or event)."""
-        tcp_state = None
-        proto_info = msg.get_attr("CTA_PROTOINFO")
-        if proto_info is not None:
-            tcp = proto_info.get_attr("CTA_PROTOINFO_TCP")
-            if tcp is not None:
-                tcp_state = tcp.get_attr("CTA_PROTOINFO_TCP_STATE")
-        ts = msg.get_attr("CTA_TIMESTAMP")
-        secctx = msg.get_attr("CTA_SECCTX")
+    def from_row(cls, row: np.void) -> ConntrackEntry:
+        """A CT_DTYPE row (dump or event) as an entry object."""
+        proto = int(row["proto"])
+        icmp = proto in _ICMP_PROTOS
+
+        def tup(prefix: str, icmp_id: int | None) -> CtTuple:
+            sp, dp = int(row[f"{prefix}_sport"]), int(row[f"{prefix}_dport"])
+            return CtTuple(
+                bytes(row[f"{prefix}_src"]), bytes(row[f"{prefix}_dst"]), proto,
+                None if icmp else sp, None if icmp else dp, icmp_id,
+                (dp >> 8) if icmp else None, (dp & 0xFF) if icmp else None,
+            )  # fmt: skip
+
+        has = int(row["has"])
+        counted = bool(has & 1)
         return cls(
-            id=msg.get_attr("CTA_ID"),
-            origin=_tuple(msg.get_attr("CTA_TUPLE_ORIG")),
-            reply=_tuple(msg.get_attr("CTA_TUPLE_REPLY")),
-            tcp_state=tcp_state,
-            counter_origin=_counter(msg.get_attr("CTA_COUNTERS_ORIG")),
-            counter_reply=_counter(msg.get_attr("CTA_COUNTERS_REPLY")),
-            timeout_s=msg.get_attr("CTA_TIMEOUT"),
-            status=msg.get_attr("CTA_STATUS"),
-            use=msg.get_attr("CTA_USE"),
-            zone=msg.get_attr("CTA_ZONE"),
-            mark=msg.get_attr("CTA_MARK"),
-            mark_mask=msg.get_attr("CTA_MARK_MASK"),
-            timestamp_start_ns=ts.get_attr("CTA_TIMESTAMP_START") if ts is not None else None,
-            timestamp_stop_ns=ts.get_attr("CTA_TIMESTAMP_STOP") if ts is not None else None,
-            helper=_helper(msg),
-            nat_src=_nat(msg.get_attr("CTA_NAT_SRC")),
-            nat_dst=_nat(msg.get_attr("CTA_NAT_DST")),
-            seq_adj_orig=_seqadj(msg.get_attr("CTA_SEQ_ADJ_ORIG")),
-            seq_adj_reply=_seqadj(msg.get_attr("CTA_SEQ_ADJ_REPLY")),
-            sec_ctx=secctx.get_attr("CTA_SECCTX_NAME") if secctx is not None else None,
-            sec_mark=msg.get_attr("CTA_SECMARK"),
-            labels=msg.get_attr("CTA_LABELS"),
+            id=int(row["id"]) or None,
+            origin=tup("o", int(row["icmp_id"]) if icmp else None),
+            reply=tup("r", int(row["icmp_id"]) if icmp else None),
+            tcp_state=int(row["tcp_state"]) if proto == 6 else None,
+            counter_origin=CtCounter(int(row["o_packets"]), int(row["o_bytes"])) if counted else None,
+            counter_reply=CtCounter(int(row["r_packets"]), int(row["r_bytes"])) if counted else None,
+            timeout_s=int(row["timeout"]),
+            status=int(row["status"]),
+            use=int(row["use"]),
+            zone=int(row["zone"]),
+            mark=int(row["mark"]),
+            timestamp_start_ns=int(row["ts_start"]) if has & 2 else None,
+            timestamp_stop_ns=int(row["ts_stop"]) if has & 4 else None,
         )
 
 
-def _addr16(text: str | None) -> bytes | None:
-    if text is None:
-        return None
-    ip = ipaddress.ip_address(text)
-    return (V4_MAPPED_PREFIX + ip.packed) if ip.version == 4 else ip.packed
+# -- vectorised keys, hashes and state --------------------------------------------------------------
+_KEY_DTYPE = np.dtype([("p", "u1"), ("s", "u1", (16,)), ("d", "u1", (16,)), ("sp", ">u2"), ("dp", ">u2"),
+                       ("pad", "u1", (3,))])  # fmt: skip
+assert _KEY_DTYPE.itemsize == 40  # the packed 5-tuple (model.FIVE_TUPLE_STRUCT) + 3 zero bytes = 5 words
 
 
-def _tuple(nla: Any) -> CtTuple | None:
-    if nla is None:
-        return None
-    ip, proto = nla.get_attr("CTA_TUPLE_IP"), nla.get_attr("CTA_TUPLE_PROTO")
-    src = dst = None
-    if ip is not None:
-        src = _addr16(ip.get_attr("CTA_IP_V4_SRC") or ip.get_attr("CTA_IP_V6_SRC"))
-        dst = _addr16(ip.get_attr("CTA_IP_V4_DST") or ip.get_attr("CTA_IP_V6_DST"))
-    if proto is None:
-        return CtTuple(src=src, dst=dst)
-
-    def first(*names: str) -> Any:
-        for name in names:
-            value = proto.get_attr(name)
-            if value is not None:
-                return value
-        return None
-
-    return CtTuple(
-        src=src,
-        dst=dst,
-        proto=proto.get_attr("CTA_PROTO_NUM"),
-        sport=proto.get_attr("CTA_PROTO_SRC_PORT"),
-        dport=proto.get_attr("CTA_PROTO_DST_PORT"),
-        icmp_id=first("CTA_PROTO_ICMP_ID", "CTA_PROTO_ICMPV6_ID"),
-        icmp_type=first("CTA_PROTO_ICMP_TYPE", "CTA_PROTO_ICMPV6_TYPE"),
-        icmp_code=first("CTA_PROTO_ICMP_CODE", "CTA_PROTO_ICMPV6_CODE"),
-    )
+def _words(proto: np.ndarray, src: np.ndarray, dst: np.ndarray, sp: np.ndarray, dp: np.ndarray) -> np.ndarray:
+    keys = np.zeros(len(proto), dtype=_KEY_DTYPE)
+    keys["p"], keys["s"], keys["d"], keys["sp"], keys["dp"] = proto, src, dst, sp, dp
+    return keys.view("<u8").reshape(len(proto), 5)
 
 
-def _counter(nla: Any) -> CtCounter | None:
-    if nla is None:
-        return None
-    pkts = nla.get_attr("CTA_COUNTERS_PACKETS")
-    byts = nla.get_attr("CTA_COUNTERS_BYTES")
-    if pkts is None:
-        pkts, byts = nla.get_attr("CTA_COUNTERS32_PACKETS"), nla.get_attr("CTA_COUNTERS32_BYTES")
-    return CtCounter(packets=pkts or 0, bytes=byts or 0)
+def role_key_array(rows: np.ndarray) -> np.ndarray:
+    """(4, n, 5) key words of every entry's four roles.
+
+    Role 0: origin tuple (origin direction, before NAT); 1: reply tuple (reply direction, before
+    de-NAT); 2: reply tuple reversed (origin direction after NAT); 3: origin reversed (reply direction
+    after de-NAT). Without NAT 0 == 2 and 1 == 3. ICMP reversed keys take the other tuple's type/code
+    (echo vs echo-reply)."""
+    p = rows["proto"]
+    icmp = np.isin(p, _ICMP_PROTOS)
+    inv_r_sp = np.where(icmp, rows["o_sport"], rows["r_dport"])
+    inv_r_dp = np.where(icmp, rows["o_dport"], rows["r_sport"])
+    inv_o_sp = np.where(icmp, rows["r_sport"], rows["o_dport"])
+    inv_o_dp = np.where(icmp, rows["r_dport"], rows["o_sport"])
+    return np.stack([
+        _words(p, rows["o_src"], rows["o_dst"], rows["o_sport"], rows["o_dport"]),
+        _words(p, rows["r_src"], rows["r_dst"], rows["r_sport"], rows["r_dport"]),
+        _words(p, rows["r_dst"], rows["r_src"], inv_r_sp, inv_r_dp),
+        _words(p, rows["o_dst"], rows["o_src"], inv_o_sp, inv_o_dp),
+    ])  # fmt: skip
 
 
-def _nat(nla: Any) -> CtNatRange | None:
-    if nla is None:
-        return None
-    proto = nla.get_attr("CTA_NAT_PROTO")
-    return CtNatRange(
-        min_ip=nla.get_attr("CTA_NAT_V4_MINIP") or nla.get_attr("CTA_NAT_V6_MINIP"),
-        max_ip=nla.get_attr("CTA_NAT_V4_MAXIP") or nla.get_attr("CTA_NAT_V6_MAXIP"),
-        min_port=proto.get_attr("CTA_PROTONAT_PORT_MIN") if proto is not None else None,
-        max_port=proto.get_attr("CTA_PROTONAT_PORT_MAX") if proto is not None else None,
-    )
+def flow_key_words(batch: np.ndarray) -> np.ndarray:
+    """(n, 5) key words of a FLOW_DTYPE batch (the same bytes as model.five_tuple_keys)."""
+    return _words(batch["protocol"], batch["src_addr"], batch["dst_addr"], batch["src_port"], batch["dst_port"])
 
 
-def _seqadj(nla: Any) -> CtSeqAdj | None:
-    if nla is None:
-        return None
-    return CtSeqAdj(
-        nla.get_attr("CTA_NAT_SEQ_CORRECTION_POS"),
-        nla.get_attr("CTA_NAT_SEQ_OFFSET_BEFORE"),
-        nla.get_attr("CTA_NAT_SEQ_OFFSET_AFTER"),
-    )
+_M1, _M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9)
+_S31, _S29 = np.uint64(31), np.uint64(29)
 
 
-def _helper(msg: Any) -> str | None:
-    # CTA_HELP is a nest holding CTA_HELP_NAME; pyroute2 declares it asciiz, so strip to the name.
-    value = msg.get_attr("CTA_HELP")
-    if not value:
-        return None
-    text = value if isinstance(value, str) else str(value)
-    return "".join(ch for ch in text if ch.isprintable()).strip() or None
+def hash_words(words: np.ndarray) -> np.ndarray:
+    """64-bit hash per row of (..., 5) key words (multiply-xorshift; collisions are verified away)."""
+    with np.errstate(over="ignore"):
+        h = np.zeros(words.shape[:-1], dtype=np.uint64)
+        for i in range(words.shape[-1]):
+            h = (h ^ words[..., i]) * _M1
+            h ^= h >> _S29
+        h = (h ^ (h >> _S31)) * _M2
+        out: np.ndarray = h ^ (h >> _S29)
+        return out
 
 
-def parse_messages(data: bytes) -> list[tuple[int, int, Any]]:
-    """Split a netlink datagram into (msg_type, error, nfct_msg|None) triples."""
-    out: list[tuple[int, int, Any]] = []
-    off = 0
-    while off + 16 <= len(data):
-        length, mtype, _flags, _seq, _pid = struct.unpack_from("=IHHII", data, off)
-        if length < 16 or off + length > len(data):
-            break
-        if mtype == NLMSG_ERROR:
-            (err,) = struct.unpack_from("=i", data, off + 16)
-            out.append((mtype, -err, None))
-        elif mtype == NLMSG_DONE:
-            out.append((mtype, 0, None))
-        elif mtype >> 8 == NFNL_SUBSYS_CTNETLINK:
-            msg = nfct_msg(data[off : off + length])
-            msg.decode()
-            out.append((mtype, 0, msg))
-        off += (length + 3) & ~3
-    return out
+def ct_state_bits(rows: np.ndarray, reply: np.ndarray) -> np.ndarray:
+    """OVN ct_state of flows matched to `rows` (CT_DTYPE), `reply` = matched in the reply direction.
+
+    A flow row aggregates many packets, so the state summarises the connection as last known:
+      0x20 trk  - an entry was found (IPS_UNTRACKED entries give 0: not tracked, no other bit);
+      0x02 est  - IPS_SEEN_REPLY, or the flow is reply-direction traffic (its packets are the reply);
+      0x01 new  - otherwise: only the origin direction has been seen;
+      0x04 rel  - IPS_EXPECTED: the connection was expected by a helper (e.g. FTP data); ICMP errors
+                  are joined by IcmpErrors, on the tuple they quote;
+      0x08 rpl  - matched on the reply tuple or the reversed origin tuple;
+      0x40 snat / 0x80 dnat - IPS_SRC_NAT / IPS_DST_NAT, or the tuples disagree on that side;
+      0x10 inv  - not from an entry: see IcmpErrors (an ICMP error quoting no connection).
+    """
+    status = rows["status"].astype(np.uint32)
+    est = ((status & IPS_SEEN_REPLY) != 0) | reply
+    state = np.full(len(rows), CT_TRACKED, dtype=np.uint8)
+    state |= np.where(est, CT_ESTABLISHED, CT_NEW).astype(np.uint8)
+    state |= np.where((status & IPS_EXPECTED) != 0, CT_RELATED, 0).astype(np.uint8)
+    state |= np.where(reply, CT_REPLY, 0).astype(np.uint8)
+    icmp = np.isin(rows["proto"], _ICMP_PROTOS)
+    snat_t = ~icmp & ((rows["r_dst"] != rows["o_src"]).any(axis=1) | (rows["r_dport"] != rows["o_sport"]))
+    dnat_t = ~icmp & ((rows["r_src"] != rows["o_dst"]).any(axis=1) | (rows["r_sport"] != rows["o_dport"]))
+    state |= np.where(((status & IPS_SRC_NAT) != 0) | snat_t, CT_SNAT, 0).astype(np.uint8)
+    state |= np.where(((status & IPS_DST_NAT) != 0) | dnat_t, CT_DNAT, 0).astype(np.uint8)
+    state[(status & IPS_UNTRACKED) != 0] = 0
+    return state
 
 
-def open_ctnetlink(netns: str | None, groups: Iterable[int] = ()) -> socket.socket:
-    """A NETLINK_NETFILTER socket in netns, joined to the given NFNLGRP_* multicast groups."""
-    sock = socket_in_netns(netns, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-    try:
-        sock.bind((0, 0))
-        for group in groups:
-            sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
-        try:  # events come in bursts; root may exceed rmem_max
-            sock.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE
-        except OSError:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+def fill_matches(batch: np.ndarray, pos: np.ndarray, rows: np.ndarray, reply: np.ndarray) -> None:
+    """Write the conntrack columns of batch[pos] from the matched entries `rows`.
+
+    Origin-direction flow: post-NAT source = reply tuple's dst, post-NAT dest = reply tuple's src
+    (ports likewise). Reply-direction flow: post-NAT source = origin's dst, dest = origin's src. ICMP
+    post ports stay 0."""
+    if len(pos) == 0:
+        return
+    rep = reply[:, None]
+    batch["post_src_addr"][pos] = np.where(rep, rows["o_dst"], rows["r_dst"])
+    batch["post_dst_addr"][pos] = np.where(rep, rows["o_src"], rows["r_src"])
+    icmp = np.isin(rows["proto"], _ICMP_PROTOS)
+    batch["post_src_port"][pos] = np.where(icmp, 0, np.where(reply, rows["o_dport"], rows["r_dport"]))
+    batch["post_dst_port"][pos] = np.where(icmp, 0, np.where(reply, rows["o_sport"], rows["r_sport"]))
+    batch["ct_mark"][pos] = rows["mark"]
+    batch["ct_zone"][pos] = rows["zone"]
+    batch["ct_state"][pos] = ct_state_bits(rows, reply)
 
 
-def dump_conntrack(sock: socket.socket, timeout_s: float = 5.0) -> list[ConntrackEntry]:
-    """All entries of the socket's netns (IPv4 and IPv6: nfgen_family AF_UNSPEC), bounded in time."""
-    seq = int.from_bytes(os.urandom(4), "little") or 1
-    hdr = struct.pack("=IHHII", 20, (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET,
-                      NLM_F_REQUEST | NLM_F_DUMP, seq, 0)  # fmt: skip
-    sock.send(hdr + struct.pack("=BBH", socket.AF_UNSPEC, 0, 0))
-    entries: list[ConntrackEntry] = []
-    deadline = time.monotonic() + timeout_s
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("conntrack dump did not finish")
-        ready, _, _ = select.select([sock], [], [], remaining)
-        if not ready:
-            continue
-        data = sock.recv(1 << 20)
-        for mtype, err, msg in parse_messages(data):
-            if mtype == NLMSG_DONE:
-                return entries
-            if mtype == NLMSG_ERROR:
-                if err == 0:
-                    continue
-                raise OSError(err, f"conntrack dump: {os.strerror(err)}")
-            if msg is not None and msg["header"]["sequence_number"] == seq:
-                entries.append(ConntrackEntry.from_netlink(msg))
+class CtIndex:
+    """Immutable: CT_DTYPE rows and a sorted hash index over their role keys (4 per entry)."""
+
+    def __init__(self, rows: np.ndarray) -> None:
+        self.rows = rows
+        n = len(rows)
+        words = role_key_array(rows)  # (4, n, 5)
+        hashes = hash_words(words).reshape(4 * n)  # role-major: earlier roles win among equal hashes
+        order = np.argsort(hashes, kind="stable")
+        self.hashes = hashes[order]
+        self.refs = order.astype(np.int64)  # role * n + entry
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def lookup(self, words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(entry index or -1, is reply direction) per row of (m, 5) key words; exact match only."""
+        m, n = len(words), len(self.rows)
+        entry = np.full(m, -1, dtype=np.int64)
+        reply = np.zeros(m, dtype=bool)
+        if n == 0 or m == 0:
+            return entry, reply
+        h = hash_words(words)
+        at = np.searchsorted(self.hashes, h)
+        at[at >= len(self.hashes)] = 0
+        cand = np.flatnonzero(self.hashes[at] == h)
+        if len(cand) == 0:
+            return entry, reply
+        ref = self.refs[at[cand]]
+        role, ent = ref // n, ref % n
+        keys = role_key_array(self.rows[ent])  # (4, k, 5)
+        exact = (keys[role, np.arange(len(cand))] == words[cand]).all(axis=1)
+        cand, role, ent = cand[exact], role[exact], ent[exact]
+        entry[cand] = ent
+        reply[cand] = (role == 1) | (role == 3)
+        return entry, reply
+
+    def origin_hashes(self) -> np.ndarray:
+        """Hash of (origin key, zone) per entry: a connection's identity across snapshots."""
+        return _origin_hashes(self.rows)
+
+
+def merge_carry(new: np.ndarray, old: CtIndex, room: int) -> np.ndarray:
+    """`new` plus the entries of `old` missing from it (once: rows already carried are dropped), up to
+    `room` of them: a flow of a connection that ended between two dumps still finds its translation."""
+    if len(old) == 0 or room <= 0:
+        return new
+    new_h = _origin_hashes(new)
+    old_h = old.origin_hashes()
+    missing = ~np.isin(old_h, new_h) & ((old.rows["has"] & HAS_GONE) == 0)
+    carried = old.rows[missing][-room:].copy()
+    carried["has"] |= HAS_GONE
+    return np.concatenate([new, carried]) if len(carried) else new
+
+
+def _origin_hashes(rows: np.ndarray) -> np.ndarray:
+    words = _words(rows["proto"], rows["o_src"], rows["o_dst"], rows["o_sport"], rows["o_dport"])
+    words[:, 4] ^= rows["zone"].astype(np.uint64) << np.uint64(40)
+    return hash_words(words)
+
+
+@dataclass
+class TableCounters:
+    """Cumulative counts for metrics (read by the daemon, written by the table and its sync)."""
+
+    hits: int = 0  # flow rows matched to an entry
+    misses: int = 0  # flow rows (not ICMP errors) matched to none
+    evictions: int = 0  # entries dropped because the table was full
+    dumps: int = 0
+    dump_errors: int = 0
+    dumped_entries: int = 0
 
 
 class ConntrackTable:
-    """Bounded LRU of conntrack entries, refreshed by a dump at drain time, joined to flow batches.
+    """The current CtIndex snapshot plus a bounded delta of entries from events, joined to flow batches.
 
-    Lookup keys are the four role keys of each entry (ConntrackEntry.role_keys), so a flow observed
-    before or after NAT, in either direction, finds its connection. Entries missing from a later dump
-    stay cached (up to max_entries) so flows of connections that ended between drains still enrich;
-    DESTROY events can be fed in through `ingest` for the same reason. A tuple present in two zones
-    maps to the one seen last (flow rows carry no zone).
+    Entries missing from a later dump stay one generation (merge_carry) and DESTROYed ones stay in the
+    delta until the next resync, so flows exported after their connection ended still enrich. A tuple
+    present in two zones maps to either (flow rows carry no zone). `refresh()` dumps synchronously
+    (tests, tools); the daemon uses ctsync.ConntrackSync, which swaps snapshots in from its own thread.
     """
 
     def __init__(
-        self, max_entries: int = 65536, netns: str | None = None, dump_timeout_s: float = 5.0
-    ) -> None:
+        self, max_entries: int = 1 << 20, netns: str | None = None, dump_timeout_s: float = 60.0,
+        open_socket: bool = True,
+    ) -> None:  # fmt: skip
         self.max_entries = max_entries
+        self.max_delta = max(1024, max_entries // 4)
         self.netns = netns
         self.dump_timeout_s = dump_timeout_s
         self.available = False
-        self.errors = 0
-        self._entries: collections.OrderedDict[tuple[int, ConnKey], ConntrackEntry] = (
-            collections.OrderedDict()
-        )
-        self._index: dict[bytes, tuple[tuple[int, ConnKey], bool]] = {}
-        self._pairs: dict[tuple[bytes, bytes], tuple[tuple[int, ConnKey], bool]] = {}
+        self.counters = TableCounters()
+        self.parse_stats = ParseStats()
+        self.snapshot = CtIndex(np.zeros(0, dtype=CT_DTYPE))
+        self._lock = threading.Lock()  # writers only (sync thread vs ingest callers); readers take refs
+        self._delta_rows: dict[bytes, np.void] = {}  # identity (origin key + zone) -> row
+        self._delta_index: dict[bytes, tuple[bytes, bool]] = {}  # packed role key -> (identity, reply)
         self._sock: socket.socket | None = None
-        try:
-            self._sock = open_ctnetlink(netns)
+        if open_socket:
+            try:
+                self._sock = open_ctnetlink(netns)
+                self.available = True
+            except OSError as exc:
+                log.warning("conntrack enrichment disabled (netns %s): cannot open ctnetlink: %s",
+                            netns or "host", exc)  # fmt: skip
+        else:
             self.available = True
-        except OSError as exc:
-            log.warning(
-                "conntrack enrichment disabled (netns %s): cannot open ctnetlink: %s", netns or "host", exc
-            )
+
+    @property
+    def errors(self) -> int:
+        """Failed dumps so far."""
+        return self.counters.dump_errors
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self.snapshot) + len(self._delta_rows)
 
     def close(self) -> None:
         """Release the netlink socket."""
@@ -484,14 +454,62 @@ class ConntrackTable:
             self._sock = None
         self.available = False
 
+    # -- writing ---------------------------------------------------------------------------------
+    def install(self, rows: np.ndarray, keep_delta: np.ndarray | None = None) -> None:
+        """Make a dump the new snapshot (bounded, with one generation of carry-over); the delta becomes
+        `keep_delta` (events seen while the dump ran, which it may predate)."""
+        if len(rows) > self.max_entries:
+            self.counters.evictions += len(rows) - self.max_entries
+            rows = rows[: self.max_entries]
+        rows = merge_carry(rows, self.snapshot, min(self.max_entries - len(rows), self.max_delta))
+        snap = CtIndex(rows)
+        with self._lock:
+            self.snapshot = snap
+            self._delta_rows, self._delta_index = {}, {}
+            if keep_delta is not None and len(keep_delta):
+                self._ingest_rows(keep_delta)
+
+    def ingest_rows(self, rows: np.ndarray) -> None:
+        """Entries from events (NEW/UPDATE/DESTROY) into the delta, newest state winning."""
+        if len(rows) == 0:
+            return
+        with self._lock:
+            self._ingest_rows(rows)
+
+    def _ingest_rows(self, rows: np.ndarray) -> None:
+        words = role_key_array(rows)
+        zones = rows["zone"]
+        for i in range(len(rows)):
+            keys = [words[r, i].tobytes()[:37] for r in range(4)]
+            ident = keys[0] + int(zones[i]).to_bytes(2, "big")
+            self._delta_rows.pop(ident, None)  # re-insert: newest last, for eviction order
+            self._delta_rows[ident] = rows[i]
+            for r in (3, 2, 1, 0):  # earlier roles win where keys coincide
+                self._delta_index[keys[r]] = (ident, r in (1, 3))
+        while len(self._delta_rows) > self.max_delta:
+            ident = next(iter(self._delta_rows))
+            old = self._delta_rows.pop(ident)
+            self.counters.evictions += 1
+            for r in range(4):
+                k = role_key_array(np.asarray([old], dtype=CT_DTYPE))[r, 0].tobytes()[:37]
+                if self._delta_index.get(k, (None,))[0] == ident:
+                    del self._delta_index[k]
+
+    def ingest(self, entry: ConntrackEntry) -> None:
+        """One entry object into the delta (tests and tools)."""
+        if entry.origin is not None and entry.reply is not None:
+            self.ingest_rows(np.asarray([entry.to_row()], dtype=CT_DTYPE))
+
     def refresh(self) -> int:
-        """Dump the kernel table into the cache (call at drain time, never per packet); entries seen."""
+        """Dump the kernel table synchronously into a new snapshot; entries seen (0 on failure)."""
         if self._sock is None:
             return 0
         try:
-            entries = dump_conntrack(self._sock, self.dump_timeout_s)
+            rows = dump_conntrack(self._sock, self.dump_timeout_s, self.parse_stats)
         except (OSError, TimeoutError) as exc:
-            self.errors += 1
+            self.counters.dump_errors += 1
+            if isinstance(exc, DumpTimeout) or getattr(exc, "errno", None) == errno.EBUSY:
+                self._reopen()
             if isinstance(exc, OSError) and exc.errno in (errno.EPERM, errno.EACCES, errno.EOPNOTSUPP,
                                                             errno.EPROTONOSUPPORT, errno.ENOENT):  # fmt: skip
                 log.warning("conntrack enrichment disabled: dump refused: %s", exc)
@@ -499,85 +517,82 @@ class ConntrackTable:
             else:
                 log.warning("conntrack dump failed: %s", exc)
             return 0
-        for entry in entries:
-            self.ingest(entry)
-        return len(entries)
+        self.counters.dumps += 1
+        self.counters.dumped_entries += len(rows)
+        self.install(rows)
+        return len(rows)
 
-    def ingest(self, entry: ConntrackEntry) -> None:
-        """Insert or refresh one entry (from a dump or an event), evicting the least recently seen."""
-        if entry.origin is None or entry.reply is None:
-            return
-        ident = (entry.zone or 0, entry.origin.key())
-        self._entries[ident] = entry
-        self._entries.move_to_end(ident)
-        for key, is_reply in entry.role_keys():
-            self._index.setdefault(key.packed(), (ident, is_reply))
-            self._pairs.setdefault((key.src_addr, key.dst_addr), (ident, is_reply))
-        while len(self._entries) > self.max_entries:
-            old_ident, old = self._entries.popitem(last=False)
-            for key, _ in old.role_keys():
-                if self._index.get(key.packed(), (None,))[0] == old_ident:
-                    del self._index[key.packed()]
-                if self._pairs.get((key.src_addr, key.dst_addr), (None,))[0] == old_ident:
-                    del self._pairs[(key.src_addr, key.dst_addr)]
+    def _reopen(self) -> None:
+        """A socket left mid-dump answers the next dump with EBUSY: replace it."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        try:
+            self._sock = open_ctnetlink(self.netns)
+        except OSError as exc:
+            log.warning("conntrack enrichment disabled: cannot reopen ctnetlink: %s", exc)
+            self.available = False
 
+    # -- reading ---------------------------------------------------------------------------------
     def lookup(self, key: ConnKey) -> tuple[ConntrackEntry, bool] | None:
         """(entry, is_reply_direction) for a flow key, or None."""
-        hit = self._index.get(key.packed())
-        if hit is None or hit[0] not in self._entries:
+        hit = self._delta_index.get(key.packed())
+        if hit is not None:
+            row = self._delta_rows.get(hit[0])
+            if row is not None:
+                return ConntrackEntry.from_row(row), hit[1]
+        snap = self.snapshot
+        words = _words(np.asarray([key.protocol]), np.frombuffer(key.src_addr, np.uint8)[None],
+                       np.frombuffer(key.dst_addr, np.uint8)[None], np.asarray([key.src_port]),
+                       np.asarray([key.dst_port]))  # fmt: skip
+        ent, rep = snap.lookup(words)
+        if ent[0] < 0:
             return None
-        return self._entries[hit[0]], hit[1]
+        return ConntrackEntry.from_row(snap.rows[ent[0]]), bool(rep[0])
+
+    def match(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(positions in batch, their CT_DTYPE entries, reply flags) of every row with an exact match;
+        the delta (newer) wins over the snapshot."""
+        snap = self.snapshot
+        ent, rep = snap.lookup(flow_key_words(batch))
+        rows = np.zeros(len(batch), dtype=CT_DTYPE)
+        found = ent >= 0
+        rows[found] = snap.rows[ent[found]]
+        index, drows = self._delta_index, self._delta_rows
+        if index:
+            for i, packed in enumerate(batch_keys(batch)):
+                hit = index.get(packed)
+                if hit is None:
+                    continue
+                row = drows.get(hit[0])
+                if row is None:
+                    continue
+                rows[i], rep[i], found[i] = row, hit[1], True
+        pos = np.flatnonzero(found)
+        return pos, rows[pos], rep[pos]
 
     def enrich(self, batch: np.ndarray) -> int:
         """Fill post-NAT address/ports, ct_mark, ct_zone, ct_state of matching rows; rows enriched.
 
-        Origin-direction flow: post-NAT source = reply tuple's dst, post-NAT dest = reply tuple's src
-        (ports likewise). Reply-direction flow: post-NAT source = origin's dst, dest = origin's src.
-        ICMP post ports stay 0. ct_state bits (a summary of the connection at dump time, since a dump
-        has no per-packet verdict):
-          0x20 trk   - an entry was found and it is not IPS_UNTRACKED;
-          0x02 est   - IPS_SEEN_REPLY (the kernel's ESTABLISHED ctinfo);
-          0x01 new   - not IPS_SEEN_REPLY and not IPS_EXPECTED (only the origin direction seen yet);
-          0x04 rel   - IPS_EXPECTED (helper expectation, e.g. FTP data), or an ICMP error row whose
-                       address pair belongs to a tracked connection (the kernel's RELATED ctinfo);
-          0x08 rpl   - the row matched the reply tuple or the reversed origin tuple;
-          0x40 snat / 0x80 dnat - IPS_SRC_NAT / IPS_DST_NAT, or the tuples disagree on that side;
-          0x10 inv   - never set here: invalid packets create no entry, so a dump cannot show them.
-        Rows with no entry are left zero ("unknown").
-        """
-        if len(batch) == 0 or not self._entries:
+        ICMP error rows are never matched on their own addresses (that would borrow another connection's
+        state): IcmpErrors joins them on the tuple they quote. Rows with no entry are left zero."""
+        if len(batch) == 0:
             return 0
-        keys = batch_keys(batch)
-        enriched = 0
-        for i, packed in enumerate(keys):
-            hit = self._index.get(packed)
-            related = False
-            if hit is None or hit[0] not in self._entries:
-                row = batch[i]
-                proto = int(row["protocol"])
-                if proto not in _ICMP_PROTOS or (int(row["dst_port"]) >> 8) not in _ICMP_ERROR_TYPES[proto]:
-                    continue
-                hit = self._pairs.get((bytes(row["src_addr"]), bytes(row["dst_addr"])))
-                if hit is None or hit[0] not in self._entries:
-                    continue
-                related = True
-            ident, is_reply = hit
-            entry = self._entries[ident]
-            assert entry.origin is not None and entry.reply is not None
-            state = entry.ct_state(is_reply)
-            if related:
-                state = (state & ~(CT_NEW | CT_ESTABLISHED)) | CT_RELATED
-            else:
-                # the other direction's tuple, reversed, is this flow's translated form
-                other = entry.origin if is_reply else entry.reply
-                batch["post_src_addr"][i] = np.frombuffer(other.dst or bytes(16), np.uint8)
-                batch["post_dst_addr"][i] = np.frombuffer(other.src or bytes(16), np.uint8)
-                sp, dp = other.ports
-                if entry.origin.proto not in _ICMP_PROTOS:
-                    batch["post_src_port"][i] = dp
-                    batch["post_dst_port"][i] = sp
-            batch["ct_mark"][i] = entry.mark or 0
-            batch["ct_zone"][i] = entry.zone or 0
-            batch["ct_state"][i] = state
-            enriched += 1
-        return enriched
+        pos, rows, rep = self.match(batch)
+        err = icmp_error_rows(batch)
+        keep = ~err[pos]
+        pos, rows, rep = pos[keep], rows[keep], rep[keep]
+        fill_matches(batch, pos, rows, rep)
+        self.counters.hits += len(pos)
+        self.counters.misses += int((~err).sum()) - len(pos)
+        return len(pos)
+
+
+def icmp_error_rows(batch: np.ndarray) -> np.ndarray:
+    """Which rows are ICMP / ICMPv6 error messages (dest unreachable, time exceeded, ...)."""
+    proto = batch["protocol"]
+    typ = batch["dst_port"] >> 8
+    v4 = (proto == 1) & np.isin(typ, _ICMP_ERROR_TYPES[1])
+    v6 = (proto == 58) & np.isin(typ, _ICMP_ERROR_TYPES[58])
+    out: np.ndarray = v4 | v6
+    return out

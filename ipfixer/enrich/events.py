@@ -15,17 +15,18 @@ from typing import Literal
 import numpy as np
 
 from ipfixer.clock import Clock, SystemClock, mono_to_wall_ms
-from ipfixer.enrich.conntrack import (
-    _ICMP_PROTOS,
-    IPCTNL_MSG_CT_DELETE,
-    IPCTNL_MSG_CT_NEW,
+from ipfixer.enrich.conntrack import _ICMP_PROTOS, ConnKey, ConntrackEntry, batch_keys
+from ipfixer.enrich.ctnetlink import (
+    CT_DTYPE,
+    KIND_DESTROY,
+    KIND_NEW,
+    KIND_UPDATE,
     NFNLGRP_CONNTRACK_DESTROY,
     NFNLGRP_CONNTRACK_NEW,
-    ConnKey,
-    ConntrackEntry,
-    batch_keys,
+    NFNLGRP_CONNTRACK_UPDATE,
+    ParseStats,
     open_ctnetlink,
-    parse_messages,
+    parse_datagram,
 )
 from ipfixer.model import ETH_P_IP, ETH_P_IPV6, FLOW_DTYPE, EndReason, empty_batch
 
@@ -41,19 +42,27 @@ NAT44_SESSION_DELETE = 5
 
 @dataclass(frozen=True, slots=True)
 class FlowEvent:
-    """A connection lifecycle event: key is the origin tuple, timestamp_ns is CLOCK_MONOTONIC."""
+    """A connection lifecycle event: key is the origin tuple, timestamp_ns is CLOCK_MONOTONIC (when
+    ipfixer read it; the kernel's own wall-clock times are in entry.timestamp_start/stop_ns)."""
 
     key: ConnKey
-    kind: Literal["new", "destroy"]
+    kind: Literal["new", "update", "destroy"]
     timestamp_ns: int
     entry: ConntrackEntry | None = None
 
 
-class ConntrackEvents:
-    """NEW/DESTROY subscription of one netns, read with a bounded poll into a bounded queue.
+_KINDS: dict[int, Literal["new", "update", "destroy"]] = {
+    KIND_NEW: "new", KIND_UPDATE: "update", KIND_DESTROY: "destroy",
+}  # fmt: skip
 
-    The daemon calls poll() from the thread it chooses and drain() at drain time. Events that do not
-    fit the queue are counted in `dropped`; kernel-side losses (socket overrun, ENOBUFS) in `overruns`.
+
+class ConntrackEvents:
+    """NEW/UPDATE/DESTROY subscription of one netns, read with a bounded poll into a bounded queue.
+
+    The reading thread calls poll(); any thread takes events with drain(). Events that do not fit the
+    queue are counted in `dropped`; kernel-side losses (the socket overran: ENOBUFS) in `overruns`, and
+    `overrun_pending` stays set until the owner resynchronises with a dump (ConntrackSync does).
+    The rows of every event read are also kept for the table (take_rows).
     """
 
     def __init__(
@@ -62,69 +71,81 @@ class ConntrackEvents:
         capacity: int = 65536,
         clock: Clock | None = None,
         kinds: Iterable[str] = ("new", "destroy"),
+        rcvbuf: int = 8 << 20,
     ) -> None:
         self.netns = netns
         self.clock: Clock = clock or SystemClock()
         self.dropped = 0
         self.overruns = 0
+        self.overrun_pending = False
+        self.received = 0
         self.available = False
+        self.parse_stats = ParseStats()
         self._queue: collections.deque[FlowEvent] = collections.deque()
+        self._rows: collections.deque[np.ndarray] = collections.deque()
         self._capacity = capacity
-        groups = [{"new": NFNLGRP_CONNTRACK_NEW, "destroy": NFNLGRP_CONNTRACK_DESTROY}[k] for k in kinds]
+        groups = [{"new": NFNLGRP_CONNTRACK_NEW, "update": NFNLGRP_CONNTRACK_UPDATE,
+                   "destroy": NFNLGRP_CONNTRACK_DESTROY}[k] for k in kinds]  # fmt: skip
         self._sock: socket.socket | None = None
         try:
-            self._sock = open_ctnetlink(netns, groups)
+            self._sock = open_ctnetlink(netns, groups, rcvbuf=rcvbuf)
             self.available = True
         except OSError as exc:
             log.warning("conntrack events disabled (netns %s): %s", netns or "host", exc)
 
     def fileno(self) -> int:
-        """The netlink fd, for the daemon's selector (-1 when unavailable)."""
+        """The netlink fd, for a selector (-1 when unavailable)."""
         return self._sock.fileno() if self._sock is not None else -1
 
-    def poll(self, timeout_s: float = 0.0) -> int:
-        """Wait up to timeout_s for events, then read everything pending; events queued."""
+    def poll(self, timeout_s: float = 0.0, max_datagrams: int = 10000) -> int:
+        """Wait up to timeout_s for events, then read what is pending (bounded); events read."""
         if self._sock is None:
             return 0
         ready, _, _ = select.select([self._sock], [], [], max(0.0, timeout_s))
         if not ready:
             return 0
-        queued = 0
-        for _ in range(10000):  # bounded: at most this many datagrams per call
+        records: list[bytes] = []
+        for _ in range(max_datagrams):
             try:
                 data = self._sock.recv(1 << 16)
             except BlockingIOError:
                 break
             except OSError as exc:
-                if exc.errno == errno.ENOBUFS:
+                if exc.errno == errno.ENOBUFS:  # the kernel dropped events: only a dump can tell which
                     self.overruns += 1
+                    self.overrun_pending = True
                     continue
                 raise
-            now = self.clock.mono_ns()
-            for mtype, _err, msg in parse_messages(data):
-                if msg is None:
-                    continue
-                kind: Literal["new", "destroy"]
-                if mtype & 0xFF == IPCTNL_MSG_CT_NEW:
-                    kind = "new"
-                elif mtype & 0xFF == IPCTNL_MSG_CT_DELETE:
-                    kind = "destroy"
-                else:
-                    continue
-                entry = ConntrackEntry.from_netlink(msg)
-                if entry.origin is None:
-                    continue
-                if len(self._queue) >= self._capacity:
-                    self.dropped += 1
-                    continue
-                self._queue.append(FlowEvent(entry.origin.key(), kind, now, entry))
-                queued += 1
-        return queued
+            records.extend(parse_datagram(data, self.parse_stats).records)
+        if not records:
+            return 0
+        rows = np.frombuffer(b"".join(records), dtype=CT_DTYPE).copy()
+        self.received += len(rows)
+        self._rows.append(rows)
+        now = self.clock.mono_ns()
+        for i in np.flatnonzero(rows["kind"] != KIND_UPDATE):
+            if len(self._queue) >= self._capacity:
+                self.dropped += 1
+                continue
+            entry = ConntrackEntry.from_row(rows[i])
+            assert entry.origin is not None
+            self._queue.append(FlowEvent(entry.origin.key(), _KINDS[int(rows[i]["kind"])], now, entry))
+        return len(rows)
+
+    def take_rows(self) -> np.ndarray:
+        """CT_DTYPE rows of every event read since the last call (for the table's delta)."""
+        parts = []
+        while self._rows:
+            parts.append(self._rows.popleft())
+        if not parts:
+            return np.zeros(0, dtype=CT_DTYPE)
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def drain(self) -> list[FlowEvent]:
-        """Take every queued event, oldest first."""
-        out = list(self._queue)
-        self._queue.clear()
+        """Take every queued NEW/DESTROY event, oldest first (safe against a concurrent poll)."""
+        out = []
+        for _ in range(len(self._queue)):
+            out.append(self._queue.popleft())
         return out
 
     def close(self) -> None:
@@ -193,10 +214,16 @@ def nat_event_records(events: Iterable[FlowEvent], clock: Clock | None = None) -
             row["nat_event"] = NAT_EVENT_CREATE if create else NAT_EVENT_DELETE
         else:
             row["nat_event"] = NAT44_SESSION_CREATE if create else NAT44_SESSION_DELETE
+        # The event time (end_ms, exported as flowEndMilliseconds and observationTimeMilliseconds, RFC
+        # 8158 section 4.2) is the kernel's (CTA_TIMESTAMP, nf_conntrack_timestamp=1): connection start
+        # for a create, its stop for a delete; ipfixer's read time only when the kernel gives none.
         ms = mono_to_wall_ms(ev.timestamp_ns, now_wall, now_mono)
-        row["start_ms"] = row["end_ms"] = ms
-        if e.timestamp_start_ns:
-            row["start_ms"] = e.timestamp_start_ns // 1_000_000
+        if create and e.timestamp_start_ns:
+            ms = e.timestamp_start_ns // 1_000_000
+        elif not create and e.timestamp_stop_ns:
+            ms = e.timestamp_stop_ns // 1_000_000
+        row["end_ms"] = ms
+        row["start_ms"] = e.timestamp_start_ns // 1_000_000 if e.timestamp_start_ns else ms
         if e.counter_origin is not None:
             row["packets"], row["octets"] = e.counter_origin.packets, e.counter_origin.bytes
         row["ct_mark"] = e.mark or 0

@@ -1,10 +1,12 @@
 """The enrichment stage of the daemon: conntrack table, conntrack NEW/DESTROY events and cgroup
 attribution behind the five calls the loop makes (start, poll, enrich, nat_event_batch, close).
 
-Everything runs on the daemon's single thread: poll() is non-blocking and only moves pending
-events into bounded queues; the conntrack dump happens in enrich() (at most once per drain interval),
-never per packet. A missing conntrack (no module, no permission) is logged once and enrichment goes
-on without it: flows are still exported, with their conntrack columns zero ("unknown").
+Conntrack I/O runs in its own thread (ipfixer.enrich.ctsync): events are read as they come and the
+table is re-dumped every `enrichment.conntrack_resync_interval` and after any event overrun, so a
+drain never waits for conntrack; the daemon's thread only joins batches against the current snapshot
+(vectorised) and takes queued NEW/DESTROY events. A missing conntrack (no module, no permission) is
+logged once and enrichment goes on without it: flows are still exported, with their conntrack columns
+zero ("unknown"). Flows that match no entry are counted (`unmatched`) and logged at most once a minute.
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ import numpy as np
 
 from ipfixer.clock import Clock
 from ipfixer.config import Config
-from ipfixer.enrich.conntrack import ConnKey, ConntrackTable
+from ipfixer.enrich.conntrack import CT_INVALID, CT_TRACKED, ConnKey, ConntrackTable
+from ipfixer.enrich.ctsync import ConntrackSync
 from ipfixer.enrich.events import ConntrackEvents, FlowEvent, apply_destroy, destroyed_keys, nat_event_records
 from ipfixer.model import empty_batch
 
 log = logging.getLogger("ipfixer.enrich")
 
 MAX_EVENTS = 65536  # NAT event rows and DESTROY keys held between two drains (oldest dropped beyond)
+UNMATCHED_LOG_INTERVAL_NS = 60_000_000_000
+FIRST_DUMP_WAIT_S = 2.0  # start() waits this long for the first dump (a 100k table takes well under)
 
 
 class Enrichment:
@@ -43,27 +48,42 @@ class Enrichment:
         self.want_cgroups = e.cgroups
         self.table: ConntrackTable | None = None
         self.events: ConntrackEvents | None = None
+        self.sync: ConntrackSync | None = None
+        self.icmp: Any = None
+        self.unmatched = 0  # flow rows that found no conntrack entry (ICMP errors included)
+        self._unmatched_logged_ns: int | None = None
+        self._unmatched_since_log = 0
         self.cgroups: Any = None
-        self.refresh_interval_ns = int(config.timeouts.drain_interval * 1e9)
         # a destroyed connection's flow may still be in the kernel map for up to idle (+ one drain)
         self.destroy_retention_ns = int((config.timeouts.idle + 2 * config.timeouts.drain_interval) * 1e9)
-        self._last_refresh_ns: int | None = None
         self._nat_pending: collections.deque[FlowEvent] = collections.deque(maxlen=MAX_EVENTS)
         self._destroys: collections.OrderedDict[ConnKey, FlowEvent] = collections.OrderedDict()
         self._destroyed_since: set[ConnKey] = set()
-        self._to_ingest: collections.deque[FlowEvent] = collections.deque(maxlen=MAX_EVENTS)
         self._warned: set[str] = set()
         self.dropped_events = 0
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
         """Open what the config asks for; whatever is unavailable is logged once and skipped."""
+        e = self.config.enrichment
         max_entries = max(self.config.cache.accounter_max_entries, 65536)
         # each part logs its own warning (once) when it cannot start, then stays unavailable
         if self.want_conntrack:
-            self.table = ConntrackTable(max_entries=max_entries)
+            self.table = ConntrackTable(max_entries=e.conntrack_max_entries, open_socket=False)
         if self.want_conntrack or self.want_nat_events:
-            self.events = ConntrackEvents(capacity=MAX_EVENTS, clock=self.clock)
+            kinds = ("new", "update", "destroy") if self.want_conntrack else ("new", "destroy")
+            self.events = ConntrackEvents(capacity=MAX_EVENTS, clock=self.clock, kinds=kinds,
+                                          rcvbuf=e.conntrack_events_buffer)  # fmt: skip
+        if self.table is not None:
+            self.sync = ConntrackSync(self.table, self.events, resync_interval_s=e.conntrack_resync_interval)
+            self.sync.start()
+            self.sync.first_dump.wait(FIRST_DUMP_WAIT_S)
+            from ipfixer.enrich.icmp import IcmpErrors
+
+            self.icmp = IcmpErrors(self.table)
+        elif self.events is not None and self.events.available:
+            self.sync = ConntrackSync(ConntrackTable(open_socket=False), self.events, resync_interval_s=1e9)
+            self.sync.start()
         if self.want_cgroups:
             from ipfixer.enrich.cgroups import CgroupAttributor
 
@@ -79,32 +99,44 @@ class Enrichment:
 
     def close(self) -> None:
         """Release every socket and BPF program (idempotent)."""
-        for part in (self.table, self.events, self.cgroups):
+        if self.sync is not None:
+            self.sync.stop()
+            self.sync = None
+        for part in (self.table, self.events, self.cgroups, self.icmp):
             if part is not None:
                 try:
                     part.close()
                 except OSError as exc:
                     log.warning("closing enrichment part failed: %s", exc)
-        self.table = self.events = self.cgroups = None
+        self.table = self.events = self.cgroups = self.icmp = None
 
     # -- per loop iteration ----------------------------------------------------------------------
     def poll(self) -> None:
-        """Non-blocking: move pending conntrack events and cgroup ring-buffer records into queues."""
-        if self.events is not None and self.events.available:
-            try:
-                self.events.poll(0.0)
-            except OSError as exc:
-                self._warn_once("events-poll", f"conntrack events stopped: {exc}")
-                self.events.close()
+        """Non-blocking: take the events the sync thread queued, and cgroup ring-buffer records."""
+        if self.events is not None:
             self._take_events(self.events.drain())
+        if self.icmp is not None:
+            self.icmp.poll()
         if self.cgroups is not None and self.cgroups.available:
             self.cgroups.poll(0)
+
+    def counters(self) -> dict[str, int]:
+        """Cumulative enrichment counters for metrics (name -> total)."""
+        out = {"unmatched": self.unmatched, "dropped_events": self.dropped_events}
+        if self.table is not None:
+            c = self.table.counters
+            out.update(hits=c.hits, misses=c.misses, evictions=c.evictions, dumps=c.dumps,
+                       dump_errors=c.dump_errors, parse_errors=self.table.parse_stats.malformed)  # fmt: skip
+        if self.events is not None:
+            out.update(event_overruns=self.events.overruns, events=self.events.received,
+                       dropped_events=self.dropped_events + self.events.dropped)  # fmt: skip
+        if self.sync is not None:
+            out["overrun_resyncs"] = self.sync.overrun_resyncs
+        return out
 
     def _take_events(self, events: list[FlowEvent]) -> None:
         now = self.clock.mono_ns()
         for ev in events:
-            if self.table is not None:
-                self._to_ingest.append(ev)
             if self.want_nat_events:
                 if len(self._nat_pending) == self._nat_pending.maxlen:
                     self.dropped_events += 1
@@ -141,17 +173,12 @@ class Enrichment:
         rows = batch if whole else batch[flows_idx]
         enriched = np.zeros(len(rows), dtype=bool)
         if self.table is not None and self.table.available:
-            for ev in self._to_ingest:
-                if ev.entry is not None:
-                    self.table.ingest(ev.entry)
-            self._to_ingest.clear()
-            now = self.clock.mono_ns()
-            if self._last_refresh_ns is None or now - self._last_refresh_ns >= self.refresh_interval_ns:
-                self._last_refresh_ns = now
-                self.table.refresh()  # a refused dump logs once and closes the table: enrichment goes on
-            if self.table.available:
-                self.table.enrich(rows)
-                enriched |= rows["ct_state"] != 0
+            self.table.enrich(rows)  # vectorised against the sync thread's current snapshot
+            if self.icmp is not None:
+                self.icmp.enrich(rows)  # ICMP errors, on the tuple they quote
+            matched = (rows["ct_state"] != 0) & (rows["ct_state"] != CT_TRACKED | CT_INVALID)
+            enriched |= matched
+            self._count_unmatched(int((~matched).sum()), len(rows))
         if self.cgroups is not None and self.cgroups.available:
             self.cgroups.enrich(rows)
             enriched |= rows["cgroup_id"] != 0
@@ -183,6 +210,23 @@ class Enrichment:
         self.poll()
         out, self._destroyed_since = self._destroyed_since, set()
         return out
+
+    def _count_unmatched(self, missed: int, total: int) -> None:
+        """Count flows no conntrack entry matched; say so in the log at most once a minute."""
+        if missed <= 0:
+            return
+        self.unmatched += missed
+        self._unmatched_since_log += missed
+        now = self.clock.mono_ns()
+        if self._unmatched_logged_ns is not None and now - self._unmatched_logged_ns < UNMATCHED_LOG_INTERVAL_NS:
+            return
+        self._unmatched_logged_ns = now
+        size = len(self.table) if self.table is not None else 0
+        log.warning("conntrack: %d flows matched no conntrack entry (%d in this drain of %d; table holds %d "
+                    "entries): untracked (notrack) traffic, conntrack not loaded where the traffic passes, or "
+                    "entries gone before the flow was exported", self._unmatched_since_log, missed, total,
+                    size)  # fmt: skip
+        self._unmatched_since_log = 0
 
     def _warn_once(self, what: str, message: str) -> None:
         if what not in self._warned:

@@ -36,6 +36,7 @@ from ipfixer.enrich.events import (
     apply_destroy,
     nat_event_records,
 )
+from ipfixer.enrich.icmp import IcmpErrors
 from ipfixer.model import EndReason, addr16_to_str, empty_batch, to_addr16
 
 UDP, TCP, ICMP = 17, 6, 1
@@ -141,41 +142,55 @@ def test_enrich_fills_post_nat_mark_zone(topo: NatTopo) -> None:
 
 
 @pytest.mark.root
-def test_ct_state_new_related_and_lru(topo: NatTopo) -> None:
+def test_ct_state_new_related_and_bound(topo: NatTopo) -> None:
     t = topo
-    udp_exchange(t, 40010, 7000, b"first", reply=False)  # nobody answers: NEW
-    cli = ns_socket(t.client, socket.SOCK_DGRAM, (t.CLIENT, 40011))
-    try:  # closed port: the server's ICMP port unreachable is RELATED to this connection
-        cli.connect((t.SERVER, 9))
-        cli.send(b"x")
-        with pytest.raises(ConnectionRefusedError):
-            cli.recv(16)
-    finally:
-        cli.close()
-    # the kernel forwarded exactly one RELATED packet: ICMP(20+8) quoting IP(20)+UDP(8)+1 byte
-    assert "packets 1 bytes 57" in sh(
-        "nft", "list", "counter", "ip", "ipfxnat", "related_seen", netns=t.router
-    )
-
-    table = ConntrackTable(max_entries=64, netns=t.router)
+    table = ConntrackTable(max_entries=2048, netns=t.router)
+    icmp = IcmpErrors(table, netns=t.router)
     try:
-        table.refresh()
+        assert icmp.available
+        udp_exchange(t, 40010, 7000, b"first", reply=False)  # nobody answers: NEW
+        cli = ns_socket(t.client, socket.SOCK_DGRAM, (t.CLIENT, 40011))
+        try:  # closed port: the server's ICMP port unreachable is RELATED to this connection
+            cli.connect((t.SERVER, 9))
+            cli.send(b"x")
+            with pytest.raises(ConnectionRefusedError):
+                cli.recv(16)
+        finally:
+            cli.close()
+        # the kernel forwarded exactly one RELATED packet: ICMP(20+8) quoting IP(20)+UDP(8)+1 byte
+        assert "packets 1 bytes 57" in sh(
+            "nft", "list", "counter", "ip", "ipfxnat", "related_seen", netns=t.router
+        )
+        # an unrelated connection between the same two hosts, with another mark: it must not lend its state
+        udp_exchange(t, 40012, 7001, b"other")
+        assert table.refresh() == 3
+        assert icmp.poll() == 2  # the error as it entered r_out (to the masquerade address) and left r_in
         batch = rows(
             (UDP, t.CLIENT, t.SERVER, 40010, 7000),
             (ICMP, t.SERVER, t.CLIENT, 0, 3 * 256 + 3),  # port unreachable, reply direction, de-NATed
+            (ICMP, t.SERVER, t.ROUTER_OUT, 0, 3 * 256 + 3),  # the same error before de-NAT, on r_out
+            (ICMP, t.ROUTER_IN, t.CLIENT, 0, 3 * 256 + 1),  # an error nobody sent: unknown
         )
-        assert table.enrich(batch) == 2
+        assert table.enrich(batch) == 1  # ICMP errors are never matched on their own addresses
+        assert icmp.enrich(batch) == (2, 1)
         assert batch["ct_state"].tolist() == [
             CT_TRACKED | CT_NEW | CT_SNAT,
             CT_TRACKED | CT_RELATED | CT_REPLY | CT_SNAT,
+            CT_TRACKED | CT_RELATED | CT_REPLY | CT_SNAT,
+            0,
         ]
-        assert batch["ct_mark"].tolist() == [0x2A, 0x2A]
+        assert batch["ct_mark"].tolist() == [0x2A, 0x2A, 0x2A, 0]
+        # translated like the kernel translated the error: de-SNAT of the destination
+        assert post(batch, 1) == (t.SERVER, 0, t.CLIENT, 0)
+        assert post(batch, 2) == (t.SERVER, 0, t.CLIENT, 0)
     finally:
+        icmp.close()
         table.close()
 
     small = ConntrackTable(max_entries=1, netns=t.router)
     try:
-        assert small.refresh() == 2 and len(small) == 1
+        assert small.refresh() == 3 and len(small) == 1  # bounded: the rest counted as evicted
+        assert small.counters.evictions == 2
     finally:
         small.close()
 
