@@ -104,6 +104,7 @@ class ParsedFrame:
     ethertype: int
     ip: ParsedPacket | None
     frame_len: int
+    outgoing: bool = False  # a Linux cooked capture says the host sent it (PACKET_OUTGOING)
 
 
 def parse_ethernet(frame: bytes) -> ParsedFrame | None:
@@ -154,6 +155,9 @@ def _cooked(data: bytes, hatype: int, halen: int, addr_at: int, ethertype_at: in
     return _after_ethertype(src, _ZERO6, data[ethertype_at:ethertype_at + 2] + data[header:], 0)
 
 
+_PACKET_OUTGOING = 4  # linux/if_packet.h
+
+
 def parse_link(linktype: int, data: bytes) -> ParsedFrame | None:
     """Parse one captured frame by its pcap link type; None if malformed (or the link type is unknown)."""
     if linktype == LINKTYPE_ETHERNET:
@@ -169,11 +173,13 @@ def parse_link(linktype: int, data: bytes) -> ParsedFrame | None:
             return None
         hatype, halen = struct.unpack_from("!HH", data, 2)
         frame = _cooked(data, hatype, halen, 6, 14, 16)
+        outgoing = struct.unpack_from("!H", data)[0] == _PACKET_OUTGOING
     elif linktype == LINKTYPE_LINUX_SLL2:  # protocol, reserved, ifindex, ARPHRD, packet type, addr len, addr
         if len(data) < 20:
             return None
         hatype, halen = struct.unpack_from("!H", data, 8)[0], data[11]
         frame = _cooked(data, hatype, halen, 12, 0, 20)
+        outgoing = data[10] == _PACKET_OUTGOING
     elif linktype in (LINKTYPE_NULL, LINKTYPE_LOOP):
         if len(data) < 4:
             return None
@@ -189,7 +195,7 @@ def parse_link(linktype: int, data: bytes) -> ParsedFrame | None:
         return None
     if frame is None:
         return None
-    return ParsedFrame(frame.src_mac, frame.dst_mac, frame.vlan_id, frame.ethertype, frame.ip, len(data))
+    return ParsedFrame(frame.src_mac, frame.dst_mac, frame.vlan_id, frame.ethertype, frame.ip, len(data), outgoing)
 
 
 def frame_key(frame: ParsedFrame, direction: int, ifindex: int) -> tuple[FlowKey, int, int, int]:

@@ -95,7 +95,8 @@ def replay_pcap(path: Path, config: Config, progress: bool = True, ifindex: int 
                 if frame is None or (frame.ip is None and frame.ethertype in (0x0800, 0x86DD)):
                     malformed += 1
                     continue
-                key, octets, flags, tos = frame_key(frame, Direction.INGRESS, ifindex)
+                direction = Direction.EGRESS if frame.outgoing else Direction.INGRESS  # known from SLL/SLL2 only
+                key, octets, flags, tos = frame_key(frame, direction, ifindex)
                 evicted = accounter.account(RawPacket(key, octets, ts_ns, flags, tos))
                 if evicted is None:
                     evicted = accounter.evict_if_due()

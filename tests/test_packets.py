@@ -81,6 +81,11 @@ def test_parse_link_every_supported_link_type() -> None:
         assert frame.ip.ip_octets == len(ip) and frame.frame_len == len(data)
         assert frame.src_mac == (src_mac or b"\x00" * 6), linktype
     assert parse_link(113, sll + b"\x81\x00\x00\x2a\x08\x00" + ip4).vlan_id == 42  # type: ignore[union-attr]
+    # PACKET_OUTGOING (4): the capturing host sent it; every other link type cannot tell
+    assert not any(parse_link(t, d).outgoing for t, d, _, _ in cases)  # type: ignore[union-attr]
+    sent_sll = parse_link(113, b"\x00\x04" + sll[2:] + b"\x08\x00" + ip4)
+    sent_sll2 = parse_link(276, sll2(b"\x08\x00")[:10] + b"\x04" + sll2(b"\x08\x00")[11:] + ip4)
+    assert sent_sll is not None and sent_sll.outgoing and sent_sll2 is not None and sent_sll2.outgoing
 
 
 def test_parse_link_malformed_is_none() -> None:

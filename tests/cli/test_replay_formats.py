@@ -4,7 +4,8 @@ tcpdump captures the test's own UDP traffic in a namespace four ways (`-i any` =
 LINUX_SLL`, Ethernet with microsecond and with nanosecond timestamps); editcap, tshark and mergecap turn
 them into pcapng (if_tsresol 6 and 9), the longer-header pcap variants and a two-interface pcapng;
 text2pcap writes the IP packets as RAW, IPV4, IPV6, NULL and LOOP. tshark reads each file back as the
-oracle: per flow, packets, octets, first and last time in ms. Each replay must give exactly that at a UDP
+oracle: per flow and direction (a cooked capture marks what the capturing host sent), packets, octets,
+first and last time in ms. Each replay must give exactly that at a UDP
 collector, and with NetFlow v9 at nfcapd the same dates (the first flow used to be 1970-01-01).
 """
 
@@ -24,12 +25,12 @@ from typing import Any
 import pytest
 
 from ipfixer.lab import Lab, unique_name
-from tests.cli.helpers import IPFIXER, UdpCollector, cli_env, totals_by_flow, write_config
+from tests.cli.helpers import IPFIXER, UdpCollector, cli_env, write_config
 from tests.collectors import Nfcapd, free_udp_port
 
 pytestmark = pytest.mark.root
 
-Key = tuple[str, str, int, int, int]
+Key = tuple[str, str, int, int, int, int]  # 5-tuple and flowDirection
 UTC = {**os.environ, "TZ": "UTC"}
 
 
@@ -44,7 +45,7 @@ class Flow:
 @dataclass
 class Captures:
     files: dict[str, Path]
-    sent: dict[Key, tuple[int, int]]  # what the test sent: packets, IP octets
+    sent: dict[tuple[str, str, int, int, int], tuple[int, int]]  # what the test sent: packets, IP octets
 
 
 def _run(*cmd: str, timeout: float = 60) -> str:
@@ -57,12 +58,12 @@ def tshark_flows(path: Path) -> dict[Key, Flow]:
     """The oracle: tshark's own reading of the file, grouped by 5-tuple."""
     out = _run("tshark", "-r", str(path), "-T", "fields", "-E", "separator=,", "-e", "frame.time_epoch",
                "-e", "ip.src", "-e", "ip.dst", "-e", "ipv6.src", "-e", "ipv6.dst", "-e", "udp.srcport",
-               "-e", "udp.dstport", "-e", "ip.len", "-e", "ipv6.plen")
+               "-e", "udp.dstport", "-e", "ip.len", "-e", "ipv6.plen", "-e", "sll.pkttype")
     flows: dict[Key, Flow] = {}
     for line in out.splitlines():
-        t, s4, d4, s6, d6, sp, dp, len4, plen6 = line.split(",")
+        t, s4, d4, s6, d6, sp, dp, len4, plen6, pkttype = line.split(",")
         ms = int(Decimal(t) * 1000 // 1)
-        key = (s4 or s6, d4 or d6, int(sp), int(dp), 17)
+        key = (s4 or s6, d4 or d6, int(sp), int(dp), 17, int(pkttype == "4"))  # 4: sent by the capturing host
         octets = int(len4) if len4 else int(plen6) + 40
         f = flows.get(key)
         if f is None:
@@ -97,8 +98,8 @@ def _text2pcap(src: Path, dst: Path, linktype: int, prefix: dict[int, str], vers
 def captures(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Captures]:
     d = tmp_path_factory.mktemp("captures")
     lab = Lab(ns_a=unique_name("h4A"), ns_b=unique_name("h4B"), veth_a=unique_name("h4a"), veth_b=unique_name("h4b"))
-    ports = [free_udp_port() for _ in range(3)]
-    count = 7 + 5 + 4
+    ports = [free_udp_port() for _ in range(4)]
+    count = 7 + 5 + 4 + 3
     dumps = {"sll2.pcap": ["-i", "any"], "sll.pcap": ["-i", "any", "-y", "LINUX_SLL"],
              "ether_us.pcap": ["-i", lab.veth_b], "ether_ns.pcap": ["-i", lab.veth_b, "--time-stamp-precision=nano"]}
     procs: list[subprocess.Popen[bytes]] = []
@@ -118,6 +119,7 @@ def captures(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Captures]:
             lab.send_udp(lab.ns_a, lab.v4_b, 40001, ports[0], [10] * 7)
             lab.send_udp(lab.ns_a, lab.v4_b, 40002, ports[1], [300] * 5)
             lab.send_udp(lab.ns_a, lab.v6_b, 40003, ports[2], [50] * 4)
+            lab.send_udp(lab.ns_b, lab.v4_a, 40004, ports[3], [20] * 3)  # sent by the capturing namespace
             for proc in procs:
                 assert proc.wait(20) == 0
         finally:
@@ -127,7 +129,8 @@ def captures(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Captures]:
                     proc.wait(5)
     sent = {(lab.v4_a, lab.v4_b, 40001, ports[0], 17): (7, 7 * 38),
             (lab.v4_a, lab.v4_b, 40002, ports[1], 17): (5, 5 * 328),
-            (lab.v6_a, lab.v6_b, 40003, ports[2], 17): (4, 4 * 98)}
+            (lab.v6_a, lab.v6_b, 40003, ports[2], 17): (4, 4 * 98),
+            (lab.v4_b, lab.v4_a, 40004, ports[3], 17): (3, 3 * 48)}
     files = {name: d / name for name in dumps}
     for name in ("ether_us", "ether_ns"):
         _run("editcap", "-F", "pcapng", str(d / f"{name}.pcap"), str(d / f"{name}.pcapng"))
@@ -170,7 +173,9 @@ def test_tools_wrote_what_was_sent(captures: Captures) -> None:
     """The oracle itself: tshark reads every original capture as exactly the traffic sent."""
     for name in ("sll2.pcap", "sll.pcap", "ether_us.pcap", "ether_ns.pcap"):
         flows = tshark_flows(captures.files[name])
-        assert {k: (f.packets, f.octets) for k, f in flows.items()} == captures.sent, name
+        assert {k[:5]: (f.packets, f.octets) for k, f in flows.items()} == captures.sent, name
+        outgoing = {k[:5] for k in flows if k[5]}
+        assert outgoing == ({k for k in captures.sent if k[2] == 40004} if "sll" in name else set()), name
     head = captures.files["sll2.pcap"].read_bytes()[20:24]
     assert int.from_bytes(head, "little") == 276  # tcpdump -i any really wrote LINUX_SLL2
     assert captures.files["ether_ns.pcap"].read_bytes()[:4] == bytes.fromhex("4d3cb2a1")  # nanosecond magic
@@ -190,12 +195,20 @@ def test_replay_exact_counts_and_times(tmp_path: Path, captures: Captures, name:
     finally:
         coll.close()
     assert summary["packets"] == sum(f.packets for f in expected.values()) and summary["malformed"] == 0
-    assert totals_by_flow(records) == {k: [f.packets, f.octets] for k, f in expected.items()}
-    for key, flow in expected.items():
-        mine = [r for r in records if (str(r.get("sourceIPv4Address", r.get("sourceIPv6Address"))),
-                                       r["sourceTransportPort"]) == (key[0], key[2])]
-        assert min(r["flowStartMilliseconds"] for r in mine) == flow.first_ms, (name, key)
-        assert max(r["flowEndMilliseconds"] for r in mine) == flow.last_ms, (name, key)
+    assert by_flow(records) == expected, name
+
+
+def by_flow(records: list[dict[str, Any]]) -> dict[Key, Flow]:
+    """Records summed per 5-tuple and flowDirection, with the earliest start and the latest end."""
+    out: dict[Key, Flow] = {}
+    for r in records:
+        key = (str(r.get("sourceIPv4Address", r.get("sourceIPv6Address"))),
+               str(r.get("destinationIPv4Address", r.get("destinationIPv6Address"))), r["sourceTransportPort"],
+               r["destinationTransportPort"], r["protocolIdentifier"], r["flowDirection"])
+        f = out.setdefault(key, Flow(0, 0, r["flowStartMilliseconds"], r["flowEndMilliseconds"]))
+        f.packets, f.octets = f.packets + r["packetDeltaCount"], f.octets + r["octetDeltaCount"]
+        f.first_ms, f.last_ms = min(f.first_ms, r["flowStartMilliseconds"]), max(f.last_ms, r["flowEndMilliseconds"])
+    return out
 
 
 def test_same_packets_same_times_in_every_format(captures: Captures) -> None:
@@ -203,8 +216,8 @@ def test_same_packets_same_times_in_every_format(captures: Captures) -> None:
     reference = tshark_flows(captures.files["ether_us.pcap"])
     for name in ("ether_ns.pcap", "sll2.pcap", "sll.pcap", "ether_ns.pcapng", "raw.pcapng", "loop.pcapng"):
         flows = tshark_flows(captures.files[name])
-        assert {k: (f.first_ms, f.last_ms) for k, f in flows.items()} == {
-            k: (f.first_ms, f.last_ms) for k, f in reference.items()}, name
+        assert {k[:5]: (f.first_ms, f.last_ms) for k, f in flows.items()} == {
+            k[:5]: (f.first_ms, f.last_ms) for k, f in reference.items()}, name
 
 
 def test_netflow9_replay_dates_at_nfcapd(tmp_path: Path, captures: Captures) -> None:
@@ -222,7 +235,7 @@ def test_netflow9_replay_dates_at_nfcapd(tmp_path: Path, captures: Captures) -> 
     got: dict[Key, list[int]] = defaultdict(lambda: [0, 0, 2**63, 0])
     for f in flows:
         key = (f["src4_addr"] if "src4_addr" in f else f["src6_addr"],
-               f["dst4_addr"] if "dst4_addr" in f else f["dst6_addr"], f["src_port"], f["dst_port"], f["proto"])
+               f["dst4_addr"] if "dst4_addr" in f else f["dst6_addr"], f["src_port"], f["dst_port"], f["proto"], 0)
         g = got[key]
         g[0], g[1] = g[0] + f["in_packets"], g[1] + f["in_bytes"]
         g[2], g[3] = min(g[2], f["first"]), max(g[3], f["last"])
