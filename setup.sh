@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-command, idempotent setup for ipfixer on Debian 12 (run as root).
 #  - Debian packages: bcc (python3-bpfcc), kernel headers, iproute2, nftables, conntrack,
-#    and the real collectors/peers the tests and benchmarks talk to (nfdump, tshark, softflowd, ...).
+#    and the real collectors/peers the tests and benchmarks talk to (nfdump, tshark, pmacct, softflowd, ...).
 #  - /lib/modules/$(uname -r)/{build,source} links when the running kernel ships no headers,
 #    so bcc can compile the TC classifier.
 #  - a venv (.venv) made by /usr/bin/python3 with --system-site-packages so `import bcc` works,
@@ -16,7 +16,7 @@ fi
 
 PKGS=(python3-bpfcc bpfcc-tools libbpfcc linux-headers-amd64 python3-venv python3-pip
       iproute2 iputils-ping nftables conntrack nfdump tshark tcpdump softflowd iperf3
-      netsniff-ng ethtool procps psmisc kmod
+      netsniff-ng ethtool procps psmisc kmod pmacct
       docker.io docker-compose debootstrap)  # tests/deploy: a private dockerd (never the system service)
 missing=()
 for p in "${PKGS[@]}"; do

@@ -90,11 +90,11 @@ class Nfcapd:
         with first/last as Unix ms and tcp_flags as an int."""
         _stop(self.proc)
         flows: list[dict[str, Any]] = []
-        for f in sorted(self.dir.glob("nfcapd.[0-9]*")):
-            out = subprocess.run(
-                ["nfdump", "-r", str(f), "-o", "json"], capture_output=True, env=UTC_ENV, timeout=30, check=True
+        for path in sorted(self.dir.glob("nfcapd.[0-9]*")):
+            res = subprocess.run(
+                ["nfdump", "-r", str(path), "-o", "json"], capture_output=True, env=UTC_ENV, timeout=30, check=True
             )
-            text = out.stdout.decode().strip()
+            text = res.stdout.decode().strip()
             if text:
                 flows.extend(json.loads(text))
         out = [f for f in flows if f.get("type") == "FLOW"]
@@ -204,3 +204,106 @@ def known_flow_records(base_ms: int) -> list[Any]:
         rec(3, ETH_P_IPV6, "2001:db8::1", "2001:db8:ffff::2", 6, 40004, 8443, flags=0x12, tos=0x28),
         rec(4, ETH_P_IPV6, "fe80::1234:5678", "2001:db8::53", 17, 40005, 5353),
     ]
+
+
+class Nfacctd:
+    """pmacct's nfacctd (Debian 12: 1.7.7) on 127.0.0.1:port with the print plugin writing JSON lines to a
+    file every second.  The aggregation key holds every field we send, so distinct flows stay distinct."""
+
+    AGGREGATE = ("src_host, dst_host, src_port, dst_port, proto, tos, src_mac, dst_mac, vlan, in_iface, out_iface, "
+                 "timestamp_start, timestamp_end, tcpflags, etype")  # fmt: skip
+
+    def __init__(self, workdir: Path, port: int) -> None:
+        self.port = port
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.out = self.dir / "flows.json"
+        self.log = self.dir / "nfacctd.log"
+        conf = self.dir / "nfacctd.conf"
+        conf.write_text(
+            "daemonize: false\n"
+            f"nfacctd_ip: 127.0.0.1\nnfacctd_port: {port}\n"
+            f"logfile: {self.log}\n"
+            "plugins: print[p]\n"
+            "print_output[p]: json\n"
+            f"print_output_file[p]: {self.out}\n"
+            "print_output_file_append[p]: true\n"
+            "print_refresh_time[p]: 1\n"
+            "timestamps_since_epoch: true\n"
+            "timestamps_secs: false\n"
+            f"aggregate[p]: {self.AGGREGATE}\n"
+        )
+        # Its own session: nfacctd forks plugin processes, and they all go down with the group.
+        self.proc = subprocess.Popen(["nfacctd", "-f", str(conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        _wait_for_text(self.log, ("waiting for NetFlow/IPFIX data",), self.proc, "nfacctd")
+        time.sleep(0.3)  # the print plugin starts after the core says it is waiting
+
+    def flows(self, expect: int, timeout_s: float = 15.0) -> list[dict[str, Any]]:
+        """The flows printed so far, waiting (bounded) until at least `expect` are there."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            rows = [json.loads(line) for line in self.out.read_text().splitlines() if line.strip()] \
+                if self.out.exists() else []  # fmt: skip
+            if len(rows) >= expect or time.monotonic() > deadline:
+                return rows
+            time.sleep(0.2)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def kill(self) -> None:
+        """nfacctd's core does not exit on SIGTERM while its plugin is busy: SIGKILL the whole group."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=STOP_TIMEOUT_S)
+
+
+class PyNetflowCollector:
+    """python-netflow's reference collector (PyPI `netflow`, `python -m netflow.collector`) on
+    127.0.0.1:port, appending one gzip'd JSON line per decoded export packet to its output file."""
+
+    def __init__(self, workdir: Path, port: int) -> None:
+        import sys
+
+        self.port = port
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.out = workdir / f"pynetflow{port}.gz"
+        self.log = workdir / f"pynetflow{port}.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "netflow.collector", "--host", "127.0.0.1", "--port", str(port),
+                 "--file", str(self.out), "--debug"],
+                stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        _wait_for_text(self.log, ("Starting the NetFlow listener",), self.proc, "netflow.collector")
+        time.sleep(0.3)  # the listener thread binds right after the log line
+
+    def packets(self, expect_flows: int, timeout_s: float = 15.0) -> list[dict[str, Any]]:
+        """Every decoded packet so far ({'header':..., 'flows': [...]}), waiting (bounded) until the
+        flows number at least `expect_flows` or the collector died."""
+        import gzip
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            rows: list[dict[str, Any]] = []
+            if self.out.exists():
+                try:
+                    lines = gzip.decompress(self.out.read_bytes()).splitlines()
+                except (EOFError, OSError):  # a member being written: read again
+                    lines = []
+                for line in lines:
+                    rows.extend(json.loads(line).values())
+            got = sum(len(r["flows"]) for r in rows)
+            if got >= expect_flows or time.monotonic() > deadline or self.proc.poll() is not None:
+                return rows
+            time.sleep(0.2)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def kill(self) -> None:
+        _stop(self.proc, signal.SIGKILL)

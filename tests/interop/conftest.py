@@ -9,7 +9,14 @@ from typing import Any
 
 import pytest
 
-from tests.collectors import Nfcapd, TsharkCapture, free_udp_port, known_flow_records
+from tests.collectors import (
+    Nfacctd,
+    Nfcapd,
+    PyNetflowCollector,
+    TsharkCapture,
+    free_udp_port,
+    known_flow_records,
+)
 
 
 @pytest.fixture
@@ -44,6 +51,40 @@ def tshark(tmp_path: Path) -> Iterator[Any]:
     finally:
         for t in started:
             t.kill()
+
+
+@pytest.fixture
+def nfacctd(tmp_path: Path) -> Iterator[Any]:
+    """Factory: nfacctd(port=None) starts pmacct's nfacctd; all of them are killed at teardown."""
+    started: list[Nfacctd] = []
+
+    def start(port: int | None = None) -> Nfacctd:
+        n = Nfacctd(tmp_path / f"nfacctd{len(started)}", port or free_udp_port())
+        started.append(n)
+        return n
+
+    try:
+        yield start
+    finally:
+        for n in started:
+            n.kill()
+
+
+@pytest.fixture
+def pynetflow(tmp_path: Path) -> Iterator[Any]:
+    """Factory: pynetflow(port=None) starts python-netflow's collector; killed at teardown."""
+    started: list[PyNetflowCollector] = []
+
+    def start(port: int | None = None) -> PyNetflowCollector:
+        c = PyNetflowCollector(tmp_path / f"pynetflow{len(started)}", port or free_udp_port())
+        started.append(c)
+        return c
+
+    try:
+        yield start
+    finally:
+        for c in started:
+            c.kill()
 
 
 @pytest.fixture
