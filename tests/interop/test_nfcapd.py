@@ -8,6 +8,7 @@ is why the shipped templates carry icmpTypeCodeIPv4/IPv6 (ExportSession sends 13
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from typing import Any
 
@@ -16,7 +17,10 @@ import pytest
 from ipfixer.export import ExportSession, UdpTransport
 from ipfixer.model import ETH_P_IP, ETH_P_IPV6, FlowRecord, addr16_to_str, records_to_batch
 from ipfixer.templates import load_templates
+from ipfixer.wire.decode import Decoder
 from tests.collectors import wire
+from tests.interop.scenarios import INTERFACES, SAMPLING, make_exporter, restart_round, send_refresh_then_flows, tagged
+from tests.interop.scenarios import make_session as scenario_session
 
 pytestmark = pytest.mark.interop
 
@@ -24,6 +28,7 @@ DELIVERY_S = 0.5  # loopback datagrams are queued at once; give nfcapd time to r
 
 
 def make_session(protocol: str, boot_ms: int, **kw: Any) -> ExportSession:
+    """Flow templates only (the options ones: tests.interop.scenarios)."""
     ts = load_templates()
     data = {
         ETH_P_IP: ts["ipv4_flow"],
@@ -133,3 +138,92 @@ def test_restarted_nfcapd_decodes_again_after_template_refresh(
     send_all(port, after)
     time.sleep(DELIVERY_S)
     assert sorted(f["in_packets"] for f in second.stop()) == [300, 301, 302, 303, 304]
+
+
+# -- the daemon's arrangement: options refresh + flows, and nfdump's sequence rule ---------------------
+def sequence_errors(log: str) -> int:
+    m = re.search(r"Sequence Errors: (\d+)", log)
+    assert m, log
+    return int(m.group(1))
+
+
+@pytest.mark.parametrize("protocol", ["ipfix", "netflow9"])
+def test_refresh_then_flows_every_field_and_no_sequence_error(
+    nfcapd: Any, known_flows: list[FlowRecord], base_ms: int, protocol: str
+) -> None:
+    """Start-up as the daemon does it: the options refresh first, then flows."""
+    records = icmpv6_extra(known_flows)
+    boot_ms = base_ms - 3_600_000 + 123
+    collector = nfcapd()
+    exporter = make_exporter(protocol, boot_ms, collector.port)
+    try:
+        send_refresh_then_flows(exporter, records, (base_ms + 2_345) * 1_000_000)
+    finally:
+        exporter.close()
+    time.sleep(DELIVERY_S)
+    flows = collector.stop()
+    by_packets = {f["in_packets"]: f for f in flows}
+    assert len(flows) == len(by_packets) == len(records), collector.log_text()
+    for r in records:
+        exp = expected_nfdump(r)
+        assert shown(by_packets[r.packets], list(exp)) == exp
+    assert sequence_errors(collector.log_text()) == 0
+
+
+@pytest.mark.parametrize("protocol", ["ipfix", "netflow9"])
+def test_nfdump_sequence_check_leaves_options_records_out(
+    nfcapd: Any, known_flows: list[FlowRecord], base_ms: int, protocol: str
+) -> None:
+    """nfdump 1.7 (src/netflow/ipfix.c, v1.7.1 to master) adds only flow Data Records to its expected
+    IPFIX sequence (Process_ipfix_data: PacketSequence++), never options records, and reports a mismatch
+    once it has seen flow data.  RFC 7011 3.1 counts options records too, as ipfixer does (checked with
+    ipfixer's decoder): so every options refresh after the first flow data is one nfcapd 'sequence error',
+    and no flow is lost.  NetFlow v9 numbers packets, and nfcapd counts none there."""
+    collector = nfcapd()
+    exporter = make_exporter(protocol, base_ms - 60_000, collector.port)
+    decoder_view = scenario_session(protocol, base_ms - 60_000)  # the same arrangement, decoded here
+    now_ns = base_ms * 1_000_000
+    refreshes = 3
+    try:
+        for i in range(refreshes):
+            exporter.export(records_to_batch(tagged(known_flows, 100 * (i + 1))), now_ns)
+            exporter.export_options_refresh(now_ns, sampling=SAMPLING, interfaces=INTERFACES)
+        exporter.export(records_to_batch(tagged(known_flows, 1000)), now_ns)
+    finally:
+        exporter.close()
+    time.sleep(DELIVERY_S)
+    flows = collector.stop()
+    assert len(flows) == 5 * (refreshes + 1)
+    errors = sequence_errors(collector.log_text())
+    assert errors == (refreshes if protocol == "ipfix" else 0)
+    if protocol == "ipfix":  # and ipfixer's numbers are RFC 7011 3.1's: options records counted
+        d = Decoder()
+        msgs = []
+        for _ in range(refreshes):
+            msgs += [d.feed(m.data) for m in decoder_view.messages(records_to_batch(known_flows), now_ns)]
+            msgs += [d.feed(m.data) for m in decoder_view.options_messages(
+                [("options_sampling", [{"observationDomainId": 7, **SAMPLING}])], now_ns)]  # fmt: skip
+        before = 0
+        for m in msgs:
+            assert m.sequence == before
+            before += len(m.records)
+
+
+@pytest.mark.parametrize("protocol", ["ipfix", "netflow9"])
+def test_restarted_nfcapd_decodes_the_next_message_after_econnrefused(
+    nfcapd: Any, known_flows: list[FlowRecord], base_ms: int, protocol: str
+) -> None:
+    """The refresh interval is long: only the failed send can make the next message carry templates."""
+    first = nfcapd()
+    port = first.port
+    exporter = make_exporter(protocol, base_ms - 60_000, port, template_refresh_s=3600, template_refresh_messages=0)
+    now_ns = base_ms * 1_000_000
+    try:
+        send_refresh_then_flows(exporter, tagged(known_flows, 100), now_ns)
+        time.sleep(DELIVERY_S)
+        assert sorted(f["in_packets"] for f in first.stop()) == [100, 101, 102, 103, 104]
+        second = restart_round(exporter, known_flows, now_ns, lambda: None, lambda: nfcapd(port=port))
+    finally:
+        exporter.close()
+    time.sleep(DELIVERY_S)
+    assert sorted(f["in_packets"] for f in second.stop()) == [900, 901, 902, 903, 904]
