@@ -31,9 +31,12 @@ from ipfixer.errors import ConfigError, IpfixerError
 class InstanceLockError(IpfixerError):
     """Another live ipfixer already meters this network namespace."""
 
-    def __init__(self, netns_inode: int, owner_pid: int | None) -> None:
-        self.netns_inode, self.owner_pid = netns_inode, owner_pid
+    def __init__(self, netns_inode: int, owner_pid: int | None, owner_uid: int | None = None) -> None:
+        self.netns_inode, self.owner_pid, self.owner_uid = netns_inode, owner_pid, owner_uid
         who = f"pid {owner_pid}" if owner_pid else "pid unknown"
+        if owner_uid not in (None, 0, os.geteuid()):
+            # Abstract names have no permissions: another user can squat it. Say so rather than guess.
+            who += f", uid {owner_uid}: not root, so possibly not ipfixer at all"
         super().__init__(
             f"another ipfixer ({who}) already meters the interfaces of this network namespace "
             f"(netns inode {netns_inode}); stop it first (two instances would remove each other's filters)"
@@ -114,16 +117,16 @@ def abstract_name(inode: int) -> bytes:
     return b"\0ipfixer-netns-" + str(inode).encode()
 
 
-def _peer_pid(name: bytes) -> int | None:
-    """Pid of the process listening on an abstract socket (SO_PEERCRED), None if it cannot be told."""
+def _peer(name: bytes) -> tuple[int | None, int | None]:
+    """(pid, uid) of the process listening on an abstract socket (SO_PEERCRED), None if untold."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
         probe.connect(name)
         raw = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid = struct.unpack("3i", raw)[0]
-        return pid or None
+        pid, uid, _gid = struct.unpack("3i", raw)
+        return pid or None, uid
     except OSError:  # backlog full (many probes) or the owner just exited
-        return None
+        return None, None
     finally:
         probe.close()
 
@@ -143,7 +146,7 @@ class NamespaceLock:
         self.netns = netns_inode()
         if self.lock_dir is not None:
             self.path = self.lock_dir / f"netns-{self.netns}.lock"
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # close-on-exec (PEP 446)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)  # close-on-exec (PEP 446)
         name = abstract_name(self.netns)
         try:
             sock.bind(name)
@@ -151,7 +154,7 @@ class NamespaceLock:
         except OSError as exc:
             sock.close()
             if exc.errno == errno.EADDRINUSE:
-                raise InstanceLockError(self.netns, _peer_pid(name)) from None
+                raise InstanceLockError(self.netns, *_peer(name)) from None
             raise IpfixerError(f"cannot take the namespace lock {name!r}: {exc.strerror}") from None
         self._sock = sock
         try:
@@ -160,6 +163,19 @@ class NamespaceLock:
         except BaseException:
             self.release()
             raise
+
+    def answer_probes(self, limit: int = 64) -> int:
+        """Accept and close connections other instances made to read our pid, so the backlog never
+        fills (called from the meter's poll; bounded). Returns how many were waiting."""
+        n = 0
+        while self._sock is not None and n < limit:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:  # BlockingIOError: none waiting
+                break
+            conn.close()
+            n += 1
+        return n
 
     def _write_pid_file(self) -> int:
         assert self.lock_dir is not None and self.path is not None

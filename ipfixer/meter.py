@@ -93,6 +93,7 @@ class Meter:
         """Wait up to timeout_ms for spilled packets and account them (the daemon's idle wait); apply
         link events (new interfaces that match are attached, vanished ones forgotten)."""
         self._watcher.poll(0.0)
+        self._lock.answer_probes()
         self._pending.extend(self._spill.poll(timeout_ms))
 
     def drain(self, end_keys: Collection[bytes] = ()) -> list[np.ndarray]:

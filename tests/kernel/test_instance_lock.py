@@ -137,3 +137,46 @@ def test_owner_liveness() -> None:
     assert Owner(me.pidns, me.pid, me.start + 1).alive() is False  # a recycled pid: another start time
     assert Owner(me.pidns + 1, me.pid, me.start).alive() is None  # another pid namespace: cannot judge
     assert Owner.parse("garbage") is None and Owner.parse("1.2") is None
+
+
+def test_probes_are_answered_so_every_refusal_names_the_pid(netns: str) -> None:
+    """Each refused instance connects once to read the holder's pid; the holder accepts and closes them
+    at its polls, so the listen backlog (64) never fills and the 200th refusal still names the pid."""
+    first = lock_in(netns, None)
+    try:
+        pids = []
+        for i in range(200):
+            try:
+                lock_in(netns, None)
+            except InstanceLockError as exc:
+                pids.append(exc.owner_pid)
+            if i % 50 == 49:
+                assert first.answer_probes(limit=100) == 50
+        assert pids == [os.getpid()] * 200
+    finally:
+        first.release()
+
+
+SQUATTER = """
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(b"\\0ipfixer-netns-" + sys.argv[1].encode())
+s.listen(1)
+print("bound", flush=True)
+time.sleep(60)
+"""
+
+
+def test_name_squatted_by_another_user_is_reported_as_such(netns: str) -> None:
+    inode = in_netns(netns, lambda: os.stat("/proc/thread-self/ns/net").st_ino)
+    proc = subprocess.Popen(["ip", "netns", "exec", netns, "setpriv", "--reuid=65534", "--regid=65534",
+                             "--clear-groups", sys.executable, "-c", SQUATTER, str(inode)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "bound"
+        with pytest.raises(InstanceLockError) as err:
+            lock_in(netns, None)
+        assert err.value.owner_uid == 65534 and "uid 65534: not root, so possibly not ipfixer" in str(err.value)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
