@@ -102,6 +102,10 @@ ELEMENT_COLUMNS: Mapping[str, ColumnMapping] = MappingProxyType(
             _m("ctMark", "ct_mark"),
             _m("ctZone", "ct_zone"),
             _m("cgroupId", "cgroup_id"),
+            # filled at export time (export/annotate.py): VRF table ids, the meter's sampling interval
+            _m("ingressVRFID", "ingress_vrf"),
+            _m("egressVRFID", "egress_vrf"),
+            _m("samplingInterval", "sampling_interval"),
             # variable-length string, per-record path only (RFC 7011 7)
             _m("interfaceName", "interface", T.RECORD_ATTR),
         ]
@@ -133,6 +137,14 @@ def check_mapped(template: Template, *, fast_path: bool = True) -> None:
                 f"template {template.template_id} ({template.name}) field {i}: element {name!r} is only "
                 "available on the per-record path (ExportSession.record_messages)"
             )
+
+
+def fast_path_ok(template: Template) -> bool:
+    """True when every field has a batch column (no per-record attribute such as interfaceName)."""
+    return all(
+        (m := ELEMENT_COLUMNS.get(name)) is not None and m.transform is not Transform.RECORD_ATTR
+        for name in field_names(template)
+    )
 
 
 def _column(batch: np.ndarray, m: ColumnMapping, sys_boot_ms: int | None, sys_now_ms: int | None = None) -> np.ndarray:

@@ -36,7 +36,7 @@ from ipfixer.export.dialect import (
     dialect_for,
     netflow9_template,
 )
-from ipfixer.export.mapping import check_mapped, flow_columns, flow_values
+from ipfixer.export.mapping import check_mapped, fast_path_ok, flow_columns, flow_values
 from ipfixer.infomodel import InfoModel
 from ipfixer.model import FLOW_DTYPE, FlowRecord, batch_to_records
 from ipfixer.templates import Template
@@ -133,8 +133,10 @@ class ExportSession:
         ids = list(self._data_templates) + list(self._options_templates)
         if len(set(ids)) != len(ids):
             raise EncodeError(f"template ids used twice in one session: {sorted(ids)}")
-        self._encoders = {
-            tid: BatchEncoder(t) for tid, t in self._data_templates.items() if t.record_length is not None
+        self._encoders = {  # the batch fast path, for fixed-length templates whose fields all have columns
+            tid: BatchEncoder(t)
+            for tid, t in self._data_templates.items()
+            if t.record_length is not None and fast_path_ok(t)
         }
 
         if not d.header_len + d.set_header_len < max_message_size <= MAX_MESSAGE_SIZE:

@@ -3,13 +3,15 @@ headers (sequence numbers, domain / source id, v9 count and sysUptime), decode t
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ipfixer.export import ExportSession, UdpTransport
+from ipfixer.export import Exporter, ExportSession, UdpTransport
 from ipfixer.model import ETH_P_IP, ETH_P_IPV6, FlowRecord, addr16_to_str, records_to_batch
 from ipfixer.templates import load_templates
 from tests.collectors import wire
@@ -167,3 +169,35 @@ def test_options_records_decode_in_tshark(tshark: Any, base_ms: int, protocol: s
         assert smp["cflow.scope_system"] == "00:00:00:07"
     # options data records count in the IPFIX sequence number (RFC 7011 3.1); v9 counts packets
     assert [int(p["cflow.sequence"]) for p in cap.packets] == [0, 1]
+
+
+# -- the example template with interfaceName (IE 82) filled from the observation interface ------------
+EXAMPLES = Path(__file__).resolve().parents[2] / "templates" / "examples"
+
+
+@pytest.mark.parametrize("protocol", ["ipfix", "netflow9"])
+def test_interface_name_in_data_records_decodes_in_tshark(
+    tshark: Any, known_flows: list[FlowRecord], base_ms: int, protocol: str
+) -> None:
+    """templates/examples/ipv*_flow_ifname.yaml through the Exporter as the daemon drives it: the names of
+    its interface table fill each record's interfaceName from the record's observation ifindex."""
+    ex = load_templates(EXAMPLES)
+    ts = load_templates()
+    session = ExportSession(
+        protocol,  # type: ignore[arg-type]
+        7, {ETH_P_IP: ex["ipv4_flow_ifname"], ETH_P_IPV6: ex["ipv6_flow_ifname"]},
+        [ts["options_exporter_stats"], ts["options_sampling"], ts["options_interfaces"]],
+        boot_wall_ns=(base_ms - 60_000) * 1_000_000,
+    )  # fmt: skip
+    names = {2: "lo-ipfx-h1", 3: "eth0", 4: "veth0ipfxh1"}
+    records = [dataclasses.replace(r, ifindex=2 + i % 3) for i, r in enumerate(known_flows)]
+    cap = tshark(2)  # the options refresh, then one flow message
+    exporter = Exporter([("t", session, UdpTransport("127.0.0.1", cap.port))], metering_process_id=1)
+    try:
+        exporter.export_options_refresh(base_ms * 1_000_000, interfaces=names)
+        exporter.export(records_to_batch(records), base_ms * 1_000_000)
+    finally:
+        exporter.close()
+    flows = [f for f in cap.finish() if "cflow.packets" in f]
+    assert [(int(f["cflow.packets"]), f["cflow.if_name"]) for f in flows] == [
+        (r.packets, names[r.ifindex]) for r in records]  # fmt: skip

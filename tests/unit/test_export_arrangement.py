@@ -220,3 +220,27 @@ def test_collector_back_after_econnrefused_gets_templates_with_the_next_message(
         assert s.stats.template_refreshes >= 2  # refresh interval not due: only the failure caused it
     finally:
         exporter.close()
+
+
+# -- interfaceName (IE 82) in data records -----------------------------------------------------------------
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_example_template_fills_interface_name_from_the_observation_interface(protocol: str) -> None:
+    from pathlib import Path
+
+    ex = load_templates(Path(__file__).resolve().parents[2] / "templates" / "examples")
+    data = {ETH_P_IP: ex["ipv4_flow_ifname"], ETH_P_IPV6: ex["ipv6_flow_ifname"]}
+    now_ns = 1_800_000_000_000_000_000
+    s = ExportSession(protocol, 7, data, boot_wall_ns=now_ns - 10**12)  # type: ignore[arg-type]
+    recs = [flow(i, now_ns // 10**6, ifindex=2 + i % 3) for i in range(9)]
+    names = {2: "eth0", 3: "veth-ipfx-h1", 4: "a" * 15}  # 15: the longest Linux name (IFNAMSIZ 16)
+    d = Decoder()
+    got = [(r.fields["packetDeltaCount"], r.fields["interfaceName"])
+           for m in s.messages(records_to_batch(recs), now_ns, names) for r in d.feed(m.data).records]
+    exp = sorted((r.packets, names[r.ifindex]) for r in recs)
+    assert sorted(got) == exp
+    via_records = [(r.fields["packetDeltaCount"], r.fields["interfaceName"])
+                   for m in s.record_messages(recs, now_ns, names.__getitem__) for r in d.feed(m.data).records]
+    assert sorted(via_records) == exp
+    unnamed = [r.fields["interfaceName"] for m in s.messages(records_to_batch(recs), now_ns)
+               for r in d.feed(m.data).records]  # no table yet: empty names, every record still sent
+    assert unnamed == [""] * len(recs)
