@@ -1,7 +1,8 @@
 """`ipfixer replay` of every capture format and link type the real tools write (issue 10.5, 13.5).
 
 tcpdump captures the test's own UDP traffic in a namespace four ways (`-i any` = LINUX_SLL2, `-i any -y
-LINUX_SLL`, Ethernet with microsecond and with nanosecond timestamps); editcap, tshark and mergecap turn
+LINUX_SLL`, Ethernet with microsecond and with nanosecond timestamps) and tshark two (pcapng, `-i any`
+and the veth); editcap, tshark and mergecap turn
 them into pcapng (if_tsresol 6 and 9), the longer-header pcap variants and a two-interface pcapng;
 text2pcap writes the IP packets as RAW, IPV4, IPV6, NULL and LOOP. tshark reads each file back as the
 oracle: per flow and direction (a cooked capture marks what the capturing host sent), packets, octets,
@@ -101,21 +102,25 @@ def captures(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Captures]:
     ports = [free_udp_port() for _ in range(4)]
     count = 7 + 5 + 4 + 3
     dumps = {"sll2.pcap": ["-i", "any"], "sll.pcap": ["-i", "any", "-y", "LINUX_SLL"],
-             "ether_us.pcap": ["-i", lab.veth_b], "ether_ns.pcap": ["-i", lab.veth_b, "--time-stamp-precision=nano"]}
+             "ether_us.pcap": ["-i", lab.veth_b], "ether_ns.pcap": ["-i", lab.veth_b, "--time-stamp-precision=nano"],
+             "tshark_any.pcapng": ["-i", "any"], "tshark_veth.pcapng": ["-i", lab.veth_b]}
     procs: list[subprocess.Popen[bytes]] = []
     with lab:
         try:
             filt = "udp and (" + " or ".join(f"dst port {p}" for p in ports) + ")"
             for name, args in dumps.items():
                 log = (d / name).with_suffix(".log")
+                tool, ready = (["tshark", "-f", filt], b"Capturing on") if name.startswith("tshark") else (
+                    ["tcpdump", "-n", "-U"], b"listening on")
                 procs.append(subprocess.Popen(
-                    ["ip", "netns", "exec", lab.ns_b, "tcpdump", "-n", "-U", "-c", str(count), *args,
-                     "-w", str(d / name), filt], stdout=subprocess.DEVNULL, stderr=log.open("wb")))
-                deadline = time.monotonic() + 20
-                while b"listening on" not in log.read_bytes() and time.monotonic() < deadline:
+                    ["ip", "netns", "exec", lab.ns_b, *tool, "-c", str(count), *args, "-w", str(d / name),
+                     *([] if name.startswith("tshark") else [filt])], stdout=subprocess.DEVNULL,
+                    stderr=log.open("wb")))
+                deadline = time.monotonic() + 30
+                while ready not in log.read_bytes() and time.monotonic() < deadline:
                     assert procs[-1].poll() is None, log.read_text()
                     time.sleep(0.05)
-                assert b"listening on" in log.read_bytes(), log.read_text()
+                assert ready in log.read_bytes(), log.read_text()
             lab.send_udp(lab.ns_a, lab.v4_b, 40001, ports[0], [10] * 7)
             lab.send_udp(lab.ns_a, lab.v4_b, 40002, ports[1], [300] * 5)
             lab.send_udp(lab.ns_a, lab.v6_b, 40003, ports[2], [50] * 4)
@@ -155,7 +160,7 @@ def captures(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Captures]:
     yield Captures(files, sent)
 
 
-ALL = ["sll2.pcap", "sll.pcap", "ether_us.pcap", "ether_ns.pcap", "ether_us.pcapng", "ether_ns.pcapng",
+ALL = ["sll2.pcap", "sll.pcap", "tshark_any.pcapng", "tshark_veth.pcapng", "ether_us.pcap", "ether_ns.pcap", "ether_us.pcapng", "ether_ns.pcapng",
        "sll2_tshark.pcapng", "nsecpcap.pcap", "modpcap.pcap", "nokiapcap.pcap", "rh6_1pcap.pcap",
        "suse6_3pcap.pcap", "merged.pcapng", "raw.pcapng", "raw.pcap", "ipv4.pcapng", "ipv6.pcapng",
        "null_le.pcapng", "null_be.pcap", "loop.pcapng"]
@@ -171,11 +176,13 @@ def replay(path: Path, cfg: Path) -> dict[str, Any]:
 
 def test_tools_wrote_what_was_sent(captures: Captures) -> None:
     """The oracle itself: tshark reads every original capture as exactly the traffic sent."""
-    for name in ("sll2.pcap", "sll.pcap", "ether_us.pcap", "ether_ns.pcap"):
+    for name in ("sll2.pcap", "sll.pcap", "ether_us.pcap", "ether_ns.pcap", "tshark_any.pcapng",
+                 "tshark_veth.pcapng"):
         flows = tshark_flows(captures.files[name])
         assert {k[:5]: (f.packets, f.octets) for k, f in flows.items()} == captures.sent, name
         outgoing = {k[:5] for k in flows if k[5]}
-        assert outgoing == ({k for k in captures.sent if k[2] == 40004} if "sll" in name else set()), name
+        cooked = "sll" in name or "any" in name
+        assert outgoing == ({k for k in captures.sent if k[2] == 40004} if cooked else set()), name
     head = captures.files["sll2.pcap"].read_bytes()[20:24]
     assert int.from_bytes(head, "little") == 276  # tcpdump -i any really wrote LINUX_SLL2
     assert captures.files["ether_ns.pcap"].read_bytes()[:4] == bytes.fromhex("4d3cb2a1")  # nanosecond magic
