@@ -151,6 +151,31 @@ def test_reload_to_no_interface_warns_and_ipv6_collector_is_bracketed(tmp_path: 
     assert totals_by_flow(coll6.flow_records())[(lab.v4_b, lab.v4_a, 40071, 9071, 17)] == [2, 2 * 38]
 
 
+def test_restart_after_sigkill_leaves_no_qdisc_at_sigterm(tmp_path: Path, lab: Lab) -> None:
+    """A SIGKILLed run leaves its filters and the clsact it added; the next run removes the filters as
+    stale (their owner is gone), takes over the qdisc and removes it at SIGTERM: nothing is left."""
+    coll = collector_in(lab.ns_a)
+    log1, log2 = tmp_path / "first.log", tmp_path / "second.log"
+    cfg = base_config(tmp_path, lab, coll.port)
+    first = start_daemon(lab, cfg, log1)
+    first.kill()
+    first.wait(timeout=10)
+    shown = netns_exec(lab.ns_a, "tc", "filter", "show", "dev", lab.veth_a, "ingress").stdout
+    assert "ipfixer_ingress" in shown and f".{first.pid}." in shown  # left behind by the killed run
+    second = start_daemon(lab, cfg, log2)
+    try:
+        assert "removed 2 stale ipfixer filter(s)" in log2.read_text()
+        lab.send_udp(lab.ns_b, lab.v4_a, 40081, 9081, [20] * 4)
+    finally:
+        stop_daemon(second, log2)
+    coll.receive(5, until_idle=1.0)
+    coll.close()
+    assert totals_by_flow(coll.flow_records())[(lab.v4_b, lab.v4_a, 40081, 9081, 17)] == [4, 4 * 48]
+    assert "clsact" not in netns_exec(lab.ns_a, "tc", "qdisc", "show", "dev", lab.veth_a).stdout
+    for hook in ("ingress", "egress"):
+        assert "ipfixer" not in netns_exec(lab.ns_a, "tc", "filter", "show", "dev", lab.veth_a, hook).stdout
+
+
 def test_second_instance_refused(tmp_path: Path, lab: Lab) -> None:
     log = tmp_path / "ipfixer.log"
     cfg = base_config(tmp_path, lab, 9)
