@@ -74,6 +74,8 @@ class Daemon:
         self._next_stats_ns = 0
         self._interface_table: dict[int, str] = {}
         self._control: Any = None  # ipfixer.control.ControlServer: `ipfixer ctl` commands, run by the loop
+        self._vrfs: Any = None  # ipfixer.kernel.vrf.VrfWatcher while a data template carries VRF ids
+        self._vrf_names: dict[int, str] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------
     def run(self, duration_s: float | None = None) -> int:
@@ -117,6 +119,7 @@ class Daemon:
             meter = Meter(cfg, self.clock, self._metrics)
         meter.start()  # undoes itself on failure
         self._meter = meter
+        self._follow_vrfs()
         self._send_options(force=True)
         from ipfixer.control import ControlServer, socket_path
 
@@ -176,6 +179,7 @@ class Daemon:
                 self._metrics.update_enrichment(self._enrichment.counters())
             except IpfixerError as exc:
                 log.warning("enrichment failed: %s", exc)
+        self._poll_vrfs()  # VRF ids are looked up at export time (export/annotate.py)
         now = self.clock.wall_ns()
         self._exporter.export(batch, now)
         self._metrics.count_flows(batch)
@@ -189,12 +193,38 @@ class Daemon:
         if table != self._interface_table:
             self._interface_table = table
             force = True
+        self._poll_vrfs()
+        vrf_names = dict(self._vrfs.table.names) if self._vrfs is not None else {}
+        if vrf_names != self._vrf_names:  # a VRF appeared, went or was renamed: its names at once
+            self._vrf_names = vrf_names
+            force = True
         if not force and now < self._next_stats_ns:
             return
         self._next_stats_ns = now + int(self.config.templates.stats_interval * 1e9)
         # One refresh, one message per collector (statistics + sampling + interface table together).
         self._exporter.export_options_refresh(now, sampling=sampling_values(self.config), interfaces=table,
+                                              vrfs=vrf_names,
                                               ignored_packets=self._meter.ignored_packets() if self._meter else 0)
+
+    def _follow_vrfs(self) -> None:
+        """Follow the VRF table (kernel/vrf.py) while some collector's data template carries VRF ids."""
+        from ipfixer.export.annotate import templates_use_vrf
+
+        wanted = any(templates_use_vrf(c.session.data_templates.values()) for c in self._exporter.collectors)
+        if wanted and self._vrfs is None:
+            from ipfixer.kernel.vrf import VrfWatcher
+
+            self._vrfs = VrfWatcher()
+        elif not wanted and self._vrfs is not None:
+            self._vrfs.close()
+            self._vrfs = None
+        self._exporter.vrfs = self._vrfs.table if self._vrfs is not None else None
+
+    def _poll_vrfs(self) -> None:
+        """Apply VRF enslave/release events seen since the last poll (never waits)."""
+        if self._vrfs is not None:
+            self._vrfs.poll()
+            self._exporter.vrfs = self._vrfs.table
 
     def _current_interfaces(self) -> dict[int, str]:
         table = {}
@@ -223,6 +253,7 @@ class Daemon:
         self._cycle()  # what was due goes out on the old collectors before they change
         old_exporter, self._exporter = self._exporter, new_exporter
         old_exporter.close()
+        self._follow_vrfs()
         self.config = new
         before = set(self._meter.interfaces())
         self._meter.reconfigure(new)
@@ -254,6 +285,8 @@ class Daemon:
                 self._enrichment.close()
             if self._exporter is not None:
                 self._exporter.close()
+            if self._vrfs is not None:
+                self._vrfs.close()
             if self._metrics is not None:
                 self._metrics.stop_http()
             log.info("stopped")

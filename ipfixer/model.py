@@ -74,6 +74,11 @@ FLOW_DTYPE = np.dtype(
         ("ct_state", "u1"),
         ("nat_event", "u1"),
         ("cgroup_id", "u8"),
+        # filled at export time (ipfixer/export/annotate.py): VRF table ids of ingress_if / egress_if
+        # (0: none) and the packet sampling interval the meter ran with
+        ("ingress_vrf", "u4"),
+        ("egress_vrf", "u4"),
+        ("sampling_interval", "u4"),
     ]
 )
 
@@ -146,6 +151,9 @@ class FlowRecord:
     ct_state: int = 0
     nat_event: int = 0
     cgroup_id: int = 0
+    ingress_vrf: int = 0
+    egress_vrf: int = 0
+    sampling_interval: int = 0
     interface: str = field(default="", compare=False)
 
     @property

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ipfixer.errors import EncodeError
+from ipfixer.export.annotate import VrfTable, annotate, vrf_values
 from ipfixer.export.options import DEFAULT_ROLES, OptionsRole, interface_values, stats_values
 from ipfixer.export.session import ExportSession, Message
 from ipfixer.export.transport import UdpTransport
@@ -63,6 +64,7 @@ class Exporter:
         *,
         metering_process_id: int | None = None,
         options_roles: Mapping[OptionsRole, str] | None = None,
+        sampling_interval: int = 1,
     ) -> None:
         """`collectors`: (name, session, transport) triples; names must be unique.  `options_roles`: the
         options template (by name) of each role, as the config names them (default: the shipped ones)."""
@@ -74,6 +76,10 @@ class Exporter:
         self.metering_process_id = os.getpid() if metering_process_id is None else metering_process_id
         self.options_roles: dict[OptionsRole, str] = dict(DEFAULT_ROLES if options_roles is None else options_roles)
         self.interface_names: dict[int, str] = {}  # the latest interface table (fills interfaceName, IE 82)
+        # export-time columns (export/annotate.py): the meter's sampling interval, the VRF table (the
+        # daemon's VrfWatcher keeps it current; None: VRF columns left as they are)
+        self.sampling_interval = sampling_interval
+        self.vrfs: VrfTable | None = None
 
     @property
     def stats(self) -> dict[str, CollectorStats]:
@@ -111,6 +117,7 @@ class Exporter:
             self.refresh_templates(now_wall_ns)
             return
         names = self.interface_names if interface_names is None else interface_names
+        batch = annotate(batch, vrfs=self.vrfs, sampling_interval=self.sampling_interval)
         for c in self.collectors:
             self._run(c, partial(c.session.iter_messages, batch, now_wall_ns, names), flows=True)
 
@@ -131,6 +138,7 @@ class Exporter:
         *,
         sampling: Mapping[str, Any] | None = None,
         interfaces: Mapping[int, str] | None = None,
+        vrfs: Mapping[int, str] | None = None,
         ignored_packets: int = 0,
         ignored_octets: int = 0,
         stats: bool = True,
@@ -148,6 +156,8 @@ class Exporter:
                 items.append((t, [{"observationDomainId": c.session.domain_id, **sampling}]))
             if interfaces is not None and (t := self.role_template(c, OptionsRole.INTERFACES)) is not None:
                 items.append((t, interface_values(interfaces)))
+            if vrfs and (t := self.role_template(c, OptionsRole.VRFS)) is not None:  # VRF table id -> name
+                items.append((t, vrf_values(c.session.domain_id, vrfs)))
             if items:
                 self._run(c, partial(c.session.options_messages, items, now_wall_ns), flows=False)
 

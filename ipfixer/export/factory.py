@@ -11,6 +11,7 @@ from typing import Any
 
 from ipfixer.config import Config
 from ipfixer.errors import ConfigError
+from ipfixer.export.annotate import templates_use_vrf
 from ipfixer.export.exporter import Exporter
 from ipfixer.export.options import OptionsRole, interface_values
 from ipfixer.export.options import sampling_values as _sampling_values
@@ -19,13 +20,15 @@ from ipfixer.export.transport import UdpTransport
 from ipfixer.model import ETH_P_IP, ETH_P_IPV6
 from ipfixer.templates import DEFAULT_TEMPLATES_DIR, Template, load_templates
 
+VRF_OPTIONS_TEMPLATE = "options_vrfs"  # VRF id -> name, sent when a data template carries VRF ids
 __all__ = ["build_exporter", "config_roles", "interface_values", "load_config_templates", "sampling_values"]
 
 
 def config_roles(config: Config) -> dict[OptionsRole, str]:
     """The options template the config names for each role (templates.exporter_stats, ...)."""
     t = config.templates
-    return {OptionsRole.STATS: t.exporter_stats, OptionsRole.SAMPLING: t.sampling, OptionsRole.INTERFACES: t.interfaces}
+    return {OptionsRole.STATS: t.exporter_stats, OptionsRole.SAMPLING: t.sampling, OptionsRole.INTERFACES: t.interfaces,
+            OptionsRole.VRFS: VRF_OPTIONS_TEMPLATE}
 
 
 def load_config_templates(config: Config) -> tuple[dict[int, Template], list[Template]]:
@@ -41,6 +44,8 @@ def load_config_templates(config: Config) -> tuple[dict[int, Template], list[Tem
         raise ConfigError("\n".join(missing))
     data = {ETH_P_IP: templates[t.ipv4], ETH_P_IPV6: templates[t.ipv6]}
     options = [templates[t.exporter_stats], templates[t.sampling], templates[t.interfaces]]
+    if templates_use_vrf(data.values()) and VRF_OPTIONS_TEMPLATE in templates:  # VRF ids: names go with them
+        options.append(templates[VRF_OPTIONS_TEMPLATE])
     return data, options
 
 
@@ -75,7 +80,7 @@ def build_exporter(config: Config, boot_wall_ns: int) -> Exporter:
         for _, _, transport in collectors:
             transport.close()
         raise
-    return Exporter(collectors, options_roles=config_roles(config))
+    return Exporter(collectors, options_roles=config_roles(config), sampling_interval=config.sampling.interval)
 
 
 def sampling_values(config: Config) -> dict[str, Any]:

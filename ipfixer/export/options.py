@@ -21,6 +21,7 @@ class OptionsRole(StrEnum):
     STATS = "exporter_stats"
     SAMPLING = "sampling"
     INTERFACES = "interfaces"
+    VRFS = "vrfs"  # VRF table (templates/options_vrfs.yaml), sent when the data templates carry VRF ids
 
 
 # The shipped templates for each role (templates/options_*.yaml), used when no config names them.
@@ -28,6 +29,7 @@ DEFAULT_ROLES: Mapping[OptionsRole, str] = {
     OptionsRole.STATS: "options_exporter_stats",
     OptionsRole.SAMPLING: "options_sampling",
     OptionsRole.INTERFACES: "options_interfaces",
+    OptionsRole.VRFS: "options_vrfs",
 }
 
 

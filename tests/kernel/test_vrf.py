@@ -1,0 +1,290 @@
+"""Issue 16 through the real daemon: a router namespace metering two interfaces, traffic from two host
+namespaces, IPFIX to nfcapd (read back with nfdump) and captured by tshark in the router namespace.
+
+- VRF router: two Linux VRFs (`ip link add ... type vrf table N`), one interface in each, traffic in each,
+  then an interface moved to the other VRF and a third VRF created while the daemon runs: every record
+  carries the VRF table id of its interface at that time, and the names arrive in the VRF options table
+  (nfdump's %ivrfnam, tshark's cflow.vrfname).  Needs a kernel with CONFIG_NET_VRF; skipped (with that
+  reason) on one without.
+- The same router without VRFs, VRF template selected: ids 0, no names, counts exact.
+- samplingInterval in data records with `sampling.interval: 4`: tshark reads 4 in every record, nfcapd
+  scales exactly what was sent by 4.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ipfixer.lab import ip, netns_exec, start_ipfixer, stop_ipfixer, unique_name
+from tests.cli.helpers import cli_env, write_config
+from tests.collectors import UTC_ENV, Nfcapd, _pairs_to_multidict, _walk_flows, free_udp_port
+
+pytestmark = [pytest.mark.root, pytest.mark.interop]
+
+HOST_DEV = "ipfxh8h"  # each host namespace's end of its veth
+SEND = (
+    "import socket,sys\n"
+    "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+    "s.bind(('',int(sys.argv[2])))\n"
+    "for _ in range(int(sys.argv[4])):\n"
+    "    s.sendto(b'v'*int(sys.argv[5]),(sys.argv[1],int(sys.argv[3])))\n"
+)
+
+
+def vrf_unsupported() -> str | None:
+    """Why this kernel cannot make a VRF device, or None."""
+    ns = unique_name("h8c")
+    try:
+        ip("netns", "add", ns)
+        res = ip("-n", ns, "link", "add", "ipfxh8chk", "type", "vrf", "table", "1", check=False)
+        if res.returncode != 0:
+            return f"kernel cannot create a VRF device (CONFIG_NET_VRF): {res.stderr.strip()}"
+        return None
+    finally:
+        ip("netns", "del", ns, check=False)
+
+
+@dataclass
+class Router:
+    """ns_r holds r1 (10.S.1.1, towards ns_1's h1 10.S.1.2) and r2 (10.S.2.1, towards ns_2's h2)."""
+
+    ns_r: str = field(default_factory=lambda: unique_name("h8R"))
+    ns_1: str = field(default_factory=lambda: unique_name("h8H"))
+    ns_2: str = field(default_factory=lambda: unique_name("h8H"))
+    r1: str = field(default_factory=lambda: unique_name("h8r"))
+    r2: str = field(default_factory=lambda: unique_name("h8r"))
+    subnet: int = field(default_factory=lambda: os.getpid() % 200 + 20)
+    _made: list[str] = field(default_factory=list)
+
+    def addr(self, side: int, host: int) -> str:
+        return f"10.{self.subnet}.{side}.{host}"
+
+    def build(self) -> Router:
+        try:
+            for ns in (self.ns_r, self.ns_1, self.ns_2):
+                ip("netns", "add", ns)
+                self._made.append(ns)
+                ip("-n", ns, "link", "set", "lo", "up")
+            for side, (rdev, hns) in enumerate(((self.r1, self.ns_1), (self.r2, self.ns_2)), start=1):
+                ip("-n", self.ns_r, "link", "add", rdev, "type", "veth", "peer", "name", HOST_DEV, "netns", hns)
+                ip("-n", self.ns_r, "addr", "add", f"{self.addr(side, 1)}/24", "dev", rdev)
+                ip("-n", hns, "addr", "add", f"{self.addr(side, 2)}/24", "dev", HOST_DEV)
+                for ns, dev in ((self.ns_r, rdev), (hns, HOST_DEV)):
+                    ip("-n", ns, "link", "set", dev, "up")
+                self.neighbours(side)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def neighbours(self, side: int) -> None:
+        """Static neighbours both ways (again after a VRF move, which cycles the device): no ARP."""
+        rdev, hns = (self.r1, self.ns_1) if side == 1 else (self.r2, self.ns_2)
+        rmac = netns_exec(self.ns_r, "cat", f"/sys/class/net/{rdev}/address").stdout.strip()
+        hmac = netns_exec(hns, "cat", f"/sys/class/net/{HOST_DEV}/address").stdout.strip()
+        ip("-n", hns, "neigh", "replace", self.addr(side, 1), "lladdr", rmac, "dev", HOST_DEV, "nud", "permanent")
+        ip("-n", self.ns_r, "neigh", "replace", self.addr(side, 2), "lladdr", hmac, "dev", rdev, "nud", "permanent")
+
+    def ifindex(self, dev: str) -> int:
+        return int(netns_exec(self.ns_r, "cat", f"/sys/class/net/{dev}/ifindex").stdout.strip())
+
+    def add_vrf(self, name: str, table: int) -> None:
+        ip("-n", self.ns_r, "link", "add", name, "type", "vrf", "table", str(table))
+        ip("-n", self.ns_r, "link", "set", name, "up")
+
+    def enslave(self, side: int, vrf: str | None) -> None:
+        """Release r<side> from its VRF, then enslave it to `vrf` (if any)."""
+        dev = self.r1 if side == 1 else self.r2
+        ip("-n", self.ns_r, "link", "set", dev, "nomaster")
+        if vrf is not None:
+            ip("-n", self.ns_r, "link", "set", dev, "master", vrf)
+        ip("-n", self.ns_r, "link", "set", dev, "up")
+        self.neighbours(side)
+
+    def send(self, side: int, sport: int, dport: int, count: int, size: int = 100) -> None:
+        """`count` UDP datagrams from h<side> to the router's address on that side."""
+        netns_exec(self.ns_1 if side == 1 else self.ns_2, sys.executable, "-c", SEND, self.addr(side, 1),
+                   str(sport), str(dport), str(count), str(size))
+
+    def close(self) -> None:
+        while self._made:
+            ip("netns", "del", self._made.pop(), check=False)
+
+
+@pytest.fixture
+def router() -> Any:
+    r = Router().build()
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+@dataclass
+class Result:
+    flows: list[dict[str, Any]]  # nfdump -o json
+    names: dict[int, list[str]]  # src port -> nfdump fmt "%ivrf %ivrfnam %evrf %evrfnam" fields
+    tshark: list[dict[str, Any]]  # tshark's decoded Data Records (flow and options)
+    log: str
+
+
+def run_router(tmp_path: Path, r: Router, traffic: Callable[[], None], **settings: Any) -> Result:
+    """nfcapd and a tshark capture of its port in the router namespace, `ipfixer run` there on r1 and r2,
+    traffic(), SIGTERM (flush); what both collectors decoded."""
+    port = free_udp_port()
+    nfc = Nfcapd(tmp_path / "nfcapd", port, netns=r.ns_r)
+    pcap, tlog = tmp_path / "cap.pcap", tmp_path / "tshark.log"
+    with open(tlog, "wb") as out:
+        cap = subprocess.Popen(["ip", "netns", "exec", r.ns_r, "tshark", "-i", "lo", "-f", f"udp port {port}",
+                                "-a", "duration:120", "-w", str(pcap)], stdout=out, stderr=subprocess.STDOUT)
+    proc = None
+    try:
+        deadline = time.monotonic() + 10
+        while b"Capturing on" not in tlog.read_bytes() and time.monotonic() < deadline and cap.poll() is None:
+            time.sleep(0.05)
+        assert b"Capturing on" in tlog.read_bytes(), tlog.read_text()
+        time.sleep(0.3)
+        base: dict[str, Any] = {
+            "interfaces": {"include": [r.r1, r.r2], "exclude": []},
+            "lock_dir": str(tmp_path / "lock"),
+            "timeouts": {"active": "60s", "idle": "1s", "drain_interval": "200ms"},
+        }
+        base.update(settings)
+        cfg = write_config(tmp_path / "ipfixer.yaml", [{"address": "127.0.0.1", "port": port}], **base)
+        log = tmp_path / "ipfixer.log"
+        proc = start_ipfixer(r.ns_r, cfg, log, env=cli_env())
+        traffic()
+        assert stop_ipfixer(proc) == 0, log.read_text()
+        time.sleep(0.5)  # let nfcapd and tshark read the last datagrams
+        flows = nfc.stop()
+        names: dict[int, list[str]] = {}
+        for f in sorted(nfc.dir.glob("nfcapd.[0-9]*")):
+            res = subprocess.run(["nfdump", "-q", "-r", str(f), "-o", "fmt:%sp %ivrf %ivrfnam %evrf %evrfnam"],
+                                 capture_output=True, text=True, env=UTC_ENV, timeout=30, check=True)
+            for line in res.stdout.splitlines():
+                if line.strip():
+                    sp, *rest = line.split()
+                    names[int(sp)] = rest
+        cap.send_signal(signal.SIGINT)
+        cap.wait(20)
+        out = subprocess.run(["tshark", "-r", str(pcap), "-d", f"udp.port=={port},cflow", "-T", "json"],
+                             capture_output=True, timeout=60, check=True)
+        records: list[dict[str, Any]] = []
+        for p in json.loads(out.stdout.decode(), object_pairs_hook=_pairs_to_multidict):
+            _walk_flows(p["_source"]["layers"].get("cflow"), records)
+        return Result(flows, names, records, log.read_text())
+    finally:
+        if proc is not None:
+            stop_ipfixer(proc)
+        nfc.kill()
+        if cap.poll() is None:
+            cap.kill()
+            cap.wait(10)
+
+
+def udp(res: Result, sport: int) -> list[dict[str, Any]]:
+    return [f for f in res.flows if f.get("proto") == 17 and f.get("src_port") == sport]
+
+
+VRF_TEMPLATES = {"ipv4": "ipv4_vrf_flow", "ipv6": "ipv6_vrf_flow"}
+
+
+def test_vrf_router_ids_per_record_names_and_moves(tmp_path: Path, router: Router) -> None:
+    reason = vrf_unsupported()
+    if reason:
+        pytest.skip(reason)
+    r = router
+    va, vb, vc = "ipfxh8va", "ipfxh8vb", "ipfxh8vc"
+    r.add_vrf(va, 10)
+    r.add_vrf(vb, 20)
+    r.enslave(1, va)
+    r.enslave(2, vb)
+    if1, if2 = r.ifindex(r.r1), r.ifindex(r.r2)
+
+    def traffic() -> None:
+        r.send(1, 41001, 9001, 5)  # in VRF 10
+        r.send(2, 41002, 9002, 7)  # in VRF 20
+        time.sleep(2.5)  # idle timeout 1 s: exported before the moves below
+        r.enslave(1, vb)  # released from VRF 10, enslaved to VRF 20
+        r.add_vrf(vc, 30)  # a new VRF while running: its name is sent at once
+        r.enslave(2, vc)
+        time.sleep(0.5)  # the daemon applies the link events at its next drain
+        r.send(1, 41003, 9003, 3)  # now in VRF 20
+        r.send(2, 41004, 9004, 4)  # now in VRF 30
+
+    res = run_router(tmp_path, r, traffic, templates=VRF_TEMPLATES)
+    want = {41001: (5, if1, 10), 41002: (7, if2, 20), 41003: (3, if1, 20), 41004: (4, if2, 30)}
+    for sport, (packets, ifindex, vrf) in want.items():
+        fl = udp(res, sport)
+        assert sum(f["in_packets"] for f in fl) == packets and sum(f["in_bytes"] for f in fl) == packets * 128, fl
+        assert {(f["input_snmp"], int(f["ingress_vrf"]), int(f["egress_vrf"])) for f in fl} == {(ifindex, vrf, 0)}
+    names = {10: va, 20: vb, 30: vc}
+    for sport, (_, _, vrf) in want.items():  # nfdump joined the VRF options table to the ids
+        assert res.names[sport] == [str(vrf), names[vrf], "0"], res.names
+    # the router's ICMP port-unreachable answers leave through the same interfaces: egress VRF ids
+    icmp_out = [f for f in res.flows if f.get("proto") == 1 and f.get("direction") == 1]
+    assert icmp_out and all(int(f["ingress_vrf"]) == 0 and int(f["egress_vrf"]) in (10, 20, 30) for f in icmp_out)
+    ts_names = {int(t["cflow.ingress_vrfid"]): t["cflow.vrfname"] for t in res.tshark if "cflow.vrfname" in t}
+    assert ts_names == names
+    ts = {int(t["cflow.srcport"]): int(t["cflow.ingress_vrfid"]) for t in res.tshark
+          if t.get("cflow.protocol") == "17" and "cflow.srcport" in t}
+    assert ts == {sport: vrf for sport, (_, _, vrf) in want.items()}
+    assert "Traceback" not in res.log
+
+
+def test_router_without_vrfs_exports_zero_ids_and_no_names(tmp_path: Path, router: Router) -> None:
+    """The VRF template on interfaces in no VRF, one of them enslaved to a bridge while the daemon runs
+    (a master that is not a VRF): ids 0 at nfcapd and tshark, no VRF options record, counts exact."""
+    r = router
+
+    def traffic() -> None:
+        r.send(1, 41001, 9001, 5)
+        r.send(2, 41002, 9002, 6, size=200)
+        ip("-n", r.ns_r, "link", "add", "ipfxh8br", "type", "bridge")
+        ip("-n", r.ns_r, "link", "set", r.r2, "master", "ipfxh8br")
+        time.sleep(0.5)
+        r.send(1, 41003, 9003, 2)
+
+    res = run_router(tmp_path, r, traffic, templates=VRF_TEMPLATES)
+    for sport, packets, size in ((41001, 5, 100), (41002, 6, 200), (41003, 2, 100)):
+        fl = udp(res, sport)
+        assert (sum(f["in_packets"] for f in fl), sum(f["in_bytes"] for f in fl)) == (packets, packets * (size + 28))
+        assert {(int(f["ingress_vrf"]), int(f["egress_vrf"])) for f in fl} == {(0, 0)}
+    icmp_out = [f for f in res.flows if f.get("proto") == 1 and f.get("direction") == 1]  # port unreachable
+    assert icmp_out and {(int(f["ingress_vrf"]), int(f["egress_vrf"])) for f in icmp_out} == {(0, 0)}
+    assert not [t for t in res.tshark if "cflow.vrfname" in t]
+    data = [t for t in res.tshark if t.get("cflow.protocol") == "17"]
+    assert data and {(t["cflow.ingress_vrfid"], t["cflow.egress_vrfid"]) for t in data} == {("0", "0")}
+    assert "Traceback" not in res.log
+
+
+def test_sampling_interval_in_data_records_through_the_daemon(tmp_path: Path, router: Router) -> None:
+    """1-in-4 random sampling in the kernel: tshark reads samplingInterval 4 in each data record; nfcapd,
+    reading the rate from the options record, scales exactly the sampled counts by 4."""
+    r = router
+    sent = 400
+
+    def traffic() -> None:
+        r.send(1, 41001, 9001, sent)
+
+    res = run_router(tmp_path, r, traffic, templates={"ipv4": "ipv4_sampled_flow", "ipv6": "ipv6_sampled_flow"},
+                     sampling={"interval": 4})
+    data = [t for t in res.tshark if t.get("cflow.protocol") == "17" and t.get("cflow.srcport") == "41001"]
+    assert data and {t["cflow.sampling_interval"] for t in data} == {"4"}
+    sampled = sum(int(t["cflow.packets"]) for t in data)
+    assert 0 < sampled < sent  # 1 in 4 at random: about 100 (0 or 400 has probability < 1e-49)
+    fl = udp(res, 41001)
+    assert {f["sampled"] for f in fl} == {1}
+    assert (sum(f["in_packets"] for f in fl), sum(f["in_bytes"] for f in fl)) == (4 * sampled, 4 * sampled * 128)
+    assert "Traceback" not in res.log
