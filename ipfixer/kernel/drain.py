@@ -105,6 +105,7 @@ class Drainer:
         self._token = ctypes.create_string_buffer(64)  # where the sweep resumes (a bucket index)
         self._resume = False
         self._swept = 0  # entries read in the current sweep cycle
+        self._counted = False  # kernel_entries counted by a whole read or a finished cycle
         self._deadlines = np.empty(0, dtype=np.int64)  # when the flows of the last sweep cycle expire
         self._cycle_deadlines: list[np.ndarray] = []
         self.drains = 0
@@ -160,9 +161,13 @@ class Drainer:
         if whole:
             keys, leaves = map_batch(self.map_fd, self.key_dtype, self.leaf_dtype, self.capacity, delete=False)
             self.kernel_entries = len(keys)
+            self._counted = True
             self._resume, self._swept = False, 0
         else:
-            keys, leaves = self._read_slice(-(-self.capacity // self.sweep_drains))
+            # a share of the entries the last cycle found (+25% for growth), not of the capacity
+            # (the capacity until a first cycle has counted them)
+            est = max(self.kernel_entries * 5 // 4, self.capacity // 16, 1024) if self._counted else self.capacity
+            keys, leaves = self._read_slice(-(-est // self.sweep_drains))
         self.read_entries = len(keys)
         reasons = self._reasons(keys, leaves, at, end_keys)
         go = np.flatnonzero(reasons)
@@ -212,6 +217,7 @@ class Drainer:
                 if err == errno.ENOENT:  # end of the map: the cycle is complete
                     self._swept += n
                     self.kernel_entries = self._swept
+                    self._counted = True
                     self._resume, self._swept = False, 0
                     return keys[:n], leaves[:n]
                 if err == errno.ENOSPC and count.value == 0:  # one bucket holds more than we asked for
@@ -251,7 +257,7 @@ class Drainer:
         self._put_back(kept_keys, kept_leaves)
         self._note_deadlines(kept_keys, kept_leaves, np.ones(len(kept_keys), dtype=bool), True)
         self._resume, self._swept = False, 0
-        self.kernel_entries = len(kept_keys)
+        self.kernel_entries, self._counted = len(kept_keys), True
         return batch
 
     def _put_back(self, keys: np.ndarray, leaves: np.ndarray) -> None:
