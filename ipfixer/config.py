@@ -218,8 +218,30 @@ class InterfacesConfig(BaseModel):
         return _non_empty(value)
 
 
+class TlsConfig(BaseModel):
+    """transport: tls (RFC 7011 11): how the Collector's certificate is verified, and ours (optional)."""
+
+    model_config = _MODEL
+
+    ca_file: Path | None = Field(default=None, description="CA certificates (PEM) to verify the collector; "
+                                                           "null = the system's trust store")
+    server_name: str | None = Field(default=None, description="name the certificate must carry; null = address")
+    cert_file: Path | None = Field(default=None, description="client certificate (PEM), if the collector asks")
+    key_file: Path | None = Field(default=None, description="its private key (PEM); null = in cert_file")
+
+    @model_validator(mode="after")
+    def _files(self) -> TlsConfig:
+        for key in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self, key)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{key}: no such file (got {str(path)!r})")
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file: needs cert_file")
+        return self
+
+
 class CollectorConfig(BaseModel):
-    """One export destination: UDP to address:port, or RFC 5655 IPFIX files (transport: file)."""
+    """One export destination: UDP, TCP or TLS to address:port, or RFC 5655 IPFIX files (transport: file)."""
 
     model_config = _MODEL
 
@@ -227,7 +249,13 @@ class CollectorConfig(BaseModel):
     address: str = Field(default="", description="IP address or host name (resolved when the exporter starts); "
                                                  "required for udp, empty for file")
     port: Port = 4739
-    transport: Literal["udp", "file"] = Field(default="udp", description="udp, or file: IPFIX files at path")
+    transport: Literal["udp", "tcp", "tls", "file"] = Field(
+        default="udp", description="udp; tcp or tls (RFC 7011 10.4, 11); or file: IPFIX files at path")
+    reconnect_interval: Duration = Field(default=60.0, description="tcp/tls: least time between reconnect "
+                                                                   "attempts (doubles while they fail)")
+    buffer_messages: StrictInt = Field(default=4096, ge=0, description="tcp/tls: messages kept while the "
+                                                                       "collector is unreachable")
+    tls: TlsConfig | None = Field(default=None, description="transport: tls: certificate verification")
     path: Path | None = Field(default=None, description="file: where to write; rotated files are named "
                                                         "<stem>.<UTC time>.<n><suffix>")
     rotate_size: StrictInt = Field(default=0, ge=0, description="file: start a new file after this many bytes (0 = never)")
@@ -260,9 +288,14 @@ class CollectorConfig(BaseModel):
             raise ValueError("address: required (an IP address or host name)")
         if self.path is not None or self.rotate_size or self.rotate_interval is not None:
             raise ValueError("path, rotate_size and rotate_interval are for transport: file only")
+        if self.tls is not None and self.transport != "tls":
+            raise ValueError(f"tls: only with transport: tls (got transport {self.transport!r})")
+        if self.transport in ("tcp", "tls") and self.protocol != "ipfix":
+            raise ValueError(f"protocol: over {self.transport} ipfixer exports IPFIX only (got {self.protocol!r})")
         if not self.name:
             host = f"[{self.address}]" if ":" in self.address else self.address
-            object.__setattr__(self, "name", f"{host}:{self.port}")  # frozen: set once, while validating
+            scheme = "" if self.transport == "udp" else f"{self.transport}://"
+            object.__setattr__(self, "name", f"{scheme}{host}:{self.port}")  # frozen: set once, while validating
         return self
 
 
@@ -399,7 +432,7 @@ class Config(BaseModel):
         endpoints: dict[tuple[str, int | str], int] = {}
         names: dict[str, int] = {}
         for i, c in enumerate(value):
-            where = (c.address, c.port) if c.transport == "udp" else ("file", str(c.path))
+            where = (f"{c.transport}:{c.address}", c.port) if c.transport != "file" else ("file", str(c.path))
             if where in endpoints:
                 raise ValueError(f"collectors {endpoints[where]} and {i} are both {c.name}")
             if c.name in names:

@@ -56,14 +56,15 @@ def build_exporter(config: Config, boot_wall_ns: int) -> Exporter:
     try:
         for c in config.collectors:
             to_file = c.transport == "file"
+            once = c.transport != "udp"  # file, tcp, tls: templates once per file or connection, no refresh
             session = ExportSession(
                 c.protocol,
                 config.observation_domain_id,
                 data,
                 options,
                 max_message_size=c.max_message_size,
-                template_refresh_s=0 if to_file else c.template_refresh,  # a file: templates once per file
-                template_refresh_messages=0 if to_file else c.template_refresh_messages,
+                template_refresh_s=0 if once else c.template_refresh,  # a file: templates once per file
+                template_refresh_messages=0 if once else c.template_refresh_messages,
                 boot_wall_ns=boot_wall_ns,
             )
             transport: Any
@@ -73,6 +74,10 @@ def build_exporter(config: Config, boot_wall_ns: int) -> Exporter:
                 assert c.path is not None  # CollectorConfig requires it for transport: file
                 transport = FileTransport(c.path, c.rotate_size, c.rotate_interval)
                 transport.on_rotate = session.reset  # RFC 5655 8.1: each file starts with the templates
+            elif c.transport in ("tcp", "tls"):
+                from ipfixer.export.stream import from_config
+
+                transport = from_config(c, session)  # RFC 7011 10.4 / 11
             else:
                 transport = UdpTransport(c.address, c.port)
             collectors.append((c.name, session, transport))
