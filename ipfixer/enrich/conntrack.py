@@ -242,7 +242,7 @@ def _words(proto: np.ndarray, src: np.ndarray, dst: np.ndarray, sp: np.ndarray, 
     return keys.view("<u8").reshape(len(proto), 5)
 
 
-def role_key_array(rows: np.ndarray) -> np.ndarray:
+def role_key_array(rows: np.ndarray, roles: tuple[int, ...] = (0, 1, 2, 3)) -> np.ndarray:
     """(4, n, 5) key words of every entry's four roles.
 
     Role 0: origin tuple (origin direction, before NAT); 1: reply tuple (reply direction, before
@@ -251,16 +251,19 @@ def role_key_array(rows: np.ndarray) -> np.ndarray:
     (echo vs echo-reply)."""
     p = rows["proto"]
     icmp = np.isin(p, _ICMP_PROTOS)
-    inv_r_sp = np.where(icmp, rows["o_sport"], rows["r_dport"])
-    inv_r_dp = np.where(icmp, rows["o_dport"], rows["r_sport"])
-    inv_o_sp = np.where(icmp, rows["r_sport"], rows["o_dport"])
-    inv_o_dp = np.where(icmp, rows["r_dport"], rows["o_sport"])
-    return np.stack([
-        _words(p, rows["o_src"], rows["o_dst"], rows["o_sport"], rows["o_dport"]),
-        _words(p, rows["r_src"], rows["r_dst"], rows["r_sport"], rows["r_dport"]),
-        _words(p, rows["r_dst"], rows["r_src"], inv_r_sp, inv_r_dp),
-        _words(p, rows["o_dst"], rows["o_src"], inv_o_sp, inv_o_dp),
-    ])  # fmt: skip
+    out = []
+    for role in roles:
+        if role == 0:
+            out.append(_words(p, rows["o_src"], rows["o_dst"], rows["o_sport"], rows["o_dport"]))
+        elif role == 1:
+            out.append(_words(p, rows["r_src"], rows["r_dst"], rows["r_sport"], rows["r_dport"]))
+        elif role == 2:
+            out.append(_words(p, rows["r_dst"], rows["r_src"], np.where(icmp, rows["o_sport"], rows["r_dport"]),
+                              np.where(icmp, rows["o_dport"], rows["r_sport"])))  # fmt: skip
+        else:
+            out.append(_words(p, rows["o_dst"], rows["o_src"], np.where(icmp, rows["r_sport"], rows["o_dport"]),
+                              np.where(icmp, rows["r_dport"], rows["o_sport"])))  # fmt: skip
+    return np.stack(out)
 
 
 def flow_key_words(batch: np.ndarray) -> np.ndarray:
@@ -343,6 +346,13 @@ class CtIndex:
         self.hashes = hashes[order]
         self.refs = order.astype(np.int64)  # role * n + entry
 
+    @classmethod
+    def from_arrays(cls, rows: np.ndarray, hashes: np.ndarray, refs: np.ndarray) -> CtIndex:
+        """An index built elsewhere (the dump worker process) from the same rows."""
+        idx = cls.__new__(cls)
+        idx.rows, idx.hashes, idx.refs = rows, hashes, refs
+        return idx
+
     def __len__(self) -> int:
         return len(self.rows)
 
@@ -361,35 +371,29 @@ class CtIndex:
             return entry, reply
         ref = self.refs[at[cand]]
         role, ent = ref // n, ref % n
-        keys = role_key_array(self.rows[ent])  # (4, k, 5)
-        exact = (keys[role, np.arange(len(cand))] == words[cand]).all(axis=1)
+        exact = np.zeros(len(cand), dtype=bool)
+        for r in range(4):  # verify byte for byte: a hash collision is a miss, never a wrong match
+            sel = np.flatnonzero(role == r)
+            if len(sel):
+                keys = role_key_array(self.rows[ent[sel]], roles=(r,))[0]
+                exact[sel] = (keys == words[cand[sel]]).all(axis=1)
         cand, role, ent = cand[exact], role[exact], ent[exact]
         entry[cand] = ent
         reply[cand] = (role == 1) | (role == 3)
         return entry, reply
 
-    def origin_hashes(self) -> np.ndarray:
-        """Hash of (origin key, zone) per entry: a connection's identity across snapshots."""
-        return _origin_hashes(self.rows)
 
-
-def merge_carry(new: np.ndarray, old: CtIndex, room: int) -> np.ndarray:
-    """`new` plus the entries of `old` missing from it (once: rows already carried are dropped), up to
-    `room` of them: a flow of a connection that ended between two dumps still finds its translation."""
-    if len(old) == 0 or room <= 0:
-        return new
-    new_h = _origin_hashes(new)
-    old_h = old.origin_hashes()
-    missing = ~np.isin(old_h, new_h) & ((old.rows["has"] & HAS_GONE) == 0)
-    carried = old.rows[missing][-room:].copy()
-    carried["has"] |= HAS_GONE
-    return np.concatenate([new, carried]) if len(carried) else new
-
-
-def _origin_hashes(rows: np.ndarray) -> np.ndarray:
-    words = _words(rows["proto"], rows["o_src"], rows["o_dst"], rows["o_sport"], rows["o_dport"])
-    words[:, 4] ^= rows["zone"].astype(np.uint64) << np.uint64(40)
-    return hash_words(words)
+def missing_from(old: CtIndex, new: CtIndex) -> np.ndarray:
+    """Rows of `old` whose connection (origin tuple) `new` does not hold and that were not carried
+    already: what one generation of carry-over keeps (vectorised lookup, no per-entry work)."""
+    if len(old) == 0:
+        return old.rows[:0]
+    keep = (old.rows["has"] & HAS_GONE) == 0
+    cand = old.rows[keep]
+    ent, _ = new.lookup(role_key_array(cand, roles=(0,))[0])
+    gone = cand[ent < 0].copy()
+    gone["has"] |= HAS_GONE
+    return gone
 
 
 @dataclass
@@ -407,7 +411,7 @@ class TableCounters:
 class ConntrackTable:
     """The current CtIndex snapshot plus a bounded delta of entries from events, joined to flow batches.
 
-    Entries missing from a later dump stay one generation (merge_carry) and DESTROYed ones stay in the
+    Entries missing from a later dump stay one generation (missing_from) and DESTROYed ones stay in the
     delta until the next resync, so flows exported after their connection ended still enrich. A tuple
     present in two zones maps to either (flow rows carry no zone). `refresh()` dumps synchronously
     (tests, tools); the daemon uses ctsync.ConntrackSync, which swaps snapshots in from its own thread.
@@ -425,6 +429,7 @@ class ConntrackTable:
         self.counters = TableCounters()
         self.parse_stats = ParseStats()
         self.snapshot = CtIndex(np.zeros(0, dtype=CT_DTYPE))
+        self.leftovers = CtIndex(np.zeros(0, dtype=CT_DTYPE))  # one generation of entries gone since
         self._lock = threading.Lock()  # writers only (sync thread vs ingest callers); readers take refs
         self._delta_rows: dict[bytes, np.void] = {}  # identity (origin key + zone) -> row
         self._delta_index: dict[bytes, tuple[bytes, bool]] = {}  # packed role key -> (identity, reply)
@@ -445,7 +450,7 @@ class ConntrackTable:
         return self.counters.dump_errors
 
     def __len__(self) -> int:
-        return len(self.snapshot) + len(self._delta_rows)
+        return len(self.snapshot) + len(self.leftovers) + len(self._delta_rows)
 
     def close(self) -> None:
         """Release the netlink socket."""
@@ -455,17 +460,30 @@ class ConntrackTable:
         self.available = False
 
     # -- writing ---------------------------------------------------------------------------------
-    def install(self, rows: np.ndarray, keep_delta: np.ndarray | None = None) -> None:
-        """Make a dump the new snapshot (bounded, with one generation of carry-over); the delta becomes
-        `keep_delta` (events seen while the dump ran, which it may predate)."""
+    def install(self, rows: np.ndarray, keep_delta: np.ndarray | None = None, index: CtIndex | None = None) -> None:
+        """Make a dump the new snapshot (bounded); what the old snapshot and delta held and the dump no
+        longer does stays one generation (leftovers, and the delta's gone entries); the delta then
+        takes `keep_delta` (events seen while the dump ran, which it may predate). `index`: the
+        dump's CtIndex when built elsewhere (ctsync's worker process)."""
         if len(rows) > self.max_entries:
             self.counters.evictions += len(rows) - self.max_entries
-            rows = rows[: self.max_entries]
-        rows = merge_carry(rows, self.snapshot, min(self.max_entries - len(rows), self.max_delta))
-        snap = CtIndex(rows)
+            rows, index = rows[: self.max_entries], None
+        snap = index if index is not None else CtIndex(rows)
+        gone = missing_from(self.snapshot, snap)
+        if len(gone) > self.max_delta:
+            self.counters.evictions += len(gone) - self.max_delta
+            gone = gone[-self.max_delta :]
+        leftovers = CtIndex(gone)
+        old_delta = list(self._delta_rows.values())
         with self._lock:
-            self.snapshot = snap
+            self.snapshot, self.leftovers = snap, leftovers
             self._delta_rows, self._delta_index = {}, {}
+            if old_delta:
+                d = np.asarray(old_delta, dtype=CT_DTYPE)
+                ent, _ = snap.lookup(role_key_array(d, roles=(0,))[0])
+                d = d[(ent < 0) & ((d["has"] & HAS_GONE) == 0)]
+                d["has"] |= HAS_GONE
+                self._ingest_rows(d)
             if keep_delta is not None and len(keep_delta):
                 self._ingest_rows(keep_delta)
 
@@ -553,23 +571,46 @@ class ConntrackTable:
     def match(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(positions in batch, their CT_DTYPE entries, reply flags) of every row with an exact match;
         the delta (newer) wins over the snapshot."""
-        snap = self.snapshot
-        ent, rep = snap.lookup(flow_key_words(batch))
-        rows = np.zeros(len(batch), dtype=CT_DTYPE)
-        found = ent >= 0
-        rows[found] = snap.rows[ent[found]]
+        snap, left = self.snapshot, self.leftovers
+        words = flow_key_words(batch)
+        ent, rep = snap.lookup(words)
+        old_pos = np.zeros(0, dtype=np.int64)
+        old_rows = snap.rows[:0]
+        old_rep = np.zeros(0, dtype=bool)
+        if len(left):
+            miss = np.flatnonzero(ent < 0)
+            lent, lrep = left.lookup(words[miss])
+            hit = lent >= 0
+            old_pos, old_rows, old_rep = miss[hit], left.rows[lent[hit]], lrep[hit]
+            ent[old_pos] = -3  # served from the leftovers below
         index, drows = self._delta_index, self._delta_rows
+        newer: dict[int, tuple[np.void, bool]] = {}
         if index:
             for i, packed in enumerate(batch_keys(batch)):
                 hit = index.get(packed)
-                if hit is None:
-                    continue
-                row = drows.get(hit[0])
-                if row is None:
-                    continue
-                rows[i], rep[i], found[i] = row, hit[1], True
-        pos = np.flatnonzero(found)
-        return pos, rows[pos], rep[pos]
+                if hit is not None:
+                    row = drows.get(hit[0])
+                    if row is not None:
+                        newer[i] = (row, hit[1])
+        if newer:
+            at = np.fromiter(newer, dtype=np.int64, count=len(newer))
+            ent[at] = -2  # served from the delta below
+        if len(old_pos) and newer:
+            fresh = ent[old_pos] == -3
+            old_pos, old_rows, old_rep = old_pos[fresh], old_rows[fresh], old_rep[fresh]
+        pos = np.flatnonzero(ent >= 0)
+        rows, reply = snap.rows[ent[pos]], rep[pos]
+        if len(old_pos):
+            pos = np.concatenate([pos, old_pos])
+            rows = np.concatenate([rows, old_rows])
+            reply = np.concatenate([reply, old_rep])
+        if newer:
+            drow = np.asarray([v[0] for v in newer.values()], dtype=CT_DTYPE)
+            drep = np.fromiter((v[1] for v in newer.values()), dtype=bool, count=len(newer))
+            pos = np.concatenate([pos, at])
+            rows = np.concatenate([rows, drow])
+            reply = np.concatenate([reply, drep])
+        return pos, rows, reply
 
     def enrich(self, batch: np.ndarray) -> int:
         """Fill post-NAT address/ports, ct_mark, ct_zone, ct_state of matching rows; rows enriched.

@@ -102,12 +102,13 @@ class ParseStats:
     malformed: int = 0
 
 
-@dataclass(frozen=True, slots=True)
 class NetlinkError(OSError):
     """An NLMSG_ERROR answering one of our requests (errno positive), with the request's sequence."""
 
-    code: int
-    seq: int
+    def __init__(self, code: int, seq: int) -> None:
+        super().__init__(code, os.strerror(code))
+        self.code = code
+        self.seq = seq
 
     def __str__(self) -> str:
         return f"ctnetlink request seq {self.seq}: [Errno {self.code}] {os.strerror(self.code)}"
@@ -589,8 +590,9 @@ def _fill(out: np.ndarray, buf: np.ndarray, starts: np.ndarray, lay: _Layout) ->
         out["has"] |= np.where(out["ts_stop"] != 0, 4, 0).astype(np.uint8)
 
 
-def parse_dump(datagrams: list[bytes], seq: int, stats: ParseStats) -> tuple[np.ndarray, Chunk]:
-    """A dump's datagrams -> (CT_DTYPE rows, summary): messages of `seq` only, decoded in bulk.
+def parse_dump(datagrams: list[bytes], seq: int | None, stats: ParseStats) -> tuple[np.ndarray, Chunk]:
+    """Datagrams -> (CT_DTYPE rows, summary), decoded in bulk: a dump's (messages of `seq` only, kind
+    KIND_DUMP) or, with seq=None, an event subscription's (kind from the message type and flags).
 
     The summary's `done`/`error`/`foreign` are as parse_datagram reports them; its `records` stay empty.
     """
@@ -598,14 +600,15 @@ def parse_dump(datagrams: list[bytes], seq: int, stats: ParseStats) -> tuple[np.
     summary = Chunk([])
     starts: list[int] = []
     lengths: list[int] = []
+    kinds: list[int] = []
     off, n = 0, len(data)
     unpack = _NLMSG.unpack_from
     while off + 16 <= n:
-        length, mtype, _flags, mseq, _pid = unpack(data, off)
+        length, mtype, flags, mseq, _pid = unpack(data, off)
         if length < 16 or off + length > n:
             stats.malformed += 1
             break
-        if mseq != seq:
+        if seq is not None and mseq != seq:
             summary.foreign += 1
         elif mtype == NLMSG_DONE:
             summary.done = True
@@ -616,6 +619,10 @@ def parse_dump(datagrams: list[bytes], seq: int, stats: ParseStats) -> tuple[np.
         elif mtype >> 8 == NFNL_SUBSYS_CTNETLINK and length >= 20:
             starts.append(off)
             lengths.append(length)
+            if seq is None:
+                sub = mtype & 0xFF
+                kinds.append(KIND_DESTROY if sub == IPCTNL_MSG_CT_DELETE else
+                             KIND_NEW if flags & NLM_F_CREATE else KIND_UPDATE)  # fmt: skip
         off += (length + 3) & ~3
     out = np.zeros(len(starts), dtype=CT_DTYPE)
     if not starts:
@@ -658,6 +665,8 @@ def parse_dump(datagrams: list[bytes], seq: int, stats: ParseStats) -> tuple[np.
         except ValueError:
             stats.malformed += 1
             out[i]["proto"] = 255  # marked for removal below
+    if seq is None:
+        out["kind"] = kinds
     keep = out["proto"] != 255
     if not keep.all():
         out = out[keep]

@@ -1,11 +1,13 @@
 """Keeping the conntrack table in step with the kernel, off the export loop.
 
-One thread ("ipfixer-conntrack") owns both ctnetlink sockets: it reads events as they come (NEW,
-UPDATE, DESTROY into the table's delta; NEW/DESTROY queued for the daemon) and, every
-`resync_interval_s` or at once after an event overrun (ENOBUFS: the kernel dropped events, so only a
-dump can say what they were), dumps the whole table while still reading events, then swaps the new
-snapshot in with one reference assignment. The daemon's drain never waits for any of it: it joins
-flows against whichever snapshot is current. A dump that times out has its socket closed and replaced
+One thread ("ipfixer-conntrack") reads events as they come (NEW, UPDATE, DESTROY into the table's
+delta; NEW/DESTROY queued for the daemon) and, every `resync_interval_s` or at once after an event
+overrun (ENOBUFS: the kernel dropped events, so only a dump can say what they were), has the whole
+table dumped while it goes on reading events, then swaps the new snapshot in with one reference
+assignment. The dump, its decoding and the index build run in a worker process (one, spawned once):
+in a thread they would hold the GIL for most of a second per 100,000 entries and slow the daemon's
+drains about twofold while they run (benchmarks/conntrack.py measures both). The daemon's drain
+never waits for any of it: it joins flows against whichever snapshot is current. A dump that times out has its socket closed and replaced
 (the kernel would answer the next request on it with EBUSY, and its tail must not be read as the
 next dump's: ctnetlink.dump_conntrack also checks the sequence number of every part and of the
 end-of-dump message).
@@ -13,9 +15,13 @@ end-of-dump message).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
+import multiprocessing
+import multiprocessing.connection
 import select
+import signal
 import socket
 import struct
 import threading
@@ -23,11 +29,14 @@ import time
 
 import numpy as np
 
-from ipfixer.enrich.conntrack import ConntrackTable
+from ipfixer.enrich.conntrack import ConntrackTable, CtIndex
 from ipfixer.enrich.ctnetlink import (
     CT_DTYPE,
     NLMSG_DONE,
+    DumpTimeout,
     NetlinkError,
+    ParseStats,
+    dump_conntrack,
     dump_request,
     new_seq,
     open_ctnetlink,
@@ -50,6 +59,7 @@ class ConntrackSync:
         events: ConntrackEvents | None,
         resync_interval_s: float = 60.0,
         dump_timeout_s: float = 60.0,
+        use_process: bool = True,
     ) -> None:
         self.table = table
         self.events = events if events is not None and events.available else None
@@ -64,6 +74,8 @@ class ConntrackSync:
         self._thread: threading.Thread | None = None
         self._next_dump = 0.0  # monotonic seconds
         self._dump_sock: socket.socket | None = None
+        self.use_process = use_process
+        self._worker: DumpWorker | None = None
 
     def start(self) -> None:
         """Start the thread (the first dump begins at once)."""
@@ -82,6 +94,9 @@ class ConntrackSync:
         if self._dump_sock is not None:
             self._dump_sock.close()
             self._dump_sock = None
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
 
     def request_resync(self) -> None:
         """Dump as soon as the thread gets to it."""
@@ -137,10 +152,66 @@ class ConntrackSync:
 
     def _resync(self) -> None:
         """One dump, reading events meanwhile; the new snapshot replaces the old only when complete."""
-        c = self.table.counters
         self._next_dump = time.monotonic() + self.resync_interval_s
         if self.events is not None:
             self.events.overrun_pending = False  # an overrun from now on calls for another dump
+        if self.use_process:
+            try:
+                if self._worker is None:
+                    self._worker = DumpWorker(self.table.netns)
+                self._resync_in_worker(self._worker)
+                return
+            except (OSError, EOFError) as exc:  # the worker died or could not start: dump here
+                log.warning("conntrack dump worker unavailable (%s); dumping in the sync thread", exc)
+                if self._worker is not None:
+                    self._worker.close()
+                self._worker = None
+                self.use_process = False
+        self._resync_here()
+
+    def _resync_in_worker(self, worker: DumpWorker) -> None:
+        started = time.monotonic()
+        worker.request(self.dump_timeout_s)
+        during: list[np.ndarray] = []
+        deadline = started + self.dump_timeout_s + 10.0
+        while True:
+            if self._stop.is_set():
+                return
+            if time.monotonic() > deadline:
+                raise OSError(errno.ETIMEDOUT, "conntrack dump worker did not answer")
+            fds = [worker.fileno()]
+            if self.events is not None and self.events.fileno() >= 0:
+                fds.append(self.events.fileno())
+            ready, _, _ = select.select(fds, [], [], 0.2)
+            if self.events is not None and len(fds) > 1 and fds[1] in ready:
+                rows = self._read_events(0.0)
+                if len(rows):
+                    during.append(rows)
+            if worker.fileno() in ready:
+                reply = worker.reply()
+                break
+        if reply[0] != "ok":
+            _, code, text = reply
+            self._failed(_WorkerError(code, text))
+            return
+        _, raw_rows, raw_hashes, raw_refs, malformed = reply
+        rows = np.frombuffer(raw_rows, dtype=CT_DTYPE)
+        index = CtIndex.from_arrays(rows, np.frombuffer(raw_hashes, np.uint64), np.frombuffer(raw_refs, np.int64))
+        self.table.parse_stats.malformed += malformed
+        self._installed(rows, index, during, started)
+
+    def _installed(self, dump: np.ndarray, index: CtIndex | None, during: list[np.ndarray], started: float) -> None:
+        delta = np.concatenate(during) if during else None
+        self.table.install(dump, keep_delta=delta, index=index)
+        self.last_dump_s = time.monotonic() - started
+        c = self.table.counters
+        c.dumps += 1
+        c.dumped_entries += len(dump)
+        self.resyncs += 1
+        self.first_dump.set()
+        log.debug("conntrack dump: %d entries in %.3fs", len(dump), self.last_dump_s)
+
+    def _resync_here(self) -> None:
         started = time.monotonic()
         try:
             sock = self._socket()
@@ -186,14 +257,7 @@ class ConntrackSync:
             self._failed(exc)
             return
         dump = np.concatenate(parts) if parts else np.zeros(0, dtype=CT_DTYPE)
-        delta = np.concatenate(during) if during else None
-        self.table.install(dump, keep_delta=delta)
-        self.last_dump_s = time.monotonic() - started
-        c.dumps += 1
-        c.dumped_entries += len(dump)
-        self.resyncs += 1
-        self.first_dump.set()
-        log.debug("conntrack dump: %d entries in %.3fs", len(dump), self.last_dump_s)
+        self._installed(dump, None, during, started)
 
     def _failed(self, exc: BaseException) -> None:
         c = self.table.counters
@@ -223,3 +287,82 @@ def _maybe_last(datagrams: list[bytes]) -> bool:
         return True
     length, mtype = struct.unpack_from("=IH", last, len(last) - 20)
     return bool(length == 20 and mtype == NLMSG_DONE)
+
+
+class _WorkerError(OSError):
+    """A dump failure the worker process reported (errno and text)."""
+
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(code, text)
+        self.code = code
+
+
+class DumpWorker:
+    """A spawned process that dumps the netns' conntrack table on request and sends back the rows and
+    their sorted hash index (CtIndex arrays) as bytes."""
+
+    def __init__(self, netns: str | None) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe(duplex=True)
+        self._proc = ctx.Process(target=_worker_main, args=(child, netns), name="ipfixer-ctdump", daemon=True)
+        self._proc.start()
+        child.close()
+
+    def fileno(self) -> int:
+        """The pipe's fd, readable when a reply is there."""
+        return self._conn.fileno()
+
+    def request(self, timeout_s: float) -> None:
+        """Ask for one dump."""
+        if not self._proc.is_alive():
+            raise OSError(errno.ESRCH, "conntrack dump worker exited")
+        self._conn.send(("dump", timeout_s))
+
+    def reply(self) -> tuple[object, ...]:
+        """("ok", rows, hashes, refs, malformed) or ("error", errno, text)."""
+        answer = self._conn.recv()
+        assert isinstance(answer, tuple)
+        return answer
+
+    def close(self) -> None:
+        """Stop the process (asked, then terminated)."""
+        try:
+            self._conn.send(None)
+        except OSError:
+            pass
+        self._proc.join(2.0)
+        if self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join(2.0)
+        self._conn.close()
+
+
+def _worker_main(conn: multiprocessing.connection.Connection, netns: str | None) -> None:
+    """The worker process: one dump per request, on a socket replaced after any failure."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when to stop
+    try:  # PR_SET_PDEATHSIG: go when the daemon goes, however it goes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+    sock: socket.socket | None = None
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        _, timeout_s = msg
+        try:
+            if sock is None:
+                sock = open_ctnetlink(netns, rcvbuf=4 << 20)
+            stats = ParseStats()
+            rows = dump_conntrack(sock, timeout_s, stats)
+            index = CtIndex(rows)
+            conn.send(("ok", rows.tobytes(), index.hashes.tobytes(), index.refs.tobytes(), stats.malformed))
+        except (OSError, TimeoutError) as exc:
+            if sock is not None and (isinstance(exc, DumpTimeout) or getattr(exc, "errno", None) == errno.EBUSY):
+                sock.close()  # mid-dump: never reused
+                sock = None
+            code = getattr(exc, "code", None) or getattr(exc, "errno", None) or errno.EIO
+            conn.send(("error", int(code), str(exc)))

@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 
 from ipfixer.clock import Clock, SystemClock, mono_to_wall_ms
-from ipfixer.enrich.conntrack import _ICMP_PROTOS, ConnKey, ConntrackEntry, batch_keys
+from ipfixer.enrich.conntrack import ConnKey, ConntrackEntry, batch_keys, ct_state_bits, role_key_array
 from ipfixer.enrich.ctnetlink import (
     CT_DTYPE,
     KIND_DESTROY,
@@ -26,9 +26,9 @@ from ipfixer.enrich.ctnetlink import (
     NFNLGRP_CONNTRACK_UPDATE,
     ParseStats,
     open_ctnetlink,
-    parse_datagram,
+    parse_dump,
 )
-from ipfixer.model import ETH_P_IP, ETH_P_IPV6, FLOW_DTYPE, EndReason, empty_batch
+from ipfixer.model import ETH_P_IP, ETH_P_IPV6, FIVE_TUPLE_STRUCT, FLOW_DTYPE, V4_MAPPED_PREFIX, EndReason, empty_batch
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,21 @@ class FlowEvent:
     kind: Literal["new", "update", "destroy"]
     timestamp_ns: int
     entry: ConntrackEntry | None = None
+    row: np.void | None = None  # the CT_DTYPE row it was decoded into (events read from the kernel)
+
+    def connection(self) -> ConntrackEntry | None:
+        """The entry as an object (built from the row on demand: most events never need one)."""
+        if self.entry is not None:
+            return self.entry
+        return ConntrackEntry.from_row(self.row) if self.row is not None else None
+
+    def ct_row(self) -> np.void | None:
+        """The entry as a CT_DTYPE row."""
+        if self.row is not None:
+            return self.row
+        if self.entry is not None and self.entry.origin is not None and self.entry.reply is not None:
+            return self.entry.to_row()
+        return None
 
 
 _KINDS: dict[int, Literal["new", "update", "destroy"]] = {
@@ -104,10 +119,10 @@ class ConntrackEvents:
         ready, _, _ = select.select([self._sock], [], [], max(0.0, timeout_s))
         if not ready:
             return 0
-        records: list[bytes] = []
+        datagrams: list[bytes] = []
         for _ in range(max_datagrams):
             try:
-                data = self._sock.recv(1 << 16)
+                datagrams.append(self._sock.recv(1 << 16))
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -116,20 +131,24 @@ class ConntrackEvents:
                     self.overrun_pending = True
                     continue
                 raise
-            records.extend(parse_datagram(data, self.parse_stats).records)
-        if not records:
+        if not datagrams:
             return 0
-        rows = np.frombuffer(b"".join(records), dtype=CT_DTYPE).copy()
+        rows, _summary = parse_dump(datagrams, None, self.parse_stats)
+        if len(rows) == 0:
+            return 0
         self.received += len(rows)
         self._rows.append(rows)
         now = self.clock.mono_ns()
-        for i in np.flatnonzero(rows["kind"] != KIND_UPDATE):
-            if len(self._queue) >= self._capacity:
-                self.dropped += 1
-                continue
-            entry = ConntrackEntry.from_row(rows[i])
-            assert entry.origin is not None
-            self._queue.append(FlowEvent(entry.origin.key(), _KINDS[int(rows[i]["kind"])], now, entry))
+        lifecycle = np.flatnonzero(rows["kind"] != KIND_UPDATE)
+        if len(lifecycle):
+            origin = role_key_array(rows[lifecycle], roles=(0,))[0]
+            raw = origin.tobytes()
+            for j, i in enumerate(lifecycle):
+                if len(self._queue) >= self._capacity:
+                    self.dropped += 1
+                    continue
+                key = ConnKey(*FIVE_TUPLE_STRUCT.unpack_from(raw, j * 40))
+                self._queue.append(FlowEvent(key, _KINDS[int(rows["kind"][i])], now, None, rows[i]))
         return len(rows)
 
     def take_rows(self) -> np.ndarray:
@@ -159,13 +178,19 @@ class ConntrackEvents:
 def destroyed_keys(events: Iterable[FlowEvent]) -> set[ConnKey]:
     """Every flow key (both directions, pre- and post-NAT) of connections that DESTROY events ended."""
     out: set[ConnKey] = set()
+    rows = []
     for ev in events:
         if ev.kind != "destroy":
             continue
-        if ev.entry is not None and ev.entry.reply is not None:
-            out.update(key for key, _ in ev.entry.role_keys())
+        row = ev.ct_row()
+        if row is not None:
+            rows.append(row)
         else:
             out.add(ev.key)
+    if rows:
+        words = role_key_array(np.asarray(rows, dtype=CT_DTYPE))  # (4, n, 5), all at once
+        raw = words.tobytes()
+        out.update(ConnKey(*FIVE_TUPLE_STRUCT.unpack_from(raw, off)) for off in range(0, len(raw), 40))
     return out
 
 
@@ -185,49 +210,45 @@ def apply_destroy(events: Iterable[FlowEvent], batch: np.ndarray) -> int:
 
 def nat_event_records(events: Iterable[FlowEvent], clock: Clock | None = None) -> np.ndarray:
     """RFC 8158-style NAT session records (natEvent 4/5 for NAT44, 1/2 otherwise) for NATed connections:
-    pre-NAT key in src/dst, translated values in post_*, counters when nf_conntrack_acct is on."""
+    pre-NAT key in src/dst, translated values in post_*, counters when nf_conntrack_acct is on.
+    Vectorised over the events' CT_DTYPE rows."""
     clk: Clock = clock or SystemClock()
     now_wall, now_mono = clk.wall_ns(), clk.mono_ns()
-    rows = []
-    for ev in events:
-        e = ev.entry
-        if e is None or e.origin is None or e.reply is None or not (e.snat or e.dnat):
-            continue
-        rows.append((ev, e))
-    batch = empty_batch(len(rows))
-    for i, (ev, e) in enumerate(rows):
-        assert e.origin is not None and e.reply is not None
-        o = e.origin.key()
-        v6 = e.ipv6
-        create = ev.kind == "new"
-        row = batch[i]
-        row["ethertype"] = ETH_P_IPV6 if v6 else ETH_P_IP
-        row["protocol"] = o.protocol
-        row["src_addr"] = np.frombuffer(o.src_addr, np.uint8)
-        row["dst_addr"] = np.frombuffer(o.dst_addr, np.uint8)
-        row["src_port"], row["dst_port"] = o.src_port, o.dst_port
-        row["post_src_addr"] = np.frombuffer(e.reply.dst or bytes(16), np.uint8)
-        row["post_dst_addr"] = np.frombuffer(e.reply.src or bytes(16), np.uint8)
-        if o.protocol not in _ICMP_PROTOS:
-            row["post_src_port"], row["post_dst_port"] = e.reply.ports[1], e.reply.ports[0]
-        if v6:
-            row["nat_event"] = NAT_EVENT_CREATE if create else NAT_EVENT_DELETE
-        else:
-            row["nat_event"] = NAT44_SESSION_CREATE if create else NAT44_SESSION_DELETE
-        # The event time (end_ms, exported as flowEndMilliseconds and observationTimeMilliseconds, RFC
-        # 8158 section 4.2) is the kernel's (CTA_TIMESTAMP, nf_conntrack_timestamp=1): connection start
-        # for a create, its stop for a delete; ipfixer's read time only when the kernel gives none.
-        ms = mono_to_wall_ms(ev.timestamp_ns, now_wall, now_mono)
-        if create and e.timestamp_start_ns:
-            ms = e.timestamp_start_ns // 1_000_000
-        elif not create and e.timestamp_stop_ns:
-            ms = e.timestamp_stop_ns // 1_000_000
-        row["end_ms"] = ms
-        row["start_ms"] = e.timestamp_start_ns // 1_000_000 if e.timestamp_start_ns else ms
-        if e.counter_origin is not None:
-            row["packets"], row["octets"] = e.counter_origin.packets, e.counter_origin.bytes
-        row["ct_mark"] = e.mark or 0
-        row["ct_zone"] = e.zone or 0
-        row["ct_state"] = e.ct_state(False)
+    evs = [(ev, ev.ct_row()) for ev in events if ev.kind in ("new", "destroy")]
+    evs = [(ev, row) for ev, row in evs if row is not None]
+    if not evs:
+        return empty_batch(0)
+    ct = np.asarray([row for _, row in evs], dtype=CT_DTYPE)
+    create = np.fromiter((ev.kind == "new" for ev, _ in evs), dtype=bool, count=len(evs))
+    read_ms = np.fromiter((mono_to_wall_ms(ev.timestamp_ns, now_wall, now_mono) for ev, _ in evs),
+                          dtype=np.uint64, count=len(evs))  # fmt: skip
+    state = ct_state_bits(ct, np.zeros(len(ct), dtype=bool))
+    nat = (state & 0xC0) != 0  # CT_SNAT | CT_DNAT
+    ct, create, read_ms, state = ct[nat], create[nat], read_ms[nat], state[nat]
+    batch = empty_batch(len(ct))
+    v6 = (ct["o_src"][:, :12] != np.frombuffer(V4_MAPPED_PREFIX, np.uint8)).any(axis=1)
+    batch["ethertype"] = np.where(v6, ETH_P_IPV6, ETH_P_IP)
+    batch["protocol"] = ct["proto"]
+    batch["src_addr"], batch["dst_addr"] = ct["o_src"], ct["o_dst"]
+    batch["src_port"], batch["dst_port"] = ct["o_sport"], ct["o_dport"]
+    batch["post_src_addr"], batch["post_dst_addr"] = ct["r_dst"], ct["r_src"]
+    icmp = np.isin(ct["proto"], (1, 58))
+    batch["post_src_port"] = np.where(icmp, 0, ct["r_dport"])
+    batch["post_dst_port"] = np.where(icmp, 0, ct["r_sport"])
+    batch["nat_event"] = np.where(v6, np.where(create, NAT_EVENT_CREATE, NAT_EVENT_DELETE),
+                                  np.where(create, NAT44_SESSION_CREATE, NAT44_SESSION_DELETE))  # fmt: skip
+    # The event time (end_ms, exported as flowEndMilliseconds and observationTimeMilliseconds, RFC 8158
+    # section 4.2) is the kernel's (CTA_TIMESTAMP, nf_conntrack_timestamp=1): connection start for a
+    # create, its stop for a delete; ipfixer's read time only when the kernel gives none.
+    has_start, has_stop = (ct["has"] & 2) != 0, (ct["has"] & 4) != 0
+    start_ms = ct["ts_start"] // 1_000_000
+    stop_ms = ct["ts_stop"] // 1_000_000
+    event_ms = np.where(create, np.where(has_start, start_ms, read_ms), np.where(has_stop, stop_ms, read_ms))
+    batch["end_ms"] = event_ms
+    batch["start_ms"] = np.where(has_start, start_ms, event_ms)
+    counted = (ct["has"] & 1) != 0
+    batch["packets"] = np.where(counted, ct["o_packets"], 0)
+    batch["octets"] = np.where(counted, ct["o_bytes"], 0)
+    batch["ct_mark"], batch["ct_zone"], batch["ct_state"] = ct["mark"], ct["zone"], state
     assert batch.dtype == FLOW_DTYPE
     return batch
