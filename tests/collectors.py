@@ -213,7 +213,7 @@ class Nfacctd:
     AGGREGATE = ("src_host, dst_host, src_port, dst_port, proto, tos, src_mac, dst_mac, vlan, in_iface, out_iface, "
                  "timestamp_start, timestamp_end, tcpflags, etype")  # fmt: skip
 
-    def __init__(self, workdir: Path, port: int) -> None:
+    def __init__(self, workdir: Path, port: int, netns: str | None = None) -> None:
         self.port = port
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -234,7 +234,8 @@ class Nfacctd:
             f"aggregate[p]: {self.AGGREGATE}\n"
         )
         # Its own session: nfacctd forks plugin processes, and they all go down with the group.
-        self.proc = subprocess.Popen(["nfacctd", "-f", str(conf)], stdout=subprocess.DEVNULL,
+        prefix = ["ip", "netns", "exec", netns] if netns else []  # ip netns exec execs: same process
+        self.proc = subprocess.Popen([*prefix, "nfacctd", "-f", str(conf)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
         _wait_for_text(self.log, ("waiting for NetFlow/IPFIX data",), self.proc, "nfacctd")
         time.sleep(0.3)  # the print plugin starts after the core says it is waiting
@@ -266,7 +267,7 @@ class PyNetflowCollector:
     """python-netflow's reference collector (PyPI `netflow`, `python -m netflow.collector`) on
     127.0.0.1:port, appending one gzip'd JSON line per decoded export packet to its output file."""
 
-    def __init__(self, workdir: Path, port: int) -> None:
+    def __init__(self, workdir: Path, port: int, netns: str | None = None) -> None:
         import sys
 
         self.port = port
@@ -274,8 +275,9 @@ class PyNetflowCollector:
         self.out = workdir / f"pynetflow{port}.gz"
         self.log = workdir / f"pynetflow{port}.log"
         with open(self.log, "wb") as log:
+            prefix = ["ip", "netns", "exec", netns] if netns else []
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "netflow.collector", "--host", "127.0.0.1", "--port", str(port),
+                [*prefix, sys.executable, "-m", "netflow.collector", "--host", "127.0.0.1", "--port", str(port),
                  "--file", str(self.out), "--debug"],
                 stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
