@@ -313,10 +313,17 @@ def stats(daemon: Any) -> dict[str, Any]:
     prog = getattr(meter, "_prog", None)  # the eBPF meter's program: its counters read now
     acc = _accounter(meter)
     collectors = {}
-    for name, st in exporter.stats.items():
-        collectors[name] = {"messages": st.messages, "records": st.records, "flow_records": st.flow_records,
-                            "bytes": st.bytes, "not_sent_messages": st.not_sent_messages,
-                            "not_sent_records": st.not_sent_records, "errors": dict(st.errors)}
+    for c in exporter.collectors:
+        st = c.stats
+        collectors[c.name] = {"messages": st.messages, "records": st.records, "flow_records": st.flow_records,
+                              "bytes": st.bytes, "not_sent_messages": st.not_sent_messages,
+                              "not_sent_records": st.not_sent_records, "errors": dict(st.errors)}
+        t = c.transport
+        if hasattr(t, "queued"):  # tcp/tls (export/stream.py): the connection and what waits for it
+            collectors[c.name]["stream"] = {
+                "connected": t.connected, "connections": t.connects, "queued": t.queued,
+                "dropped_messages": t.dropped_messages, "resent_messages": t.resent_messages,
+                "transport_errors": dict(t.errors)}
     return {
         "pid": os.getpid(),
         "uptime_s": round((daemon.clock.wall_ns() - daemon.boot_wall_ns) / 1e9, 3),
@@ -498,6 +505,11 @@ def format_result(command: str, result: dict[str, Any]) -> str:
             lines.append(f"collector {name}: {st['messages']} messages, {st['flow_records']} flow records, "
                          f"{st['bytes']} bytes; not sent {st['not_sent_messages']} messages / "
                          f"{st['not_sent_records']} records; errors {errors}")
+            if "stream" in st:
+                s = st["stream"]
+                lines.append(f"  {'connected' if s['connected'] else 'DISCONNECTED'}, connection {s['connections']}, "
+                             f"{s['queued']} queued, {s['dropped_messages']} refused (queue full), "
+                             f"{s['resent_messages']} resent")
         return "\n".join(lines)
     if command == "flows":
         held = "  ".join(f"{k} {v}" for k, v in result["held"].items())

@@ -280,6 +280,10 @@ def test_collector_killed_and_restarted_nothing_lost(tmp_path: Path) -> None:
             coll.wait(5)
             lab.send_udp(lab.ns_b, lab.v4_a, 41001, 9100, [200] * 3)  # exported while nobody listens
             time.sleep(3.0)
+            ctl = subprocess.run([*IPFIXER, "ctl", "--socket", str(tmp_path / "lock" / "ctl.sock"), "stats", "--json"],
+                                 capture_output=True, text=True, timeout=30, env=cli_env())
+            stream = json.loads(ctl.stdout)["collectors"][f"tcp://127.0.0.1:{port}"]["stream"]
+            assert stream["connected"] is False and stream["connections"] == 1, stream  # seen by ipfixer ctl
             coll = _start_collector(lab.ns_a, port, second)
             lab.send_udp(lab.ns_b, lab.v4_a, 41002, 9100, [50] * 2)
             assert wait_for(lambda: {key[1], key[2]} <= set(_totals(_received(second))), 20), log.read_text()
