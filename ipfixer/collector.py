@@ -182,30 +182,41 @@ def listen_and_print(address: str, port: int, as_json: bool = False, count: int 
 
 
 def decode_pcap(path: Path, as_json: bool = False, port: int | None = None) -> int:
-    """Decode the IPFIX / NetFlow v9 datagrams of a capture file (UDP to `port`, or any UDP if None)."""
+    """Decode the IPFIX / NetFlow v9 datagrams of a capture file (UDP to `port`, or any UDP if None).
+
+    The file is read and validated by ipfixer.capture (pcap in us or ns, pcapng, every link type replay
+    reads; a truncated or foreign file is refused with its reason); scapy only dissects each frame, by the
+    class it registers for the frame's link type."""
+    import scapy.layers.inet6  # noqa: F401  (registers the IP, IPv6 and raw-IP link types)
+    import scapy.layers.l2  # noqa: F401  (registers Ethernet, cooked and loopback link types)
+    from scapy.config import conf
     from scapy.layers.inet import IP, UDP
     from scapy.layers.inet6 import IPv6
-    from scapy.utils import PcapReader
+
+    from ipfixer.capture import CaptureFile
 
     if not path.exists():
         raise IpfixerError(f"{path}: no such capture file")
     report = Report(Decoder(), as_json)
     packets = 0
     ports: Counter[int] = Counter()  # UDP destination ports seen, for the hint when nothing matched
-    try:
-        reader = PcapReader(str(path))
-    except Exception as exc:  # scapy raises plain Scapy_Exception for a bad file
-        raise IpfixerError(f"{path}: not a capture file: {exc}") from None
-    with reader:
-        for pkt in reader:
+    with CaptureFile(path) as capture:  # CaptureError (an IpfixerError) names the file and the reason
+        for frame in capture:
             packets += 1
+            layer = conf.l2types.get(frame.linktype)
+            if layer is None:
+                continue
+            try:
+                pkt = layer(frame.data)
+            except Exception:  # scapy's dissectors raise assorted errors on hostile bytes: not ours to decode
+                continue
             if UDP not in pkt:
                 continue
             udp = pkt[UDP]
             ports[int(udp.dport)] += 1
             if port is not None and udp.dport != port:
                 continue
-            ip = pkt.getlayer(IP) or pkt.getlayer(IPv6)  # Ethernet, cooked or raw-IP captures alike
+            ip = pkt.getlayer(IP) or pkt.getlayer(IPv6)
             src = str(ip.src) if ip is not None else "?"
             report.feed(bytes(udp.payload), src, f"{path}: {src}:{udp.sport}")
     matched = sum(ports.values()) if port is None else ports[port]

@@ -301,3 +301,44 @@ def test_template_state_is_bounded() -> None:
     assert d.stats["templates_refused"] == 1 and d.template(260, 3) is None and d.template(260, 2) is not None
     d.feed(message(TEMPLATES, domain=1))  # a refresh of a known template is always taken
     assert d.stats["templates_refused"] == 1 and d.feed(message(DATA, domain=1)).records
+
+
+def test_pcap_formats_and_truncation(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """decode --pcap reads what tcpdump/editcap write (cooked v2 as `tcpdump -i any` writes, pcapng,
+    nanosecond pcap) and refuses a truncated capture with its reason instead of decoding part of it."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from scapy.layers.inet import IP, UDP
+
+    from ipfixer.collector import decode_pcap
+    from ipfixer.errors import CaptureError
+
+    if shutil.which("editcap") is None:
+        pytest.skip("needs editcap (tshark; run ./setup.sh)")
+    base = Path(tmp_path) / "base.pcap"
+    pkt = IP(src="192.0.2.1", dst="192.0.2.2") / UDP(sport=5000, dport=4739)
+    _pcap(str(base), [pkt / GOOD] * 2)
+    from scapy.layers.l2 import CookedLinuxV2
+    from scapy.utils import wrpcap
+
+    wrpcap(str(Path(tmp_path) / "sll2.pcap"), [CookedLinuxV2(proto=0x0800) / pkt / GOOD] * 2,
+           linktype=276)  # LINUX_SLL2, what `tcpdump -i any` writes
+    variants = {
+        "sll2.pcap": None,
+        "ng.pcapng": ["-F", "pcapng"],
+        "nano.pcap": ["-F", "nsecpcap"],
+    }
+    for name, opts in variants.items():
+        out = Path(tmp_path) / name
+        if opts is not None:
+            subprocess.run(["editcap", *opts, str(base), str(out)], check=True, capture_output=True, timeout=30)
+        assert decode_pcap(out, port=4739) == 0, name
+        assert capsys.readouterr().out.count("[template 260]") == 4, name
+    cut = Path(tmp_path) / "cut.pcap"
+    cut.write_bytes(base.read_bytes()[:-7])
+    with pytest.raises(CaptureError) as e:
+        decode_pcap(cut, port=4739)
+    assert str(e.value).startswith(f"{cut}: ") and "truncated" in str(e.value)
+    assert capsys.readouterr().out == ""
