@@ -25,6 +25,7 @@ import pytest
 
 from ipfixer.lab import ip
 from ipfixer.netns import socket_in_netns
+from tests.cli.helpers import IPFIXER, cli_env
 from tests.collectors import free_udp_port
 from tests.conftest import REQUIRE
 from tests.deploy.engine import COMPOSE, Engine, EngineUnavailable, host_firewall_state, private_engine
@@ -171,6 +172,13 @@ def _compose_run(engine: Engine, veth: tuple[str, str], tmp_path: Path) -> dict[
         assert "msg=started" in logs and "Startup nfcapd" in logs, logs[-3000:]
         assert "ipfixer" in _ipfixer_tc_state(HOST_DEV)  # attached from inside the container
         expected = _send(host_ip, peer_ip)
+        # the container's control socket, in the run directory it shares with the host: ipfixer ctl from here
+        res = subprocess.run([*IPFIXER, "ctl", "--socket", str(tmp_path / "run" / "ctl.sock"), "flows", "--json"],
+                             capture_output=True, text=True, timeout=60, env=cli_env())
+        assert res.returncode == 0, res.stderr
+        held = {(f["src"], f["dst"], f["src_port"], f["dst_port"]): (f["packets"], f["octets"])
+                for f in json.loads(res.stdout)["flows"]}
+        assert held == expected  # held in the kernel map now, before anything is exported
         _compose(engine, cenv, "stop", "ipfixer")  # SIGTERM: every flow flushed to nfcapd, filters removed
         state = engine.docker("inspect", "-f", "{{.State.ExitCode}}", f"ipfx{SUFFIX}_ipfixer_1").stdout.strip()
         assert state == "0", _compose(engine, cenv, "logs", "ipfixer")[-3000:]
