@@ -203,7 +203,7 @@ def decode_pcap(path: Path, as_json: bool = False, port: int | None = None) -> i
     with CaptureFile(path) as capture:  # CaptureError (an IpfixerError) names the file and the reason
         for frame in capture:
             packets += 1
-            layer = conf.l2types.get(frame.linktype)
+            layer: Any = conf.l2types.get(frame.linktype)  # a Packet class; scapy types it loosely
             if layer is None:
                 continue
             try:
