@@ -60,6 +60,9 @@ def test_ctl_commands_on_a_running_daemon(tmp_path: Path, lab: Lab) -> None:
         assert stats["interfaces"] == [lab.veth_a] and stats["pid"] == proc.pid
         assert set(stats["collectors"]) == {f"127.0.0.1:{coll.port}"}
         assert "packets" in stats["kernel"]
+        by_config = subprocess.run([*IPFIXER, "ctl", "--config", str(cfg), "stats", "--json"], capture_output=True,
+                                   text=True, timeout=60, env=cli_env())  # the socket found from the config
+        assert by_config.returncode == 0 and json.loads(by_config.stdout)["pid"] == proc.pid, by_config.stderr
         human = ctl(sock, "stats")
         assert human.returncode == 0 and f"collector 127.0.0.1:{coll.port}:" in human.stdout, human.stderr
 
