@@ -65,7 +65,8 @@ class Meter:
         try:
             self._prog = load_program(cfg.cache.kernel_map_entries, cfg.cache.ring_buffer_pages,
                                       sampling_cflags(cfg.sampling.interval))
-            self._attacher = Attacher(self._prog.ingress_fd, self._prog.egress_fd, cfg.interfaces.direction)
+            self._attacher = Attacher(self._prog.ingress_fd, self._prog.egress_fd, cfg.interfaces.direction,
+                                      namespace_locked=True)
             stale = self._attacher.remove_stale()
             if stale:
                 log.warning("removed %d stale ipfixer filter(s) left by an earlier run", stale)

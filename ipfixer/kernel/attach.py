@@ -5,8 +5,10 @@ Rules (netobserv's lesson: never break another tool's tc setup):
 - ipfixer's filters carry a fixed priority/handle (FILTER_PRIO) and a TCA_BPF_NAME
   "ipfixer_<hook>.<pidns>.<pid>.<start>" naming the process that added them (ipfixer.instance.Owner);
 - a filter is stale only when its owner is gone (pid absent or recycled: another start time), so
-  remove_stale() never removes a live instance's filters; an owner in another pid namespace cannot be
-  judged and is left alone, with a warning; a name without owner (older ipfixer) counts as stale;
+  remove_stale() never removes a live instance's filters. An owner in another pid namespace cannot be
+  judged by its pid: an Attacher whose caller holds the namespace lock (the meter: no other ipfixer can
+  be running in this network namespace) treats it as stale, e.g. a crashed container's; any other
+  Attacher leaves it alone, with a warning. A name without owner (older ipfixer) counts as stale;
 - detach deletes this process's filters, and the qdisc only if we created it and no filter remains.
 """
 
@@ -98,7 +100,9 @@ class Attacher:
     """Puts ipfixer's ingress/egress programs on interfaces of one network namespace."""
 
     def __init__(self, ingress_fd: int, egress_fd: int, direction: str = "both",
-                 netns: str | None = None) -> None:
+                 netns: str | None = None, namespace_locked: bool = False) -> None:
+        """namespace_locked: the caller holds ipfixer.instance.NamespaceLock for this namespace."""
+        self.namespace_locked = namespace_locked
         self.fds = {"ingress": ingress_fd, "egress": egress_fd}
         self.hooks = directions(direction)
         self.netns = netns
@@ -152,7 +156,8 @@ class Attacher:
                 if not self._has_clsact(ifindex):
                     self.ipr.tc("add", "clsact", ifindex)
                     att.created_qdisc = True
-                live = [o for _, _, o in self._ipfixer_filters(ifindex) if o is not None and o != self.owner]
+                live = [o for _, _, o in self._ipfixer_filters(ifindex)
+                        if o is not None and o != self.owner and self._owner_alive(o) is not False]
                 if live:
                     raise KernelError(f"another live ipfixer (pid {live[0].pid}) already meters it")
                 for hook in self.hooks:
@@ -181,6 +186,11 @@ class Attacher:
                     out.append((f, parent, filter_owner(name)))
         return out
 
+    def _owner_alive(self, owner: Owner) -> bool | None:
+        """Owner.alive(), except that with the namespace lock held an unjudgeable owner is gone."""
+        alive = owner.alive()
+        return False if alive is None and self.namespace_locked else alive
+
     def _delete(self, ifindex: int, f: Any, parent: int) -> None:
         prio = (f["info"] >> 16) & 0xFFFF
         self.ipr.tc("del-filter", "bpf", ifindex, f["handle"], parent=parent, prio=prio)
@@ -202,7 +212,7 @@ class Attacher:
         for f, parent, owner in self._ipfixer_filters(ifindex):
             if owner == self.owner:
                 continue
-            alive = owner.alive() if owner is not None else False
+            alive = self._owner_alive(owner) if owner is not None else False
             if alive is None:
                 log.warning("ifindex %d: filter %s belongs to an ipfixer in another pid namespace; left alone "
                             "(remove it with tc filter del if that instance is gone)", ifindex, _filter_name(f))

@@ -174,6 +174,36 @@ def test_live_owners_filters_are_never_stale(program: Any, netpair: NetPair) -> 
         att.close()
 
 
+def test_owner_in_another_pid_namespace(program: Any, netpair: NetPair) -> None:
+    """A filter whose owner lives in another pid namespace (a container's ipfixer) cannot be judged by
+    its pid: a plain Attacher leaves it alone; the meter's, which holds the namespace lock (so no other
+    ipfixer runs in this network namespace), removes it as stale, with the clsact it created."""
+    from ipfixer.instance import Owner
+
+    net = netpair
+    before = tc_show(net.ns_a, net.veth_a)
+    foreign = Attacher(program.ingress_fd, program.egress_fd, "both", netns=net.ns_a)
+    me = Owner.me()
+    foreign.owner = Owner(me.pidns + 1, 4242, 777)  # as tagged by an ipfixer in another pid namespace
+    plain = Attacher(program.ingress_fd, program.egress_fd, "both", netns=net.ns_a)
+    locked = Attacher(program.ingress_fd, program.egress_fd, "both", netns=net.ns_a, namespace_locked=True)
+    try:
+        foreign.attach(net.veth_a)
+        foreign.attached.clear()  # that process "crashed": it will not detach
+        tagged = tc_show(net.ns_a, net.veth_a)
+        assert f".{me.pidns + 1}.4242.777.q" in tagged
+        assert plain.remove_stale([net.veth_a]) == 0
+        with pytest.raises(KernelError, match="another live ipfixer \\(pid 4242\\)"):
+            plain.attach(net.veth_a)
+        assert tc_show(net.ns_a, net.veth_a) == tagged
+        assert locked.remove_stale([net.veth_a]) == 2
+        assert tc_show(net.ns_a, net.veth_a) == before
+    finally:
+        for a in (foreign, plain, locked):
+            a.detach_all()
+            a.close()
+
+
 def test_crashed_runs_clsact_is_removed_by_the_next_run(program: Any, netpair: NetPair) -> None:
     """The next run takes over a clsact a killed run created and removes it at detach; one another
     tool created stays."""
