@@ -119,7 +119,10 @@ def rows_u8(a: np.ndarray) -> np.ndarray:
 
 
 def select(a: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """a[mask] (or a[indices]) for a structured array, through its raw rows."""
+    """a[mask] (or a[indices]) for a structured array, through its raw rows (no copy when the mask
+    selects every row)."""
+    if mask.dtype == bool and len(mask) == len(a) and mask.all():
+        return a
     out: np.ndarray = rows_u8(a)[mask].reshape(-1).view(a.dtype)
     return out
 
