@@ -332,14 +332,14 @@ class ExportSession:
         """`sets` made into a message that is not valid UTF-8, by adding the data Template Sets when it
         would be (python-netflow 0.12 parses a UTF-8 datagram as a hex dump and stops).  Returns the sets
         and whether the Template Sets are now in them."""
-        d = self.dialect
-        probe = d.message(ExportInstant(0, 0, None), 0, self.domain_id, 0, 0, sets)
-        # The header's time and sequence bytes vary; an ASCII-only body with a non-ASCII header can turn
-        # valid later, so test the body and the fixed header bytes, not just this one header.
-        if not _is_utf8(probe[d.header_len :]) or with_templates or not self._template_sets:
+        # The body alone decides, not this header: its time and sequence bytes vary from message to
+        # message, so a body that is valid UTF-8 could make a valid message at another instant.  A body
+        # that starts with an ASCII byte (a set id < 0x8000) and holds an invalid sequence makes every
+        # message around it invalid (nothing follows the body to complete a sequence).
+        if with_templates or not self._template_sets or not _is_utf8(b"".join(sets)):
             return sets, with_templates
-        extra = sum(len(s) for s in self._template_sets)
-        if len(probe) + extra > self.max_message_size:
+        size = self.dialect.header_len + sum(len(s) for s in sets) + sum(len(s) for s in self._template_sets)
+        if size > self.max_message_size:
             return sets, with_templates
         return [*self._template_sets, *sets], True
 
