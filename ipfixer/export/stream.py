@@ -6,7 +6,8 @@ non-blocking; what the kernel does not take now waits in a bounded queue), `last
 - One Transport Session per connection: the Templates go out once at the start of each connection (the
   `on_connect` callback returns the session's template messages), never refreshed within it (RFC 7011
   8: refresh is for UDP). Templates change only when the config is reloaded, which builds a new session
-  and a new connection: closing the old connection withdraws all of its Templates (RFC 7011 8.1).
+  and a new connection: the old one ends with a withdrawal of all its Data Templates (RFC 7011 8.1),
+  then FIN (which ends the Options Templates with the Transport Session).
 - Disconnected (collector down, connection reset): messages are kept, up to `buffer_messages`, and sent
   after the next connection's Templates; beyond the bound a message is refused (send() False, so the
   Exporter counts its records as not sent). Messages written but not yet acknowledged by the peer's TCP
@@ -106,7 +107,8 @@ class StreamTransport:
 
     def __init__(self, host: str, port: int, *, tls: TlsOptions | None = None, reconnect_interval_s: float = 60.0,
                  buffer_messages: int = 4096, clock: Callable[[], float] = time.monotonic,
-                 on_connect: Callable[[], list[bytes]] | None = None) -> None:
+                 on_connect: Callable[[], list[bytes]] | None = None,
+                 on_close: Callable[[], list[bytes]] | None = None) -> None:
         self.host, self.port = host, port
         self.scheme = "tls" if tls is not None else "tcp"
         self.name = f"{self.scheme}://[{host}]:{port}" if ":" in host else f"{self.scheme}://{host}:{port}"
@@ -126,6 +128,7 @@ class StreamTransport:
         self.buffer_messages = buffer_messages
         self.clock = clock
         self.on_connect = on_connect  # the session's template messages, sent first on every connection
+        self.on_close = on_close  # the withdrawal of them all, sent last (RFC 7011 8.1)
         self.sent = 0
         self.bytes_sent = 0
         self.errors: Counter[str] = Counter()
@@ -185,6 +188,8 @@ class StreamTransport:
             return
         deadline = time.monotonic() + CLOSE_FLUSH_S
         self._next_attempt = 0.0
+        if self.on_close is not None and (self._state == "up" or self._queue):
+            self._queue.extend(self.on_close())
         while (self._queue or self._out) and time.monotonic() < deadline:
             self._pump()
             if self._state == "down" and self._failures:
@@ -360,6 +365,15 @@ class StreamTransport:
         return f"StreamTransport({self.name!r})"
 
 
+def withdraw_all_message(sequence: int, domain_id: int, export_time: int) -> bytes:
+    """An IPFIX Message withdrawing every Data Template of the Transport Session (RFC 7011 8.1: Template
+    ID 2 in a Template Set, Field Count 0). The Options Templates go with the connection's end: tshark
+    4.0 reports the 4-byte Options Template withdrawal record as malformed, and a collector that fails
+    on it could drop the whole message."""
+    sets = struct.pack("!HHHH", 2, 8, 2, 0)
+    return struct.pack("!HHIII", 10, HEADER_LEN + len(sets), export_time & 0xFFFFFFFF, sequence, domain_id) + sets
+
+
 def from_config(collector: Any, session: Any) -> StreamTransport:
     """The transport of a `transport: tcp | tls` CollectorConfig, sending its session's Templates first on
     every connection."""
@@ -371,4 +385,5 @@ def from_config(collector: Any, session: Any) -> StreamTransport:
             cert_file=str(t.cert_file) if t.cert_file else None, key_file=str(t.key_file) if t.key_file else None)
     return StreamTransport(collector.address, collector.port, tls=tls,
                            reconnect_interval_s=collector.reconnect_interval, buffer_messages=collector.buffer_messages,
-                           on_connect=lambda: [m.data for m in session.template_messages(time.time_ns(), force=True)])
+                           on_connect=lambda: [m.data for m in session.template_messages(time.time_ns(), force=True)],
+                           on_close=lambda: [withdraw_all_message(session.sequence, session.domain_id, int(time.time()))])

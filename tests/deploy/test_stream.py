@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from ipfixer.export.stream import StreamTransport
+from ipfixer.export.stream import StreamTransport, withdraw_all_message
 from ipfixer.lab import Lab, start_ipfixer, stop_ipfixer
+from ipfixer.wire.decode import Decoder
 from tests.cli.helpers import IPFIXER, cli_env
 from tests.deploy.streams import StreamCollector, decode_connection, split_messages
 from tests.deploy.test_files import write_capture
@@ -188,8 +189,9 @@ def test_backoff_queue_bound_and_templates_first_on_reconnect() -> None:
     now = [1000.0]
     port = _free_tcp_port()  # nobody listens yet
     prelude = bytes.fromhex("000a0018") + bytes(12) + bytes.fromhex("00020008") + b"TMPL"  # a Template Set
+    withdrawal = withdraw_all_message(4, 1, 0)
     t = StreamTransport("127.0.0.1", port, reconnect_interval_s=1.0, buffer_messages=3, clock=lambda: now[0],
-                        on_connect=lambda: [prelude])
+                        on_connect=lambda: [prelude], on_close=lambda: [withdrawal])
     msgs = [bytes.fromhex("000a0014") + i.to_bytes(4, "big") + bytes(8) + bytes.fromhex("01000004") for i in range(4)]
     assert t.errors["ECONNREFUSED"] == 1  # the first attempt, at start
     assert all(t.send(m) for m in msgs[:3])  # kept while down (no new attempt before 1 s)
@@ -208,6 +210,8 @@ def test_backoff_queue_bound_and_templates_first_on_reconnect() -> None:
         assert t.send(msgs[3])
         want = prelude + b"".join(msgs)  # this connection's Templates, the kept messages, the new one
         assert wait_for(lambda: bool(coll.connections()) and coll.connections()[0] == want, 5), coll.connections()
+        t.close()  # the last message withdraws all Data Templates (RFC 7011 8.1), then FIN
+        assert wait_for(lambda: coll.connections()[0] == want + withdrawal, 5), coll.connections()
     finally:
         t.close()
         coll.close()
@@ -297,3 +301,5 @@ def test_collector_killed_and_restarted_nothing_lost(tmp_path: Path) -> None:
         assert before == {key[0]: (4, 4 * 128)}
         assert after == {key[1]: (3, 3 * 228), key[2]: (2, 2 * 78)}  # nothing lost, nothing twice
         assert "unreachable" in log.read_text() and "connected (connection 2" in log.read_text()
+        last = split_messages(_received(second)[-1])[-1]  # SIGTERM: the session ends withdrawing its templates
+        assert Decoder().feed(last, source="tcp").withdrawn == [2]
