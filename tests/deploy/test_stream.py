@@ -206,7 +206,11 @@ def test_backoff_queue_bound_and_templates_first_on_reconnect() -> None:
     coll = StreamCollector(port=port)
     try:
         now[0] += 0.1
-        assert wait_for(lambda: t.poll() is None and t.connected, 5)
+        def connected() -> bool:
+            t.poll()
+            return t.connected
+
+        assert wait_for(connected, 5)
         assert t.send(msgs[3])
         want = prelude + b"".join(msgs)  # this connection's Templates, the kept messages, the new one
         assert wait_for(lambda: bool(coll.connections()) and coll.connections()[0] == want, 5), coll.connections()
