@@ -86,7 +86,7 @@ def _check_directory(directory: Path) -> None:
     except FileExistsError:
         pass
     except OSError as exc:
-        raise ControlError(directory, f"cannot create the control socket's directory: {exc.strerror}") from None
+        raise ControlError(directory, f"cannot create the control socket's directory: {exc.strerror or exc}") from None
     st = os.lstat(directory)
     if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
         raise ControlError(directory, "the control socket's directory is a symlink or not a directory; refusing")
@@ -113,7 +113,7 @@ def _clear_stale(path: Path) -> None:
         os.unlink(path)  # nobody listening: left by a daemon that was killed
         return
     except OSError as exc:
-        raise ControlError(path, f"cannot probe the existing socket: {exc.strerror}") from None
+        raise ControlError(path, f"cannot probe the existing socket: {exc.strerror or exc}") from None
     finally:
         probe.close()
     raise ControlError(path, "another ipfixer is listening on this control socket")
@@ -143,7 +143,7 @@ class ControlServer:
             sock.bind(str(self.path))
         except OSError as exc:
             sock.close()
-            raise ControlError(self.path, f"cannot bind the control socket: {exc.strerror}") from None
+            raise ControlError(self.path, f"cannot bind the control socket: {exc.strerror or exc}") from None
         finally:
             os.umask(old)
         sock.listen(8)

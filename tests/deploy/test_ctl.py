@@ -207,3 +207,8 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(private_dir:
         assert server.requests.qsize() == 1
     finally:
         server.close()
+
+
+def test_a_socket_path_too_long_is_a_clear_error(private_dir: Path) -> None:
+    with pytest.raises(ControlError, match="AF_UNIX path too long"):
+        ControlServer(private_dir / ("s" * 120)).start()
