@@ -74,6 +74,8 @@ def test_ctl_commands_on_a_running_daemon(tmp_path: Path, lab: Lab) -> None:
         ours = [(f["src_port"], f["packets"]) for f in ctl_json(sock, "flows", "--top", "1000")["flows"]
                 if f["src"] == lab.v4_b]  # the lab's veths also carry IPv6 link-local chatter
         assert sorted(ours) == [(40081, 7), (40082, 2)]
+        bad = ctl(sock, "flows", "--top", "0")
+        assert bad.returncode == 1 and "top must be an integer 1..100000, got 0" in bad.stderr, bad.stderr
         table = ctl(sock, "flows")
         assert table.returncode == 0 and "40082" in table.stdout and "40081" in table.stdout
         coll.receive(1.5, until_idle=1.0)
