@@ -261,6 +261,8 @@ class CollectorConfig(BaseModel):
     rotate_size: StrictInt = Field(default=0, ge=0, description="file: start a new file after this many bytes (0 = never)")
     rotate_interval: Duration | None = Field(default=None, description="file: start a new file this often (null = never)")
     protocol: Literal["ipfix", "netflow9"] = "ipfix"
+    biflow: StrictBool = Field(default=False, description="RFC 5103 biflow records (both directions in one "
+                               "record, reverse elements PEN 29305) instead of uniflows; IPFIX only")
     template_refresh: Duration = Field(default=30.0, description="resend templates at least this often")
     template_refresh_messages: StrictInt = Field(
         default=20, ge=0, description="...and every N messages (0 = off)"
@@ -274,6 +276,9 @@ class CollectorConfig(BaseModel):
 
     @model_validator(mode="after")
     def _default_name(self) -> CollectorConfig:
+        if self.biflow and self.protocol != "ipfix":
+            raise ValueError(f"biflow: RFC 5103 reverse elements are enterprise elements, which NetFlow v9 "
+                             f"cannot carry; use protocol: ipfix (got protocol {self.protocol!r})")
         if self.transport == "file":
             if self.path is None:
                 raise ValueError("path: required with transport: file")

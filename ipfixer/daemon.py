@@ -252,6 +252,7 @@ class Daemon:
             log.warning("source and enrichment change only at restart; keeping source=%s", self.config.source)
         self._cycle()  # what was due goes out on the old collectors before they change
         old_exporter, self._exporter = self._exporter, new_exporter
+        old_exporter.flush(self.clock.wall_ns())  # uniflows waiting for their reverse (biflow collectors)
         old_exporter.close()
         self._follow_vrfs()
         self.config = new
@@ -273,6 +274,7 @@ class Daemon:
                     self._enrichment.poll()
                     batches.append(self._enrichment.nat_event_batch())
                 self._export(batches)
+                self._exporter.flush(self.clock.wall_ns())  # biflow collectors: what still waits for a partner
                 self._send_options(force=True)
                 counters = " ".join(f"{k}={v}" for k, v in sorted(self._meter.counters().items()))
                 log.info("flushed remaining flows; final counters %s", counters)

@@ -79,6 +79,15 @@ FLOW_DTYPE = np.dtype(
         ("ingress_vrf", "u4"),
         ("egress_vrf", "u4"),
         ("sampling_interval", "u4"),
+        # biflow records (RFC 5103, export/biflow.py): the reverse direction's counters and times,
+        # and biflowDirection (239); zero in uniflow records
+        ("rev_packets", "u8"),
+        ("rev_octets", "u8"),
+        ("rev_start_ms", "u8"),
+        ("rev_end_ms", "u8"),
+        ("rev_tcp_flags", "u1"),
+        ("rev_tos", "u1"),
+        ("biflow_direction", "u1"),
     ]
 )
 
@@ -154,6 +163,13 @@ class FlowRecord:
     ingress_vrf: int = 0
     egress_vrf: int = 0
     sampling_interval: int = 0
+    rev_packets: int = 0
+    rev_octets: int = 0
+    rev_start_ms: int = 0
+    rev_end_ms: int = 0
+    rev_tcp_flags: int = 0
+    rev_tos: int = 0
+    biflow_direction: int = 0
     interface: str = field(default="", compare=False)
 
     @property

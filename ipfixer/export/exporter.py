@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -19,6 +19,7 @@ import numpy as np
 
 from ipfixer.errors import EncodeError
 from ipfixer.export.annotate import VrfTable, annotate, vrf_values
+from ipfixer.export.biflow import BiflowPairer
 from ipfixer.export.options import DEFAULT_ROLES, OptionsRole, interface_values, stats_values
 from ipfixer.export.session import ExportSession, Message
 from ipfixer.export.transport import UdpTransport
@@ -53,6 +54,7 @@ class Collector:
     session: ExportSession
     transport: UdpTransport
     stats: CollectorStats = field(default_factory=CollectorStats)
+    biflow: bool = False  # gets RFC 5103 biflow records (export/biflow.py) instead of uniflows
 
 
 class Exporter:
@@ -65,13 +67,17 @@ class Exporter:
         metering_process_id: int | None = None,
         options_roles: Mapping[OptionsRole, str] | None = None,
         sampling_interval: int = 1,
+        biflow: Collection[str] = (),
+        biflow_hold_ns: int = 15_000_000_000,
     ) -> None:
         """`collectors`: (name, session, transport) triples; names must be unique.  `options_roles`: the
         options template (by name) of each role, as the config names them (default: the shipped ones)."""
         names = [c[0] for c in collectors]
         if len(set(names)) != len(names):
             raise EncodeError(f"collector names must be unique: {names}")
-        self.collectors = [Collector(n, s, t) for n, s, t in collectors]
+        self.collectors = [Collector(n, s, t, biflow=n in biflow) for n, s, t in collectors]
+        # biflow collectors: uniflows joined with their reverse, held up to biflow_hold_ns for it
+        self.pairer = BiflowPairer(biflow_hold_ns) if any(c.biflow for c in self.collectors) else None
         # RFC 5102 meteringProcessId: the process id identifies this Metering Process instance.
         self.metering_process_id = os.getpid() if metering_process_id is None else metering_process_id
         self.options_roles: dict[OptionsRole, str] = dict(DEFAULT_ROLES if options_roles is None else options_roles)
@@ -119,12 +125,33 @@ class Exporter:
         names = self.interface_names if interface_names is None else interface_names
         batch = annotate(batch, vrfs=self.vrfs, sampling_interval=self.sampling_interval)
         for c in self.collectors:
-            self._run(c, partial(c.session.iter_messages, batch, now_wall_ns, names), flows=True)
+            if not c.biflow:
+                self._run(c, partial(c.session.iter_messages, batch, now_wall_ns, names), flows=True)
+        if self.pairer is not None:
+            self._send_biflows(self.pairer.add(batch, now_wall_ns), now_wall_ns)
 
     def refresh_templates(self, now_wall_ns: int) -> None:
-        """Send a templates-only message to each collector whose refresh is due (idle periods)."""
+        """Send a templates-only message to each collector whose refresh is due (idle periods); biflow
+        collectors get the held uniflows whose partner did not come in time."""
         for c in self.collectors:
-            self._run(c, partial(c.session.template_messages, now_wall_ns), flows=False)
+            if not c.biflow:
+                self._run(c, partial(c.session.template_messages, now_wall_ns), flows=False)
+        if self.pairer is not None:
+            self._send_biflows(self.pairer.due(now_wall_ns), now_wall_ns)
+
+    def flush(self, now_wall_ns: int) -> None:
+        """Send every uniflow still waiting for its reverse, alone (shutdown, reload)."""
+        if self.pairer is not None and len(self.pairer):
+            self._send_biflows(self.pairer.flush(), now_wall_ns)
+
+    def _send_biflows(self, batch: np.ndarray, now_wall_ns: int) -> None:
+        for c in self.collectors:
+            if not c.biflow:
+                continue
+            if len(batch):
+                self._run(c, partial(c.session.iter_messages, batch, now_wall_ns, self.interface_names), flows=True)
+            else:
+                self._run(c, partial(c.session.template_messages, now_wall_ns), flows=False)
 
     # -- options records (RFC 7011 4), chosen by role ------------------------------------------
     def role_template(self, c: Collector, role: OptionsRole) -> str | None:

@@ -20,6 +20,7 @@ from ipfixer.export.transport import UdpTransport
 from ipfixer.model import ETH_P_IP, ETH_P_IPV6
 from ipfixer.templates import DEFAULT_TEMPLATES_DIR, Template, load_templates
 
+BIFLOW_TEMPLATES = {ETH_P_IP: "ipv4_biflow", ETH_P_IPV6: "ipv6_biflow"}  # for collectors with biflow: true
 VRF_OPTIONS_TEMPLATE = "options_vrfs"  # VRF id -> name, sent when a data template carries VRF ids
 __all__ = ["build_exporter", "config_roles", "interface_values", "load_config_templates", "sampling_values"]
 
@@ -52,6 +53,7 @@ def load_config_templates(config: Config) -> tuple[dict[int, Template], list[Tem
 def build_exporter(config: Config, boot_wall_ns: int) -> Exporter:
     """One ExportSession and UdpTransport per configured collector."""
     data, options = load_config_templates(config)
+    bi = biflow_templates(config) if any(c.biflow for c in config.collectors) else {}
     collectors: list[tuple[str, ExportSession, Any]] = []  # UdpTransport or export.files.FileTransport
     try:
         for c in config.collectors:
@@ -60,7 +62,7 @@ def build_exporter(config: Config, boot_wall_ns: int) -> Exporter:
             session = ExportSession(
                 c.protocol,
                 config.observation_domain_id,
-                data,
+                bi if c.biflow else data,
                 options,
                 max_message_size=c.max_message_size,
                 template_refresh_s=0 if once else c.template_refresh,  # a file: templates once per file
@@ -85,7 +87,20 @@ def build_exporter(config: Config, boot_wall_ns: int) -> Exporter:
         for _, _, transport in collectors:
             transport.close()
         raise
-    return Exporter(collectors, options_roles=config_roles(config), sampling_interval=config.sampling.interval)
+    return Exporter(collectors, options_roles=config_roles(config), sampling_interval=config.sampling.interval,
+                    biflow=[c.name for c in config.collectors if c.biflow],
+                    biflow_hold_ns=int(config.timeouts.idle * 1e9))  # a reverse uniflow expires within one idle timeout
+
+
+def biflow_templates(config: Config) -> dict[int, Template]:
+    """The RFC 5103 data templates of `biflow: true` collectors (templates/ipv4_biflow, ipv6_biflow)."""
+    tdir = Path(config.templates.directory) if config.templates.directory else DEFAULT_TEMPLATES_DIR
+    templates = load_templates(tdir)
+    missing = [n for n in BIFLOW_TEMPLATES.values() if n not in templates]
+    if missing:
+        i = next(i for i, c in enumerate(config.collectors) if c.biflow)
+        raise ConfigError(f"collectors.{i}.biflow: no template named {missing[0]!r} in {tdir} (got true)")
+    return {ethertype: templates[name] for ethertype, name in BIFLOW_TEMPLATES.items()}
 
 
 def sampling_values(config: Config) -> dict[str, Any]:

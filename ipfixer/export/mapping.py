@@ -106,6 +106,14 @@ ELEMENT_COLUMNS: Mapping[str, ColumnMapping] = MappingProxyType(
             _m("ingressVRFID", "ingress_vrf"),
             _m("egressVRFID", "egress_vrf"),
             _m("samplingInterval", "sampling_interval"),
+            # biflow records (RFC 5103, export/biflow.py): reverse elements (PEN 29305), biflowDirection
+            _m("reverseOctetDeltaCount", "rev_octets"),
+            _m("reversePacketDeltaCount", "rev_packets"),
+            _m("reverseFlowStartMilliseconds", "rev_start_ms"),
+            _m("reverseFlowEndMilliseconds", "rev_end_ms"),
+            _m("reverseTcpControlBits", "rev_tcp_flags"),
+            _m("reverseIpClassOfService", "rev_tos"),
+            _m("biflowDirection", "biflow_direction"),
             # variable-length string, per-record path only (RFC 7011 7)
             _m("interfaceName", "interface", T.RECORD_ATTR),
         ]

@@ -155,7 +155,8 @@ _NO_VALUES: ValueNames = MappingProxyType({})
 
 @functools.cache
 def _load_default() -> InfoModel:
-    return InfoModel.load(DATA_DIR / "iana.csv", DATA_DIR / "ipfixer.csv", values=DATA_DIR / "iana_values.csv")
+    return InfoModel.load(DATA_DIR / "iana.csv", DATA_DIR / "ipfixer.csv", DATA_DIR / "rfc5103.csv",
+                          values=DATA_DIR / "iana_values.csv")
 
 
 def _data_lines(path: Path) -> tuple[list[tuple[int, str]], str]:
