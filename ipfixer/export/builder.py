@@ -55,7 +55,7 @@ class RecordQueue:
         self._pos += 1
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per message, and a frozen __init__ costs more
 class Filled:
     """The sets of one message (no header yet) and how many Data Records they carry."""
 

@@ -13,7 +13,7 @@ kept here, each for a collector seen to fail without it:
 - The options records of one refresh travel together, so there is no tiny stand-alone options message.
 - No message is valid UTF-8: python-netflow 0.12's collector takes any datagram that decodes as UTF-8
   for a hex dump and stops.  A message that would be gets the data Template Set(s) added (their field ids
-  >= 128 make any message invalid UTF-8), see _not_utf8().
+  >= 128 make any message invalid UTF-8), see _body().
 
 No socket and no clock are touched here.
 """
@@ -318,45 +318,49 @@ class ExportSession:
     def _flow_messages(self, queues: list[RecordQueue], now: int, instant: ExportInstant) -> Iterator[Message]:
         """Fill messages in order: [data Template Sets if due] + as many whole records as fit."""
         skip_templates = False  # after a templates-only message, the next one must make progress
-        while any(q.remaining() for q in queues):
+        left = sum(q.remaining() for q in queues)
+        while left > 0:
             with_templates = not skip_templates and self.templates_due(now)
             lead = self._template_sets if with_templates else []
             filled = self._builder.fill(queues, lead)
+            left -= filled.n_records + filled.skipped
             self.stats.records_not_exported += filled.skipped
             if not filled.sets:
                 continue  # only records too large for any message were left
             yield self._finish(filled.sets, filled.n_records, instant, now, templates=with_templates)
             skip_templates = with_templates and filled.n_records == 0
 
-    def _not_utf8(self, sets: list[bytes], with_templates: bool) -> tuple[list[bytes], bool]:
-        """`sets` made into a message that is not valid UTF-8, by adding the data Template Sets when it
-        would be (python-netflow 0.12 parses a UTF-8 datagram as a hex dump and stops).  Returns the sets
-        and whether the Template Sets are now in them."""
-        # The body alone decides, not this header: its time and sequence bytes vary from message to
-        # message, so a body that is valid UTF-8 could make a valid message at another instant.  A body
-        # that starts with an ASCII byte (a set id < 0x8000) and holds an invalid sequence makes every
-        # message around it invalid (nothing follows the body to complete a sequence).
-        if with_templates or not self._template_sets or not _is_utf8(b"".join(sets)):
-            return sets, with_templates
-        size = self.dialect.header_len + sum(len(s) for s in sets) + sum(len(s) for s in self._template_sets)
-        if size > self.max_message_size:
-            return sets, with_templates
-        return [*self._template_sets, *sets], True
+    def _body(self, sets: list[bytes], with_templates: bool) -> tuple[bytes, bool]:
+        """The message body (all sets), made not valid UTF-8 by adding the data Template Sets when it would
+        be (python-netflow 0.12 parses a UTF-8 datagram as a hex dump and stops); and whether the data
+        Template Sets are in it.
+
+        The body alone decides, not the header: its time and sequence bytes vary from message to message,
+        so a valid UTF-8 body could make a valid message at another instant.  A body that starts with an
+        ASCII byte (a set id < 0x8000) and holds an invalid sequence makes every message around it
+        invalid, since nothing follows the body to complete a sequence."""
+        body = b"".join(sets)
+        if with_templates or not _is_utf8(body):
+            return body, with_templates
+        tsets = b"".join(self._template_sets)
+        if tsets and self.dialect.header_len + len(tsets) + len(body) <= self.max_message_size:
+            body, with_templates = tsets + body, True
+        if _is_utf8(body):  # no room, or templates that do not break it (custom all-ASCII templates)
+            self.stats.utf8_messages += 1
+        return body, with_templates
 
     def _finish(
         self, sets: list[bytes], n_records: int, instant: ExportInstant, now: int, *, templates: bool = False,
         options: bool = False, n_templates: int = 0,
     ) -> Message:
         """Add the header and advance sequence and refresh state."""
-        sets, with_data_templates = self._not_utf8(sets, templates)
+        body, with_data_templates = self._body(sets, templates)
         if with_data_templates:
             n_templates += len(self._data_templates)
         # Data templates added to an options message (to break UTF-8) do not count as a refresh: a
         # collector that drops that message for its options templates would miss them.
         templates = templates or (with_data_templates and not options)
-        data = self.dialect.message(instant, self._sequence, self.domain_id, n_templates, n_records, sets)
-        if _is_utf8(data):
-            self.stats.utf8_messages += 1
+        data = self.dialect.message(instant, self._sequence, self.domain_id, n_templates, n_records, [body])
         self._sequence = self.dialect.next_sequence(self._sequence, n_records)
         if len(data) > self.max_message_size:  # packing arithmetic guarantees this; keep it honest
             raise EncodeError(f"internal: message of {len(data)} bytes exceeds {self.max_message_size}")
