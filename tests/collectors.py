@@ -137,33 +137,51 @@ def _walk_flows(node: Any, out: list[dict[str, Any]]) -> None:
 
 
 class TsharkCapture:
-    """tshark capturing UDP to `port` on lo into a pcap; decode() runs the cflow dissector on it."""
+    """tshark capturing UDP to `port` on lo into a pcap; finish() runs the cflow dissector on it.
+
+    Start-up is confirmed, not guessed: probe datagrams go to a second port the capture filter also takes
+    until one is in the pcap, so nothing sent after __init__ can be missed on a loaded machine; the probes
+    are left out of what finish() decodes."""
+
+    PROBE = b"ipfx-h1-probe"
 
     def __init__(self, workdir: Path, count: int) -> None:
         # A bound sink: without a listener the kernel answers ICMP port-unreachable and the exporter's
         # connected socket gets ECONNREFUSED on its next send (as a real dead collector would cause).
         self.sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sink.bind(("127.0.0.1", 0))
+        self.probe_sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.probe_sink.bind(("127.0.0.1", 0))
         port = self.port = int(self.sink.getsockname()[1])
+        probe_port = int(self.probe_sink.getsockname()[1])
+        self.count = count
         self.pcap = workdir / f"cap{port}.pcap"
         self.log = workdir / f"tshark{port}.log"
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                ["tshark", "-i", "lo", "-f", f"udp port {port}", "-c", str(count), "-a", "duration:30",
+                ["tshark", "-i", "lo", "-f", f"udp port {port} or udp port {probe_port}", "-a", "duration:60",
                  "-w", str(self.pcap)],
                 stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
         _wait_for_text(self.log, ("Capturing on",), self.proc, "tshark")
-        time.sleep(0.3)  # dumpcap prints before the filter is fully live on some kernels
+        deadline = time.monotonic() + START_TIMEOUT_S
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            while self.PROBE not in (self.pcap.read_bytes() if self.pcap.exists() else b""):
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"tshark captures nothing: {self.log.read_text(errors='replace')}")
+                probe.sendto(self.PROBE, ("127.0.0.1", probe_port))
+                time.sleep(0.1)
 
     def finish(self) -> list[dict[str, Any]]:
-        """Wait for the -c packets (bounded), then decode: one dict per Data Record ('Flow N')."""
-        try:
-            self.proc.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            _stop(self.proc, signal.SIGINT)
+        """Stop once `count` datagrams to the port are in the pcap (bounded), then decode: one dict per
+        Data Record ('Flow N')."""
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while time.monotonic() < deadline and self._decode_packets() < self.count:
+            time.sleep(0.2)
+        _stop(self.proc, signal.SIGINT)
         out = subprocess.run(
-            ["tshark", "-r", str(self.pcap), "-d", f"udp.port=={self.port},cflow", "-T", "json"],
+            ["tshark", "-r", str(self.pcap), "-Y", f"udp.dstport=={self.port}", "-d", f"udp.port=={self.port},cflow",
+             "-T", "json"],
             capture_output=True, timeout=60, check=True,
         )  # fmt: skip
         packets = json.loads(out.stdout.decode(), object_pairs_hook=_pairs_to_multidict)
@@ -173,9 +191,16 @@ class TsharkCapture:
             _walk_flows(p, flows)
         return flows
 
+    def _decode_packets(self) -> int:
+        """Datagrams to the port in the pcap so far."""
+        res = subprocess.run(["tshark", "-r", str(self.pcap), "-Y", f"udp.dstport=={self.port}", "-T", "fields",
+                              "-e", "frame.number"], capture_output=True, timeout=60, check=False)  # fmt: skip
+        return len(res.stdout.split())
+
     def kill(self) -> None:
         _stop(self.proc, signal.SIGKILL)
         self.sink.close()
+        self.probe_sink.close()
 
 
 # -- known flows: every value distinct and non-zero so a swapped or dropped field shows ---------------

@@ -201,3 +201,36 @@ def test_interface_name_in_data_records_decodes_in_tshark(
     flows = [f for f in cap.finish() if "cflow.packets" in f]
     assert [(int(f["cflow.packets"]), f["cflow.if_name"]) for f in flows] == [
         (r.packets, names[r.ifindex]) for r in records]  # fmt: skip
+
+
+@pytest.mark.parametrize("protocol", ["ipfix", "netflow9"])
+def test_one_refresh_in_one_message_decodes_in_tshark(tshark: Any, base_ms: int, protocol: str) -> None:
+    """The daemon's options refresh (statistics, sampling, interface table) is one message holding one
+    Options Template Set per template and the three kinds of records, each field as sent."""
+    ts = load_templates()
+    session = ExportSession(
+        protocol,  # type: ignore[arg-type]
+        7, {ETH_P_IP: ts["ipv4_flow"], ETH_P_IPV6: ts["ipv6_flow"]},
+        [ts["options_exporter_stats"], ts["options_sampling"], ts["options_interfaces"]],
+        boot_wall_ns=(base_ms - 60_000) * 1_000_000,
+    )  # fmt: skip
+    cap = tshark(1)
+    exporter = Exporter([("t", session, UdpTransport("127.0.0.1", cap.port))], metering_process_id=4242)
+    names = {3: "eth0", 17: "veth-ipfx-h1"}
+    sampling = {"samplingInterval": 64, "samplingAlgorithm": 2, "samplingPacketInterval": 1, "samplingPacketSpace": 63}
+    try:
+        exporter.export_options_refresh(base_ms * 1_000_000, sampling=sampling, interfaces=names, ignored_packets=9)
+    finally:
+        exporter.close()
+    records = cap.finish()
+    assert len(cap.packets) == 1 and len(records) == 4
+    stats, smp, *ifaces = records
+    assert (stats["cflow.packetsexp"], stats["cflow.flowsexp"], stats["cflow.ignore_packets"]) == ("0", "0", "9")
+    assert tshark_abs_ms(stats["cflow.sys_init_time"]) == base_ms - 60_000
+    assert (smp["cflow.sampling_interval"], smp["cflow.sampling_algorithm"], smp["cflow.sampling_packet_space"]) == (
+        "64", "2", "63")  # fmt: skip
+    assert [f["cflow.if_name"] for f in ifaces] == ["eth0", "veth-ipfx-h1"]
+    if protocol == "ipfix":
+        assert [int(f["cflow.inputint"]) for f in ifaces] == [3, 17]
+    else:  # v9 interface scope (RFC 3954 6.1)
+        assert [int(f["cflow.scope_interface"]) for f in ifaces] == [3, 17]
