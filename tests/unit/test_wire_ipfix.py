@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import struct
 
 import pytest
 from hypothesis import given
@@ -150,3 +151,14 @@ def test_decode_value_is_total(v: int, dtype: str) -> None:
     raw = v.to_bytes(8, "big")
     for n in range(9):
         decode_value(dtype, raw[:n])
+
+
+def test_options_template_sets_hold_one_record_each() -> None:
+    """pmacct 1.7.7 reads only the first record of a set with several: one Options Template Set each."""
+    opts = [TS["options_exporter_stats"], TS["options_sampling"], TS["options_interfaces"]]
+    sets = ipfix.encode_options_template_sets(opts)
+    assert sets == [ipfix.encode_options_template_set([t]) for t in opts]
+    for s, t in zip(sets, opts, strict=True):
+        set_id, length, tid, count, scope = struct.unpack_from("!HHHHH", s)
+        assert (set_id, length, tid, count, scope) == (3, len(s), t.template_id, len(t.fields), t.scope_count)
+        assert len(s) == 4 + 6 + 4 * len(t.fields)  # exactly one record, no padding
