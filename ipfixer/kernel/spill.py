@@ -23,6 +23,7 @@ import mmap
 import platform
 import select
 import threading
+import weakref
 from typing import Any
 
 import numpy as np
@@ -111,7 +112,7 @@ class SpillConsumer:
 
     def __init__(self, bpf: Any, ring: Any, spill_dtype: np.dtype, accounter: Accounter,
                  max_records: int = 1 << 20, max_pending: int = 1 << 22, data_size: int | None = None,
-                 threaded: bool = True) -> None:
+                 threaded: bool = True, mmap_reader: bool = _TSO) -> None:
         self.bpf = bpf
         self.accounter = accounter
         self.spill_dtype = spill_dtype
@@ -129,7 +130,7 @@ class SpillConsumer:
         self._stop = threading.Event()
         self._reader: RingReader | None = None
         self._chunks: list[bytes] = []
-        if _TSO:
+        if mmap_reader:
             size = int(ring.max_entries) if data_size is None else data_size  # a ringbuf's size in bytes
             self._reader = RingReader(int(ring.map_fd), size, spill_dtype)
         else:  # bcc's consumer: a callback per record
@@ -144,7 +145,9 @@ class SpillConsumer:
             ring.open_ring_buffer(on_record)
         self._thread: threading.Thread | None = None
         if threaded:
-            self._thread = threading.Thread(target=self._serve, name="ipfixer-spill", daemon=True)
+            # The thread holds the consumer weakly: one that is dropped without close() still stops.
+            self._thread = threading.Thread(target=_serve, args=(weakref.ref(self), self._stop),
+                                            name="ipfixer-spill", daemon=True)
             self._thread.start()
 
     def _take_from_ring(self, limit: int) -> int:
@@ -163,29 +166,26 @@ class SpillConsumer:
                 self._ready.set()
         return len(recs)
 
-    def _serve(self) -> None:
-        poller = select.poll()
-        if self._reader is not None:
-            poller.register(self._reader.fd, select.POLLIN)
-        while not self._stop.is_set():
-            room = self.max_pending - self._pending_n
-            if room <= 0:
-                self.stalls += 1
-                self._stop.wait(0.005)  # the daemon is behind: let the ring fill (the kernel counts)
-                continue
-            if self._take_from_ring(room) == 0:
-                if self._reader is not None:
-                    poller.poll(5)  # woken by the kernel's ring buffer notification
-                else:
-                    with self._ring_lock:
-                        self.bpf.ring_buffer_poll(5)
+    def _serve_once(self, poller: select.poll) -> None:
+        """One turn of the ring thread: move what the ring holds to the queue, or wait for more."""
+        room = self.max_pending - self._pending_n
+        if room <= 0:
+            self.stalls += 1
+            self._stop.wait(0.005)  # the daemon is behind: let the ring fill (the kernel counts)
+        elif self._take_from_ring(room) == 0:
+            if self._reader is not None:
+                poller.poll(5)  # woken by the kernel's ring buffer notification
+            else:
+                with self._ring_lock:
+                    self.bpf.ring_buffer_poll(5)
 
     def poll(self, timeout_ms: int = 0) -> list[np.ndarray]:
         """Wait up to timeout_ms for spilled packets, account up to max_records of them, and return the
         batches the Accounter evicted (its full cache, or flows whose timeouts passed)."""
-        if self._thread is None:
-            self._take_from_ring(self.max_pending)
-        elif timeout_ms > 0 and not self._pending_n:
+        room = self.max_pending - self._pending_n
+        if room > 0:
+            self._take_from_ring(room)  # what the ring holds now (the thread may not have run yet)
+        if self._thread is not None and timeout_ms > 0 and not self._pending_n:
             self._ready.wait(timeout_ms / 1000.0)
         self.polls += 1
         out = self._account(self.max_records)
@@ -235,3 +235,18 @@ class SpillConsumer:
             if self._reader is not None:
                 self._reader.close()
                 self._reader = None
+
+
+def _serve(ref: weakref.ref[SpillConsumer], stop: threading.Event) -> None:
+    """The ring thread's loop, until close() or the consumer is gone."""
+    poller = select.poll()
+    consumer = ref()
+    if consumer is not None and consumer._reader is not None:
+        poller.register(consumer._reader.fd, select.POLLIN)
+    del consumer
+    while not stop.is_set():
+        consumer = ref()
+        if consumer is None:
+            return
+        consumer._serve_once(poller)
+        del consumer

@@ -222,7 +222,9 @@ MANY = (
 )
 
 
-def test_tiny_map_spills_without_losing_packets(netpair: NetPair) -> None:
+@pytest.mark.parametrize("mmap_reader", [True, False], ids=["mmap-reader", "bcc-callback"])
+def test_tiny_map_spills_without_losing_packets(netpair: NetPair, mmap_reader: bool) -> None:
+    """Both ring consumers (the mmap reader, and bcc's callback used where loads may be reordered)."""
     net = netpair
     prog = load_program(map_entries=8, ring_pages=64)
     att = Attacher(prog.ingress_fd, prog.egress_fd, "ingress", netns=net.ns_a)
@@ -231,7 +233,8 @@ def test_tiny_map_spills_without_losing_packets(netpair: NetPair) -> None:
         clock = SystemClock()
         drainer = Drainer(prog.flows, clock, 3600_000 * MS, 3600_000 * MS)
         acc = Accounter(max_entries=64, evict_timeout_ns=3600_000 * MS, clock=clock)
-        consumer = SpillConsumer(prog.bpf, prog.spill, prog.spill_dtype, acc, max_records=100)
+        consumer = SpillConsumer(prog.bpf, prog.spill, prog.spill_dtype, acc, max_records=100,
+                                 mmap_reader=mmap_reader)
         drainer.flush()
         consumer.flush()
         in_ns(net.ns_b, sys.executable, "-c", MANY, net.v4_a, "20000", "200", "3")
@@ -252,6 +255,7 @@ def test_tiny_map_spills_without_losing_packets(netpair: NetPair) -> None:
         assert c["spilled"] > 0 and c["map_full"] > 0 and c["ringbuf_fail"] == 0
         assert consumer.packets == c["spilled"]
         assert acc.evictions >= 2  # max_entries 64 < 192 spilled flows
+        consumer.close()
     finally:
         att.detach_all()
         att.close()
