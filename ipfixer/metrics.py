@@ -35,7 +35,7 @@ ENRICHMENT_COUNTERS = {
     "parse_errors": "Malformed ctnetlink messages skipped",
 }
 # Drains take from well under a millisecond (idle box) to a large fraction of a second (full map).
-DRAIN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+DRAIN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 2.5, 5.0)
 
 
 class Metrics:

@@ -495,15 +495,19 @@ class ConntrackTable:
             self._ingest_rows(rows)
 
     def _ingest_rows(self, rows: np.ndarray) -> None:
-        words = role_key_array(rows)
-        zones = rows["zone"]
-        for i in range(len(rows)):
-            keys = [words[r, i].tobytes()[:37] for r in range(4)]
-            ident = keys[0] + int(zones[i]).to_bytes(2, "big")
-            self._delta_rows.pop(ident, None)  # re-insert: newest last, for eviction order
-            self._delta_rows[ident] = rows[i]
-            for r in (3, 2, 1, 0):  # earlier roles win where keys coincide
-                self._delta_index[keys[r]] = (ident, r in (1, 3))
+        n = len(rows)
+        raw = role_key_array(rows).tobytes()  # (4, n, 5) words: role r of row i at (r * n + i) * 40
+        zones = rows["zone"].astype(">u2").tobytes()
+        drows, dindex = self._delta_rows, self._delta_index
+        for i in range(n):
+            k0 = raw[i * 40 : i * 40 + 37]
+            ident = k0 + zones[2 * i : 2 * i + 2]
+            drows.pop(ident, None)  # re-insert: newest last, for eviction order
+            drows[ident] = rows[i]
+            for r in (3, 2, 1):  # earlier roles win where keys coincide
+                off = (r * n + i) * 40
+                dindex[raw[off : off + 37]] = (ident, r != 2)
+            dindex[k0] = (ident, False)
         while len(self._delta_rows) > self.max_delta:
             ident = next(iter(self._delta_rows))
             old = self._delta_rows.pop(ident)
@@ -623,6 +627,15 @@ class ConntrackTable:
         err = icmp_error_rows(batch)
         keep = ~err[pos]
         pos, rows, rep = pos[keep], rows[keep], rep[keep]
+        if rep.any() and not rep.all():
+            # a reply metered in this batch means the connection saw its reply, whatever the entry's
+            # status says yet (an UPDATE event still on its way, or lost to an overrun until the resync)
+            ident = _words(rows["proto"], rows["o_src"], rows["o_dst"], rows["o_sport"], rows["o_dport"])
+            h = hash_words(ident)
+            answered = ~rep & np.isin(h, h[rep])
+            if answered.any():
+                rows = rows.copy()
+                rows["status"][answered] |= IPS_SEEN_REPLY
         fill_matches(batch, pos, rows, rep)
         self.counters.hits += len(pos)
         self.counters.misses += int((~err).sum()) - len(pos)

@@ -115,6 +115,7 @@ class _Seen:
 
     row: np.void | None  # the one connection (CT_DTYPE), or None
     reply: bool
+    ident: bytes | None = None
     ambiguous: bool = False
     unmatched: int = 0
     matched: int = 0
@@ -164,6 +165,9 @@ class IcmpErrors:
         self.unmatched_errors = 0
         self.available = False
         self._seen: collections.OrderedDict[bytes, _Seen] = collections.OrderedDict()
+        self._pending: collections.deque[tuple[bytes, bytes, int, bytes, bytes, int, int, int, int]] = (
+            collections.deque(maxlen=max_keys)
+        )
         self._sock: socket.socket | None = None
         try:
             sock = socket_in_netns(netns, socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))
@@ -179,25 +183,30 @@ class IcmpErrors:
             log.warning("ICMP errors will not be joined to conntrack (netns %s): %s", netns or "host", exc)
 
     def poll(self, max_packets: int = 4096) -> int:
-        """Read pending ICMP errors (non-blocking, bounded) and look up what each quotes; errors read."""
+        """Read pending ICMP errors (non-blocking, bounded) and keep what each quotes until a drain
+        resolves it (by then conntrack's NEW event for the quoted connection has reached the table)."""
         if self._sock is None:
             return 0
-        got: list[tuple[bytes, bytes, int, bytes, bytes, int, int, int, int]] = []
+        n = 0
         for _ in range(max_packets):
             try:
                 pkt, addr = self._sock.recvfrom(2048)
-            except BlockingIOError:
-                break
-            except OSError:
+            except OSError:  # BlockingIOError: nothing more
                 break
             parsed = quoted_tuple(pkt, addr[1])
             if parsed is None:
                 continue
-            otype = pkt[(pkt[0] & 0xF) * 4] if parsed[2] == 1 else pkt[40]
-            ocode = pkt[(pkt[0] & 0xF) * 4 + 1] if parsed[2] == 1 else pkt[41]
-            got.append((*parsed, (otype << 8) | ocode))
+            at = (pkt[0] & 0xF) * 4 if parsed[2] == 1 else 40
+            self._pending.append((*parsed, (pkt[at] << 8) | pkt[at + 1]))
+            n += 1
+        return n
+
+    def _resolve(self) -> None:
+        """Look up what every pending error quotes, all at once, and fold it into its outer key."""
+        got = list(self._pending)
+        self._pending.clear()
         if not got:
-            return 0
+            return
         inner = empty_batch(len(got))
         inner["protocol"] = [g[5] for g in got]
         inner["src_addr"] = np.frombuffer(b"".join(g[3] for g in got), np.uint8).reshape(-1, 16)
@@ -225,15 +234,13 @@ class IcmpErrors:
                 continue
             # the quoted packet went one way; the error about it travels the other way
             row, quoted_reply = h
-            if s.row is None and not s.ambiguous:
-                s.row, s.reply = row, not quoted_reply
-            elif s.row is not None and (bytes(s.row["o_src"]) + bytes(s.row["o_dst"]) + s.row["o_sport"].tobytes()
-                                        + s.row["o_dport"].tobytes() + s.row["proto"].tobytes()) != (
-                    bytes(row["o_src"]) + bytes(row["o_dst"]) + row["o_sport"].tobytes() + row["o_dport"].tobytes()
-                    + row["proto"].tobytes()):  # fmt: skip
+            ident = bytes(row["o_src"]) + bytes(row["o_dst"]) + struct.pack(
+                "!BHHH", int(row["proto"]), int(row["o_sport"]), int(row["o_dport"]), int(row["zone"]))
+            if s.ident is None and not s.ambiguous:
+                s.row, s.reply, s.ident = row, not quoted_reply, ident
+            elif s.ident != ident:
                 s.ambiguous, s.row = True, None
             s.matched += 1
-        return len(got)
 
     def enrich(self, batch: np.ndarray) -> tuple[int, int]:
         """Fill the ICMP error rows of a batch from what their errors quoted; (enriched, unmatched)."""
@@ -241,15 +248,20 @@ class IcmpErrors:
         if len(err) == 0:
             return 0, 0
         self.poll()
+        self._resolve()
         keys = five_tuple_keys(batch[err])
         enriched = unmatched = 0
+        for key in set(keys) - set(self._seen):  # no error read for these: nothing is known
+            self._seen.pop(key, None)
+        used: set[bytes] = set()
         for i, key in zip(err, keys, strict=True):
+            used.add(key)
             s = self._seen.get(key)
             if s is None:
                 unmatched += 1
                 continue
-            if s.row is None:
-                if s.ambiguous:
+            if s.row is None or s.unmatched:
+                if s.ambiguous or (s.row is not None and s.unmatched):  # errors about several connections
                     batch["ct_state"][i] = CT_TRACKED | CT_RELATED
                     enriched += 1
                 else:
@@ -272,6 +284,8 @@ class IcmpErrors:
             batch["ct_mark"][i] = row["mark"]
             batch["ct_zone"][i] = row["zone"]
             enriched += 1
+        for key in used:  # what the next flow of these keys says is for its own errors
+            self._seen.pop(key, None)
         return enriched, unmatched
 
     def close(self) -> None:
