@@ -233,10 +233,11 @@ def known_flow_records(base_ms: int) -> list[Any]:
 
 class Nfacctd:
     """pmacct's nfacctd (Debian 12: 1.7.7) on 127.0.0.1:port with the print plugin writing JSON lines to a
-    file every second.  The aggregation key holds every field we send, so distinct flows stay distinct."""
+    file every second.  The aggregation key holds every field we send, so distinct flows stay distinct, and
+    sampling_rate, which nfacctd takes from the sampling options record."""
 
     AGGREGATE = ("src_host, dst_host, src_port, dst_port, proto, tos, src_mac, dst_mac, vlan, in_iface, out_iface, "
-                 "timestamp_start, timestamp_end, tcpflags, etype")  # fmt: skip
+                 "timestamp_start, timestamp_end, tcpflags, etype, sampling_rate")  # fmt: skip
 
     def __init__(self, workdir: Path, port: int, netns: str | None = None) -> None:
         self.port = port

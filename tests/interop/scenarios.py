@@ -37,9 +37,11 @@ SAMPLING = {"samplingInterval": 1, "samplingAlgorithm": 1, "samplingPacketInterv
 INTERFACES = {3: "eth0", 4: "veth-ipfx-h1"}
 
 
-def send_refresh_then_flows(exporter: Exporter, records: list[FlowRecord], now_ns: int) -> None:
+def send_refresh_then_flows(
+    exporter: Exporter, records: list[FlowRecord], now_ns: int, sampling: dict[str, int] | None = None
+) -> None:
     """As the daemon does at start: one options refresh (all three roles), then the flows."""
-    exporter.export_options_refresh(now_ns, sampling=SAMPLING, interfaces=INTERFACES, ignored_packets=3)
+    exporter.export_options_refresh(now_ns, sampling=sampling or SAMPLING, interfaces=INTERFACES, ignored_packets=3)
     exporter.export(records_to_batch(records), now_ns)
     assert exporter.stats["c"].error_count == 0, exporter.stats["c"].errors
 

@@ -1,7 +1,8 @@
 """ipfixer -> real UDP -> pmacct nfacctd 1.7.7 (Debian 12 `pmacct`, print plugin, JSON): every record of
 every data template with every field nfacctd prints equal to what was sent, after an options refresh
-(statistics, sampling, interface table) as the daemon sends it, nothing logged as malformed, and a
-restarted nfacctd decoding again with the next message.
+(statistics, sampling, interface table) as the daemon sends it, its sampling record read back (nfacctd's
+sampling_rate primitive), nothing logged as malformed, and a restarted nfacctd decoding again with the
+next message.
 
 Two pmacct 1.7.7 readings, from its source (src/pkt_handlers.c, tag v1.7.7), are part of the expectation:
 - NetFlow v9 times are whole seconds: time_start.tv_sec = unix_secs - (SysUptime - FIRST_SWITCHED) / 1000
@@ -27,6 +28,7 @@ from tests.interop.scenarios import make_exporter, restart_round, send_refresh_t
 pytestmark = pytest.mark.interop
 
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "ipv6-icmp"}
+SAMPLING_64 = {"samplingInterval": 64, "samplingAlgorithm": 2, "samplingPacketInterval": 1, "samplingPacketSpace": 63}
 
 
 def v9_seconds(ms: int, export_secs: int, boot_ms: int) -> int:
@@ -68,7 +70,7 @@ def test_every_field_at_nfacctd_after_an_options_refresh(
     collector = nfacctd()
     exporter = make_exporter(protocol, boot_ms, collector.port)
     try:
-        send_refresh_then_flows(exporter, records, now_ms * 1_000_000)
+        send_refresh_then_flows(exporter, records, now_ms * 1_000_000, sampling=SAMPLING_64)
         rows = collector.flows(len(records))
     finally:
         exporter.close()
@@ -77,6 +79,7 @@ def test_every_field_at_nfacctd_after_an_options_refresh(
     assert len(rows) == len(by_packets) == len(records), (rows, collector.log_text())
     for r in records:
         exp = expected_pmacct(r, protocol, export_secs, boot_ms)
+        exp["sampling_rate"] = 64  # from the options refresh's sampling record: options data decoded
         assert {k: by_packets[r.packets].get(k, "<absent>") for k in exp} == exp
     log = collector.log_text()
     assert "malformed" not in log and "ERROR" not in log and "WARN" not in log, log
