@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from enum import IntEnum
 from typing import Any
 
@@ -120,13 +120,6 @@ def addr16_to_str(raw: bytes) -> str:
     return str(ipaddress.IPv6Address(raw))
 
 
-def mac_to_bytes(mac: str | bytes) -> bytes:
-    """'aa:bb:cc:dd:ee:ff' or 6 bytes -> 6 bytes."""
-    if isinstance(mac, bytes):
-        return mac
-    return bytes(int(x, 16) for x in mac.split(":"))
-
-
 @dataclass(frozen=True, slots=True)
 class FlowRecord:
     """One flow as the exporter sees it: key, delta counters, wall-clock ms, enrichment."""
@@ -171,13 +164,6 @@ class FlowRecord:
     rev_tos: int = 0
     biflow_direction: int = 0
     interface: str = field(default="", compare=False)
-
-    @property
-    def is_ipv6(self) -> bool:
-        return self.ethertype == ETH_P_IPV6
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True, slots=True)
