@@ -78,6 +78,7 @@ class Exporter:
         self.collectors = [Collector(n, s, t, biflow=n in biflow) for n, s, t in collectors]
         # biflow collectors: uniflows joined with their reverse, held up to biflow_hold_ns for it
         self.pairer = BiflowPairer(biflow_hold_ns) if any(c.biflow for c in self.collectors) else None
+        self._last_now_ns = 0  # the latest `now` seen: close() flushes held biflows with it
         # RFC 5102 meteringProcessId: the process id identifies this Metering Process instance.
         self.metering_process_id = os.getpid() if metering_process_id is None else metering_process_id
         self.options_roles: dict[OptionsRole, str] = dict(DEFAULT_ROLES if options_roles is None else options_roles)
@@ -128,6 +129,7 @@ class Exporter:
             if not c.biflow:
                 self._run(c, partial(c.session.iter_messages, batch, now_wall_ns, names), flows=True)
         if self.pairer is not None:
+            self._last_now_ns = now_wall_ns
             self._send_biflows(self.pairer.add(batch, now_wall_ns), now_wall_ns)
 
     def refresh_templates(self, now_wall_ns: int) -> None:
@@ -137,6 +139,7 @@ class Exporter:
             if not c.biflow:
                 self._run(c, partial(c.session.template_messages, now_wall_ns), flows=False)
         if self.pairer is not None:
+            self._last_now_ns = now_wall_ns
             self._send_biflows(self.pairer.due(now_wall_ns), now_wall_ns)
 
     def flush(self, now_wall_ns: int) -> None:
@@ -225,6 +228,9 @@ class Exporter:
         return {c.name: [self.stats_values(c.name, ignored_packets, ignored_octets)] for c in self.collectors}
 
     def close(self) -> None:
-        """Close every transport."""
+        """Close every transport, after sending what biflow collectors still wait for (a caller that
+        never called flush() loses nothing: replay, tests)."""
+        if self.pairer is not None and len(self.pairer):
+            self.flush(self._last_now_ns)
         for c in self.collectors:
             c.transport.close()

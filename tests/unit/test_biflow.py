@@ -177,3 +177,32 @@ def test_ct_state_new_alone_is_the_initiator() -> None:
     p = BiflowPairer(hold_ns=S)
     p.add(batch(uni("10.0.0.1", "10.0.0.2", 5, 6, packets=1, start=1, ct=CT_TRACKED | CT_NEW)), 0)
     assert batch_to_records(p.flush())[0].biflow_direction == BIFLOW_INITIATOR
+
+
+def test_exporter_close_sends_what_still_waits_for_a_partner() -> None:
+    """A caller that never flushes (replay) loses no uniflow: close() sends the held ones, alone."""
+    import socket
+
+    from ipfixer.export import Exporter, ExportSession, UdpTransport
+    from ipfixer.export.factory import BIFLOW_TEMPLATES
+    from ipfixer.wire.decode import Decoder
+
+    t = load_templates()
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    rx.settimeout(2)
+    now = 1_790_000_000 * S
+    s = ExportSession("ipfix", 1, {e: t[n] for e, n in BIFLOW_TEMPLATES.items()}, boot_wall_ns=now - S)
+    ex = Exporter([("b", s, UdpTransport("127.0.0.1", rx.getsockname()[1]))], biflow=["b"], biflow_hold_ns=60 * S)
+    try:
+        ex.export(batch(uni("10.0.0.1", "10.0.0.2", 9, 10, packets=3, start=now // 10**6 - 10)), now)
+        assert ex.pairer is not None and len(ex.pairer) == 1
+    finally:
+        ex.close()
+    d, recs = Decoder(), []
+    try:
+        for _ in range(2):  # the templates (sent when the batch left nothing to pair), then the data
+            recs += d.feed(rx.recv(65535)).records
+    finally:
+        rx.close()
+    assert [(r.fields["packetDeltaCount"], r.fields["reversePacketDeltaCount"]) for r in recs] == [(3, 0)]
