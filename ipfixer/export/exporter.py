@@ -27,6 +27,11 @@ from ipfixer.templates import Template
 
 log = logging.getLogger("ipfixer.export")
 
+# A send refused for one of these may mean the collector restarted and lost the templates, so the next
+# message carries them.  A full socket buffer (EAGAIN, ENOBUFS) says nothing of the collector: resending
+# templates then would only add bytes when there is least room for them.
+UNREACHABLE_ERRORS = frozenset({"ECONNREFUSED", "EHOSTUNREACH", "ENETUNREACH"})
+
 
 @dataclass
 class CollectorStats:
@@ -96,8 +101,8 @@ class Exporter:
     # -- sending -------------------------------------------------------------------------------
     def _run(self, c: Collector, build: Callable[[], Iterable[Message]], *, flows: bool) -> None:
         """Encode with the collector's own session, then send one message at a time; errors stay with that
-        collector.  After a failed send the session is reset, so the next message built carries the
-        templates: a collector that refused (ECONNREFUSED) may be one that restarted without them."""
+        collector.  After a send the collector refused (UNREACHABLE_ERRORS) the session is reset, so the next
+        message built carries the templates: that collector may be one that restarted without them."""
         st = c.stats
         try:
             for m in build():
@@ -112,7 +117,8 @@ class Exporter:
                     st.not_sent_messages += 1
                     if flows:
                         st.not_sent_records += m.records
-                    c.session.reset()
+                    if c.transport.last_error in UNREACHABLE_ERRORS:
+                        c.session.reset()
         except EncodeError as e:
             st.errors["EncodeError"] += 1
             log.warning("collector=%s encode failed: %s", c.name, e)
