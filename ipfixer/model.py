@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ipfixer.infomodel.types import V4_MAPPED_PREFIX
+from ipfixer.infomodel.types import V4_MAPPED_PREFIX as V4_MAPPED_PREFIX  # re-exported: enrich/ imports it from here
 
 ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
