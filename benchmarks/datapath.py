@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -124,8 +125,9 @@ def _trafgen(cfg: str, count: int) -> None:
         path.unlink(missing_ok=True)
 
 
-def best_of(runs: int, *a: object, probe: Callable[[], int] | None = None) -> tuple[float, float, int, float, float]:
-    res = [blast(*a, probe=probe) for _ in range(runs)]  # type: ignore[arg-type]
+def best_of(runs: int, mac_a: str, mac_b: str, count: int, flows: int, vary: str = "port",
+            probe: Callable[[], int] | None = None) -> tuple[float, float, int, float, float]:
+    res = [blast(mac_a, mac_b, count, flows, vary, probe=probe) for _ in range(runs)]
     return min(res, key=lambda r: r[1])
 
 
@@ -236,16 +238,16 @@ def atomic_cost(frame: bytes, repeat: int = 2_000_000, rounds: int = 5) -> str:
             f"per-CPU hash would save the difference but copy {os.cpu_count()}x the values at every drain")
 
 
-def fill(prog: object, n: int, old: bool) -> None:
+def fill(prog: Any, n: int, old: bool) -> None:
     p = prog
-    keys = np.zeros(n, dtype=p.key_dtype)  # type: ignore[attr-defined]
+    keys = np.zeros(n, dtype=p.key_dtype)
     keys["ethertype"] = 0x0800
     keys["protocol"] = 17
     keys["ifindex"] = 2
     idx = np.arange(n, dtype=np.uint32)
     keys["src_port"] = idx & 0xFFFF
     keys["src_addr"][:, 12:16] = idx.view(np.uint8).reshape(n, 4)
-    leaves = np.zeros(n, dtype=p.leaf_dtype)  # type: ignore[attr-defined]
+    leaves = np.zeros(n, dtype=p.leaf_dtype)
     now = time.monotonic_ns()
     leaves["packets"] = 1
     leaves["octets"] = 100
@@ -256,7 +258,7 @@ def fill(prog: object, n: int, old: bool) -> None:
     chunk = 65536
     for i in range(0, n, chunk):
         cnt = ctypes.c_uint32(min(chunk, n - i))
-        ret = fn(p.flows.map_fd, keys.ctypes.data + i * keys.itemsize,  # type: ignore[attr-defined]
+        ret = fn(p.flows.map_fd, keys.ctypes.data + i * keys.itemsize,
                  leaves.ctypes.data + i * leaves.itemsize, ctypes.byref(cnt), None)
         if ret < 0:
             raise OSError(-ret, os.strerror(-ret))
