@@ -62,108 +62,118 @@ class BiflowStats:
     overflow: int = 0  # of the unpaired, sent at once because max_held uniflows were already held
 
 
-def _is_reply(row: np.ndarray) -> bool:
-    state = int(row["ct_state"][0])
-    return bool(state & CT_TRACKED and state & CT_REPLY)
+def take_rows(rows: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """rows[idx] through a byte view: numpy gathers a wide structured dtype field by field, bytes at once."""
+    raw = np.ascontiguousarray(rows).view(np.uint8).reshape(len(rows), rows.dtype.itemsize)
+    out: np.ndarray = raw[idx].reshape(-1).view(rows.dtype)
+    return out
 
 
-def orient(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """(initiator's uniflow, the reverse one, biflowDirection) of two 1-row uniflow arrays."""
-    ta, tb = int(a["ct_state"][0]), int(b["ct_state"][0])
-    if ta & CT_TRACKED and tb & CT_TRACKED and _is_reply(a) != _is_reply(b):
-        return (b, a, BIFLOW_INITIATOR) if _is_reply(a) else (a, b, BIFLOW_INITIATOR)
-    sa, sb = int(a["start_ms"][0]), int(b["start_ms"][0])
-    if sa == sb:  # both first seen in the same millisecond (a SYN and its SYN-ACK on a veth): no knowledge
-        if int(b["dst_port"][0]) < int(a["dst_port"][0]):  # the lower destination port is likely the service's
-            return b, a, BIFLOW_ARBITRARY
-        return a, b, BIFLOW_ARBITRARY
-    return (a, b, BIFLOW_INITIATOR) if sa < sb else (b, a, BIFLOW_INITIATOR)
+def biflow_rows(src: np.ndarray, a_idx: np.ndarray, b_idx: np.ndarray) -> np.ndarray:
+    """One FLOW_DTYPE row per (src[a], src[b]) uniflow pair, b = -1 for a uniflow alone: oriented,
+    rev_* and biflow_direction filled.  Vectorised over the whole batch."""
+    paired = b_idx >= 0
+    b_or_a = np.where(paired, b_idx, a_idx)
+    sa, sb = src["ct_state"][a_idx], src["ct_state"][b_or_a]
+    start_a, start_b = src["start_ms"][a_idx], src["start_ms"][b_or_a]
+    reply_a = ((sa & CT_TRACKED) != 0) & ((sa & CT_REPLY) != 0)
+    reply_b = ((sb & CT_TRACKED) != 0) & ((sb & CT_REPLY) != 0)
+    ct_known = ((sa & CT_TRACKED) != 0) & ((sb & CT_TRACKED) != 0) & (reply_a != reply_b)
+    tie = start_a == start_b
+    dport = src["dst_port"]
+    swap = paired & ((ct_known & reply_a)
+                     | (~ct_known & ~tie & (start_b < start_a))
+                     # both first seen in the same millisecond: the lower destination port is the service's
+                     | (~ct_known & tie & (dport[b_or_a] < dport[a_idx])))
+    fwd_idx = np.where(swap, b_or_a, a_idx)
+    rev_idx = np.where(swap, a_idx, b_or_a)
+    out = take_rows(src, fwd_idx)
 
+    def rev(col: str) -> np.ndarray:  # a column of the reverse uniflows (never the whole wide row)
+        return np.asarray(src[col][rev_idx])
 
-def biflow_rows(pairs: list[tuple[np.ndarray, np.ndarray | None]]) -> np.ndarray:
-    """One FLOW_DTYPE row per (uniflow, reverse uniflow or None), rev_* and biflow_direction filled."""
-    out = empty_batch(len(pairs))
-    for i, (a, b) in enumerate(pairs):
-        if b is None:
-            out[i] = a[0]
-            out["biflow_direction"][i] = BIFLOW_REVERSE_INITIATOR if _is_reply(a) else BIFLOW_INITIATOR
-            continue
-        fwd, rev, direction = orient(a, b)
-        out[i] = fwd[0]
-        out["rev_packets"][i] = rev["packets"][0]
-        out["rev_octets"][i] = rev["octets"][0]
-        out["rev_start_ms"][i] = rev["start_ms"][0]
-        out["rev_end_ms"][i] = rev["end_ms"][0]
-        out["rev_tcp_flags"][i] = rev["tcp_flags"][0]
-        out["rev_tos"][i] = rev["tos"][0]
-        out["biflow_direction"][i] = direction
-        # a biflow ends when its last direction ends; flowEndReason of the one that ended last
-        if int(rev["end_ms"][0]) > int(fwd["end_ms"][0]):
-            out["end_reason"][i] = rev["end_reason"][0]
-        if not out["egress_if"][i]:
-            out["egress_if"][i] = rev["egress_if"][0]
-        if not out["ingress_if"][i]:
-            out["ingress_if"][i] = rev["ingress_if"][0]
+    for to, frm in (("rev_packets", "packets"), ("rev_octets", "octets"), ("rev_start_ms", "start_ms"),
+                    ("rev_end_ms", "end_ms"), ("rev_tcp_flags", "tcp_flags"), ("rev_tos", "tos")):
+        out[to] = np.where(paired, rev(frm), 0)
+    direction = np.where(ct_known | ~tie, BIFLOW_INITIATOR, BIFLOW_ARBITRARY)
+    alone = np.where(reply_a, BIFLOW_REVERSE_INITIATOR, BIFLOW_INITIATOR)
+    out["biflow_direction"] = np.where(paired, direction, alone)
+    # a biflow ends when its last direction ends: flowEndReason of the one that ended last
+    later = paired & (rev("end_ms") > out["end_ms"])
+    out["end_reason"] = np.where(later, rev("end_reason"), out["end_reason"])
+    for col in ("ingress_if", "egress_if"):  # the reply left where the request came in
+        out[col] = np.where(paired & (out[col] == 0), rev(col), out[col])
     return out
 
 
 class BiflowPairer:
-    """Joins uniflows with their reverse across batches (see the module docstring)."""
+    """Joins uniflows with their reverse across batches (see the module docstring).
+
+    The matching walks the rows once with a dict of held keys (integers only: positions); every row
+    copy, orientation and column fill is vectorised (biflow_rows)."""
 
     def __init__(self, hold_ns: int, max_held: int = 1 << 18) -> None:
         """hold_ns: how long a uniflow waits for its reverse (one idle timeout); max_held: how many wait."""
         self.hold_ns = hold_ns
         self.max_held = max_held
         self.stats = BiflowStats()
-        self._held: dict[bytes, tuple[int, np.ndarray]] = {}  # key -> (deadline ns, 1-row copy)
+        self._rows = empty_batch(0)  # uniflows waiting for their reverse
+        self._deadline = np.empty(0, dtype=np.int64)  # wall ns until which each waits
+        self._index: dict[bytes, int] = {}  # pair key -> position in _rows
 
     def __len__(self) -> int:
-        return len(self._held)
+        return len(self._rows)
 
     def add(self, batch: np.ndarray, now_ns: int) -> np.ndarray:
         """Biflow rows ready now: pairs completed by this batch, and held uniflows whose time is up."""
-        out: list[tuple[np.ndarray, np.ndarray | None]] = []
+        nh = len(self._rows)
+        index = self._index  # key -> position in src = held rows, then this batch's rows
+        pa: list[int] = []
+        pb: list[int] = []
+        lone: list[int] = []
         if len(batch):
             fwd, rev = pair_keys(batch, reverse=False), pair_keys(batch, reverse=True)
             for i in range(len(batch)):
-                row = batch[i : i + 1].copy()
-                partner = self._held.pop(rev[i], None)
-                if partner is not None and rev[i] != fwd[i]:
-                    out.append((partner[1], row))
-                    self.stats.paired += 1
-                    continue
-                if partner is not None:  # its own reverse (same address and port both ways)
-                    self._held[rev[i]] = partner
-                earlier = self._held.pop(fwd[i], None)
-                if earlier is not None:  # the same direction again (an active-timeout record): no partner came
-                    out.append((earlier[1], None))
-                    self.stats.unpaired += 1
-                if len(self._held) >= self.max_held:
-                    out.append((row, None))
-                    self.stats.unpaired += 1
+                pos, k, r = nh + i, fwd[i], rev[i]
+                if r != k:  # a flow that is its own reverse is never paired with itself
+                    j = index.pop(r, None)
+                    if j is not None:
+                        pa.append(j)
+                        pb.append(pos)
+                        continue
+                j = index.pop(k, None)
+                if j is not None:  # the same direction again (an active-timeout record): no partner came
+                    lone.append(j)
+                if len(index) >= self.max_held:
+                    lone.append(pos)
                     self.stats.overflow += 1
                     continue
-                self._held[fwd[i]] = (now_ns + self.hold_ns, row)
-        out.extend(self._expire(now_ns))
-        return biflow_rows(out)
+                index[k] = pos
+            src = np.concatenate([self._rows, batch]) if nh else batch
+            deadline = np.concatenate([self._deadline, np.full(len(batch), now_ns + self.hold_ns, np.int64)])
+        else:
+            src, deadline = self._rows, self._deadline
+        keys = list(index)
+        positions = np.fromiter(index.values(), dtype=np.int64, count=len(keys))
+        expired = deadline[positions] <= now_ns
+        lone.extend(positions[expired].tolist())
+        keep = positions[~expired]
+        self._rows, self._deadline = take_rows(src, keep), deadline[keep]
+        self._index = {k: n for n, k in enumerate(k for k, e in zip(keys, expired.tolist(), strict=True) if not e)}
+        self.stats.paired += len(pa)
+        self.stats.unpaired += len(lone)
+        a = np.asarray(pa + lone, dtype=np.int64)
+        b = np.asarray(pb + [-1] * len(lone), dtype=np.int64)
+        return biflow_rows(src, a, b) if len(a) else empty_batch(0)
 
     def due(self, now_ns: int) -> np.ndarray:
         """Held uniflows whose hold time has passed, alone (an idle drain: no batch to pair with)."""
-        return biflow_rows(self._expire(now_ns))
+        return self.add(empty_batch(0), now_ns)
 
     def flush(self) -> np.ndarray:
         """Everything held, alone (shutdown, reload)."""
-        out: list[tuple[np.ndarray, np.ndarray | None]] = [(row, None) for _, row in self._held.values()]
-        self.stats.unpaired += len(out)
-        self._held.clear()
-        return biflow_rows(out)
-
-    def _expire(self, now_ns: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
-        gone = []
-        for k, (deadline, _) in self._held.items():  # insertion order is deadline order (one hold time)
-            if deadline > now_ns:
-                break
-            gone.append(k)
-        out: list[tuple[np.ndarray, np.ndarray | None]] = [(self._held.pop(k)[1], None) for k in gone]
-        self.stats.unpaired += len(out)
-        return out
+        n = len(self._rows)
+        rows = self._rows
+        self._rows, self._deadline, self._index = empty_batch(0), np.empty(0, dtype=np.int64), {}
+        self.stats.unpaired += n
+        return biflow_rows(rows, np.arange(n, dtype=np.int64), np.full(n, -1, np.int64)) if n else empty_batch(0)
