@@ -177,3 +177,16 @@ def test_exporter_fills_vrf_ids_names_and_sampling_as_decoded(protocol: str, fam
     else:
         assert {f["samplingInterval"] for f in flows.values()} == {32}
         assert all("ingressVRFID" not in f for f in flows.values())
+
+
+def test_router_vrf_example_builds_vrf_sessions_and_a_biflow_collector() -> None:
+    cfg = load_config(Path(__file__).parents[2] / "config" / "examples" / "router-vrf.yaml", env={})
+    ex = build_exporter(cfg, 0)
+    try:
+        noc, sec = ex.collectors
+        assert [t.name for t in noc.session.data_templates.values()] == ["ipv4_vrf_flow", "ipv6_vrf_flow"]
+        assert [t.name for t in sec.session.data_templates.values()] == ["ipv4_biflow", "ipv6_biflow"]
+        assert noc.session.has_options_template("options_vrfs") and (noc.biflow, sec.biflow) == (False, True)
+        assert ex.sampling_interval == 100
+    finally:
+        ex.close()
