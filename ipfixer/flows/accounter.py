@@ -19,7 +19,7 @@ from collections.abc import Callable, Collection, Iterable
 import numpy as np
 
 from ipfixer.clock import Clock
-from ipfixer.flows.expiry import expiry_reasons, flow_deadlines
+from ipfixer.flows.expiry import ends_flow, expiry_reasons, flow_deadlines
 from ipfixer.flows.rows import KEY_DTYPE, LEAF_DTYPE, build_rows, pack_key, to_keys, unpack_key
 from ipfixer.model import EndReason, FlowKey, RawPacket, empty_batch, five_tuple_keys
 
@@ -53,6 +53,7 @@ class Accounter:
         self._slots: dict[bytes, int] = {}
         self._free: list[int] = list(range(cap - 1, -1, -1))
         self._buffer: list[tuple[bytes, int, int, int, int, int]] = []
+        self._buffer_first = _NEVER  # earliest packet time in the buffer
         self._evicted: list[np.ndarray] = []  # evicted by a full cache, not yet returned
         self._next_due = _NEVER  # no flow can expire before this monotonic time
         self.evictions = 0  # flows evicted because the cache was full (flowEndReason 5)
@@ -68,6 +69,10 @@ class Accounter:
     def account(self, pkt: RawPacket) -> np.ndarray | None:
         """Add one packet (buffered); returns flows a full cache evicted meanwhile, else None."""
         self._buffer.append((pack_key(pkt.key), pkt.packets, pkt.octets, pkt.mono_ns, pkt.tcp_flags, pkt.tos))
+        if pkt.mono_ns < self._buffer_first:
+            self._buffer_first = pkt.mono_ns
+        if ends_flow(pkt.tcp_flags, pkt.key.protocol):
+            self._buffer_first = -_NEVER  # due at the next check
         if len(self._buffer) >= _SCALAR_BUFFER:
             self._apply_buffer()
         return self._take_evicted()
@@ -93,6 +98,7 @@ class Accounter:
         if not self._buffer:
             return
         buf, self._buffer = self._buffer, []
+        self._buffer_first = _NEVER
         keys = np.frombuffer(b"".join(b[0] for b in buf), dtype=KEY_DTYPE)
         cols = np.array([b[1:] for b in buf], dtype=np.uint64)
         self._apply(keys, cols[:, 0], cols[:, 1], cols[:, 2], cols[:, 3], cols[:, 4])
@@ -193,9 +199,13 @@ class Accounter:
     # -- evicting ---------------------------------------------------------------------------------
     def evict_if_due(self) -> np.ndarray | None:
         """Flows whose own idle or active timeout has passed, or that saw TCP FIN/RST, plus any a full
-        cache evicted; None when there are none. Cheap when nothing can be due yet."""
-        self._apply_buffer()
+        cache evicted; None when there are none. Cheap when nothing can be due yet: buffered packets are
+        applied only then (or when 256 are waiting, or one carries a TCP FIN/RST)."""
         now = self.clock.mono_ns()
+        buffered_due = self._buffer_first + min(self.evict_timeout_ns, self.active_timeout_ns)
+        if now < self._next_due and now < buffered_due:
+            return self._take_evicted()
+        self._apply_buffer()
         if now >= self._next_due and self._slots:
             used = np.flatnonzero(self._used)
             lv = self._leaves[used]

@@ -15,7 +15,12 @@ TCP_FIN = 0x01
 TCP_RST = 0x04
 IPPROTO_TCP = 6
 
-__all__ = ["ended", "expiry_reasons", "flow_deadlines", "wall_ms"]
+__all__ = ["ended", "ends_flow", "expiry_reasons", "flow_deadlines", "wall_ms"]
+
+
+def ends_flow(tcp_flags: int, protocol: int) -> bool:
+    """ended() for one packet."""
+    return protocol == IPPROTO_TCP and bool(tcp_flags & (TCP_FIN | TCP_RST))
 
 
 def ended(tcp_flags: np.ndarray, protocol: np.ndarray) -> np.ndarray:

@@ -56,6 +56,7 @@ def test_full_cache_evicts_the_least_recently_seen_flow() -> None:
     assert len(acc) == 3
     out = acc.account(RawPacket(key(4), 10, t + 4))
     assert out is None  # buffered: applied at the next call that needs the cache
+    assert len(acc) == 3
     out = acc.evict_if_due()
     assert out is not None and out["src_port"].tolist() == [2]  # flow 2 was seen least recently
     assert out["end_reason"].tolist() == [EndReason.LACK_OF_RESOURCES]
