@@ -100,7 +100,3 @@ class MessageBuilder:
                     continue
                 return Filled(sets, n_records, skipped)  # message full
         return Filled(sets, n_records, skipped)
-
-    def fits(self, size: int) -> bool:
-        """True when a message of `size` bytes is within the limit."""
-        return size <= self.max_message_size
