@@ -28,6 +28,8 @@ ENRICHMENT_COUNTERS = {
     "evictions": "Conntrack entries dropped because ipfixer's table was full",
     "event_overruns": "Times the conntrack event socket overran (ENOBUFS: events lost, resync follows)",
     "overrun_resyncs": "Conntrack re-dumps started because events were lost",
+    "recovered_events": "NAT session events lost to an overrun and rebuilt from the next dump",
+    "kernel_queries": "Flow tuples looked up in the kernel directly while the table was stale after an overrun",
     "dumps": "Complete conntrack table dumps",
     "dump_errors": "Conntrack dumps that failed or timed out",
     "events": "Conntrack events read",

@@ -17,6 +17,7 @@ import errno
 import logging
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -28,6 +29,7 @@ from ipfixer.enrich.ctnetlink import (
     DumpTimeout,
     ParseStats,
     dump_conntrack,
+    get_entries,
     open_ctnetlink,
 )
 from ipfixer.model import FIVE_TUPLE_STRUCT, V4_MAPPED_PREFIX, five_tuple_keys
@@ -383,6 +385,13 @@ class CtIndex:
         return entry, reply
 
 
+def origin_hashes(rows: np.ndarray) -> np.ndarray:
+    """A connection's identity across events and dumps: hash of its origin tuple and zone."""
+    words = role_key_array(rows, roles=(0,))[0].copy()
+    words[:, 4] ^= rows["zone"].astype(np.uint64) << np.uint64(40)
+    return hash_words(words)
+
+
 def missing_from(old: CtIndex, new: CtIndex) -> np.ndarray:
     """Rows of `old` whose connection (origin tuple) `new` does not hold and that were not carried
     already: what one generation of carry-over keeps (vectorised lookup, no per-entry work)."""
@@ -406,6 +415,7 @@ class TableCounters:
     dumps: int = 0
     dump_errors: int = 0
     dumped_entries: int = 0
+    kernel_queries: int = 0  # tuples asked of the kernel directly (after overruns)
 
 
 class ConntrackTable:
@@ -434,6 +444,7 @@ class ConntrackTable:
         self._delta_rows: dict[bytes, np.void] = {}  # identity (origin key + zone) -> row
         self._delta_index: dict[bytes, tuple[bytes, bool]] = {}  # packed role key -> (identity, reply)
         self._sock: socket.socket | None = None
+        self._get_sock: socket.socket | None = None
         if open_socket:
             try:
                 self._sock = open_ctnetlink(netns)
@@ -453,10 +464,11 @@ class ConntrackTable:
         return len(self.snapshot) + len(self.leftovers) + len(self._delta_rows)
 
     def close(self) -> None:
-        """Release the netlink socket."""
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        """Release the netlink sockets."""
+        for sock in (self._sock, self._get_sock):
+            if sock is not None:
+                sock.close()
+        self._sock = self._get_sock = None
         self.available = False
 
     # -- writing ---------------------------------------------------------------------------------
@@ -516,6 +528,63 @@ class ConntrackTable:
                 k = role_key_array(np.asarray([old], dtype=CT_DTYPE))[r, 0].tobytes()[:37]
                 if self._delta_index.get(k, (None,))[0] == ident:
                     del self._delta_index[k]
+
+    def knows(self, rows: np.ndarray, delta: bool = True) -> np.ndarray:
+        """Per CT_DTYPE row: is its connection (origin tuple) in the snapshot, the leftovers (or the delta)?"""
+        words = role_key_array(rows, roles=(0,))[0]
+        known = self.snapshot.lookup(words)[0] >= 0
+        if len(self.leftovers):
+            known |= self.leftovers.lookup(words)[0] >= 0
+        index = self._delta_index
+        if index and delta:
+            raw = words.tobytes()
+            known |= np.fromiter((raw[i * 40 : i * 40 + 37] in index for i in range(len(rows))), dtype=bool,
+                                 count=len(rows))  # fmt: skip
+        return known
+
+    def delta_rows(self) -> np.ndarray:
+        """The delta's entries (events since the snapshot) as CT_DTYPE rows."""
+        rows = list(self._delta_rows.values())
+        return np.asarray(rows, dtype=CT_DTYPE) if rows else np.zeros(0, dtype=CT_DTYPE)
+
+    def query_kernel(self, batch: np.ndarray, zones: tuple[int, ...] = (0,), budget_s: float = 0.4) -> int:
+        """Ask the kernel for the connections of these flow rows (TCP/UDP/SCTP tuples, as seen and
+        reversed, in each zone) and put what it knows into the delta; entries found. Used after event
+        overruns, for rows no snapshot knows yet: a GET per tuple instead of waiting for the resync."""
+        sel = batch[np.isin(batch["protocol"], (6, 17, 132, 136))]
+        if len(sel) == 0:
+            return 0
+        if self._get_sock is None:
+            try:
+                self._get_sock = open_ctnetlink(self.netns, rcvbuf=8 << 20)
+            except OSError:
+                return 0
+        # a tuple as the meter saw it before NAT (ingress) is the connection's origin or reply tuple,
+        # which the kernel looks up directly; post-NAT forms (egress metering) are not asked for
+        keys = sel
+        found = []
+        deadline = time.monotonic() + budget_s
+        for zone in zones:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                found.append(get_entries(self._get_sock, keys, zone, left, self.parse_stats))
+            except OSError:
+                self._get_sock.close()
+                self._get_sock = None
+                break
+        rows = np.concatenate(found) if found else np.zeros(0, dtype=CT_DTYPE)
+        if len(rows):
+            self.ingest_rows(rows)
+        self.counters.kernel_queries += len(keys) * len(zones)
+        return len(rows)
+
+    def zones(self, limit: int = 4) -> tuple[int, ...]:
+        """The conntrack zones the snapshot holds entries of (most first), for query_kernel."""
+        z, n = np.unique(self.snapshot.rows["zone"], return_counts=True)
+        out = tuple(int(v) for v in z[np.argsort(-n)][:limit])
+        return out or (0,)
 
     def ingest(self, entry: ConntrackEntry) -> None:
         """One entry object into the delta (tests and tools)."""

@@ -29,9 +29,20 @@ import time
 
 import numpy as np
 
-from ipfixer.enrich.conntrack import ConntrackTable, CtIndex
+from ipfixer.enrich.conntrack import (
+    HAS_GONE,
+    IPS_DST_NAT,
+    IPS_SRC_NAT,
+    ConnKey,
+    ConntrackTable,
+    CtIndex,
+    origin_hashes,
+    role_key_array,
+)
 from ipfixer.enrich.ctnetlink import (
     CT_DTYPE,
+    KIND_DESTROY,
+    KIND_NEW,
     NLMSG_DONE,
     DumpTimeout,
     NetlinkError,
@@ -43,7 +54,8 @@ from ipfixer.enrich.ctnetlink import (
     parse_dump,
     read_pending,
 )
-from ipfixer.enrich.events import ConntrackEvents
+from ipfixer.enrich.events import ConntrackEvents, FlowEvent
+from ipfixer.model import FIVE_TUPLE_STRUCT
 
 log = logging.getLogger("ipfixer.enrich")
 
@@ -76,6 +88,11 @@ class ConntrackSync:
         self._dump_sock: socket.socket | None = None
         self.use_process = use_process
         self._worker: DumpWorker | None = None
+        self.recovered_events = 0  # NAT create/delete events rebuilt from a dump after an overrun
+        self._overruns_at_start = 0  # event overruns when the running dump started
+        self._overruns_at_prev_start = 0  # ... and when the last completed one had
+        self._last_overrun = -1e9  # monotonic seconds
+        self._seen: dict[int, set[int]] = {KIND_NEW: set(), KIND_DESTROY: set()}  # since the last dump
 
     def start(self) -> None:
         """Start the thread (the first dump begins at once)."""
@@ -97,6 +114,12 @@ class ConntrackSync:
         if self._worker is not None:
             self._worker.close()
             self._worker = None
+
+    @property
+    def stale(self) -> bool:
+        """Events were lost lately and the dump that repairs it may not be in yet: the table can miss
+        connections, so drains ask the kernel about the flows it does not know."""
+        return time.monotonic() - self._last_overrun < max(5.0, 3 * self.last_dump_s)
 
     def request_resync(self) -> None:
         """Dump as soon as the thread gets to it."""
@@ -129,7 +152,10 @@ class ConntrackSync:
     def _read_events(self, timeout_s: float) -> np.ndarray:
         assert self.events is not None
         try:
+            overruns = self.events.overruns
             self.events.poll(timeout_s)
+            if self.events.overruns != overruns:
+                self._last_overrun = time.monotonic()
         except OSError as exc:
             log.warning("conntrack events stopped: %s", exc)
             self.events.close()
@@ -138,6 +164,10 @@ class ConntrackSync:
         rows = self.events.take_rows()
         if len(rows):
             self.table.ingest_rows(rows)
+            for kind, seen in self._seen.items():
+                sel = rows["kind"] == kind
+                if sel.any():
+                    seen.update(origin_hashes(rows[sel]).tolist())
         return rows
 
     def _socket(self) -> socket.socket:
@@ -155,6 +185,7 @@ class ConntrackSync:
         self._next_dump = time.monotonic() + self.resync_interval_s
         if self.events is not None:
             self.events.overrun_pending = False  # an overrun from now on calls for another dump
+            self._overruns_at_start = self.events.overruns
         if self.use_process:
             try:
                 if self._worker is None:
@@ -202,7 +233,19 @@ class ConntrackSync:
 
     def _installed(self, dump: np.ndarray, index: CtIndex | None, during: list[np.ndarray], started: float) -> None:
         delta = np.concatenate(during) if during else None
+        # events lost since the previous dump *started* may belong to connections that dump missed
+        now_overruns = self.events.overruns if self.events is not None else 0
+        lost = now_overruns != self._overruns_at_prev_start
+        self._overruns_at_prev_start = self._overruns_at_start
+        if lost and self.resyncs > 0 and self.events is not None:
+            self._recover(dump, index if index is not None else CtIndex(dump))
         self.table.install(dump, keep_delta=delta, index=index)
+        # what the next dump must be compared with: the events seen while this one ran
+        for kind, seen in self._seen.items():
+            seen.clear()
+            if delta is not None:
+                sel = delta["kind"] == kind
+                seen.update(origin_hashes(delta[sel]).tolist())
         self.last_dump_s = time.monotonic() - started
         c = self.table.counters
         c.dumps += 1
@@ -210,6 +253,39 @@ class ConntrackSync:
         self.resyncs += 1
         self.first_dump.set()
         log.debug("conntrack dump: %d entries in %.3fs", len(dump), self.last_dump_s)
+
+    def _recover(self, dump: np.ndarray, new: CtIndex) -> None:
+        """After an overrun, the NAT session events it swallowed, rebuilt from the dump: a NAT'd
+        connection the table never heard of was created (its NEW lost), one the table held that the
+        dump no longer has was destroyed (its DESTROY lost, unless seen). Kernel timestamps, when on,
+        still give their times (nat_event_records)."""
+        assert self.events is not None
+        nat_bits = IPS_SRC_NAT | IPS_DST_NAT
+        fresh = dump[(dump["status"] & nat_bits) != 0]
+        if len(fresh):
+            fresh = fresh[~self.table.knows(fresh, delta=False)]  # an UPDATE may have reached the delta
+            fresh = fresh[~np.isin(origin_hashes(fresh), np.fromiter(self._seen[KIND_NEW], np.uint64))]
+        held = np.concatenate([self.table.snapshot.rows, self.table.delta_rows()])
+        held = held[((held["status"] & nat_bits) != 0) & ((held["has"] & HAS_GONE) == 0)]
+        gone = held[new.lookup(role_key_array_origin(held))[0] < 0] if len(held) else held
+        if len(gone):
+            gone = gone[~np.isin(origin_hashes(gone), np.fromiter(self._seen[KIND_DESTROY], np.uint64))]
+            _, first = np.unique(origin_hashes(gone), return_index=True)
+            gone = gone[np.sort(first)]
+        now = time.monotonic_ns()
+        for rows, kind in ((fresh, "new"), (gone, "destroy")):
+            for i in range(len(rows)):
+                row = rows[i].copy()
+                row["kind"] = KIND_NEW if kind == "new" else KIND_DESTROY
+                if kind == "destroy":
+                    row["has"] &= ~np.uint8(4)  # its stop time is unknown: the read time stands in
+                ev = FlowEvent(ConnKey(*FIVE_TUPLE_STRUCT.unpack(role_key_array_origin(rows[i : i + 1]).tobytes()[:37])),
+                               kind, now, None, row)  # type: ignore[arg-type]  # fmt: skip
+                self.events.inject(ev)
+        self.recovered_events += len(fresh) + len(gone)
+        if len(fresh) or len(gone):
+            log.warning("conntrack: rebuilt %d NAT session creates and %d deletes lost to the overrun from the "
+                        "dump", len(fresh), len(gone))  # fmt: skip
 
     def _resync_here(self) -> None:
         started = time.monotonic()
@@ -274,6 +350,12 @@ class ConntrackSync:
             self._drop_socket()
             self._next_dump = time.monotonic() + 1.0
         self.first_dump.set()
+
+
+def role_key_array_origin(rows: np.ndarray) -> np.ndarray:
+    """(n, 5) origin key words."""
+    out: np.ndarray = role_key_array(rows, roles=(0,))[0]
+    return out
 
 
 def _maybe_last(datagrams: list[bytes]) -> bool:

@@ -151,6 +151,13 @@ class ConntrackEvents:
                 self._queue.append(FlowEvent(key, _KINDS[int(rows["kind"][i])], now, None, rows[i]))
         return len(rows)
 
+    def inject(self, event: FlowEvent) -> None:
+        """Queue an event rebuilt elsewhere (ConntrackSync, from a dump after an overrun)."""
+        if len(self._queue) >= self._capacity:
+            self.dropped += 1
+            return
+        self._queue.append(event)
+
     def take_rows(self) -> np.ndarray:
         """CT_DTYPE rows of every event read since the last call (for the table's delta)."""
         parts = []

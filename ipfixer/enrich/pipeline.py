@@ -125,13 +125,14 @@ class Enrichment:
         out = {"unmatched": self.unmatched, "dropped_events": self.dropped_events}
         if self.table is not None:
             c = self.table.counters
-            out.update(hits=c.hits, misses=c.misses, evictions=c.evictions, dumps=c.dumps,
+            out.update(hits=c.hits, misses=c.misses, evictions=c.evictions, dumps=c.dumps, kernel_queries=c.kernel_queries,
                        dump_errors=c.dump_errors, parse_errors=self.table.parse_stats.malformed)  # fmt: skip
         if self.events is not None:
             out.update(event_overruns=self.events.overruns, events=self.events.received,
                        dropped_events=self.dropped_events + self.events.dropped)  # fmt: skip
         if self.sync is not None:
             out["overrun_resyncs"] = self.sync.overrun_resyncs
+            out["recovered_events"] = self.sync.recovered_events
         return out
 
     def _take_events(self, events: list[FlowEvent]) -> None:
@@ -174,6 +175,16 @@ class Enrichment:
         enriched = np.zeros(len(rows), dtype=bool)
         if self.table is not None and self.table.available:
             self.table.enrich(rows)  # vectorised against the sync thread's current snapshot
+            if self.sync is not None and self.sync.stale:
+                miss = np.flatnonzero(rows["ct_state"] == 0)
+                budget = 0.4 * self.config.timeouts.drain_interval  # the drain keeps its interval
+                if len(miss) and self.table.query_kernel(rows[miss], self.table.zones(), budget):
+                    c = self.table.counters
+                    hits, misses = c.hits, c.misses
+                    sub = rows[miss]
+                    self.table.enrich(sub)
+                    rows[miss] = sub
+                    c.misses = misses - (c.hits - hits)  # misses that the kernel answered became hits
             if self.icmp is not None:
                 self.icmp.enrich(rows)  # ICMP errors, on the tuple they quote
             matched = (rows["ct_state"] != 0) & (rows["ct_state"] != CT_TRACKED | CT_INVALID)

@@ -97,6 +97,9 @@ ELEMENT_COLUMNS: Mapping[str, ColumnMapping] = MappingProxyType(
             _m("postNAPTSourceTransportPort", "post_src_port"),
             _m("postNAPTDestinationTransportPort", "post_dst_port"),
             _m("natEvent", "nat_event"),
+            # RFC 8158 4.2: a NAT event record's event time (events.nat_event_records puts it in end_ms);
+            # on a flow record, when it was last observed
+            _m("observationTimeMilliseconds", "end_ms"),
             # ipfixer enterprise elements (PEN in infomodel/data/ipfixer.csv)
             _m("ctState", "ct_state"),
             _m("ctMark", "ct_mark"),
