@@ -19,7 +19,7 @@ The two uniflows expire on their own (one idle timeout each), so the first is he
 arrives or the hold time passes; everything held is bounded (max_held; beyond it a uniflow goes out
 alone at once, counted) and flushed at shutdown.  Counters are never summed across records or split:
 each biflow carries exactly the two uniflow records' counts, so the totals equal the uniflow export.
-ICMP echo request and reply differ in type (the "port" of the key) and stay two records.
+ICMP echo request and reply pair with each other (other ICMP messages go alone).
 
 Pure: takes batches and `now`, returns batches.  Hand-written (no library does RFC 5103 pairing).
 """
@@ -37,6 +37,7 @@ BIFLOW_ARBITRARY = 0  # IANA biflowDirection (239) values, RFC 5103 6.3
 BIFLOW_INITIATOR = 1
 BIFLOW_REVERSE_INITIATOR = 2
 
+ECHO_MARK = 0xFFFF  # the "ports" of an ICMP echo request or reply in a pair key
 _KEY_DTYPE = np.dtype([("e", "<u2"), ("v", "<u2"), ("i", "<u4"), ("p", "u1"), ("a", "u1", (16,)),
                        ("b", "u1", (16,)), ("sp", "<u2"), ("dp", "<u2")])
 
@@ -49,6 +50,12 @@ def pair_keys(rows: np.ndarray, *, reverse: bool) -> list[bytes]:
     src, dst, sport, dport = ("dst_addr", "src_addr", "dst_port", "src_port") if reverse else \
         ("src_addr", "dst_addr", "src_port", "dst_port")
     k["a"], k["b"], k["sp"], k["dp"] = rows[src], rows[dst], rows[sport], rows[dport]
+    # ICMP echo request and reply (types 8/0, ICMPv6 128/129; dst_port is type*256+code): the same
+    # exchange, so both get one marker in place of the type, and pair like a request and its response
+    proto, t = rows["protocol"], rows["dst_port"] >> 8
+    echo = ((proto == 1) & ((t == 8) | (t == 0))) | ((proto == 58) & ((t == 128) | (t == 129)))
+    k["sp"][echo] = ECHO_MARK
+    k["dp"][echo] = ECHO_MARK
     raw, n = k.tobytes(), _KEY_DTYPE.itemsize
     return [raw[i : i + n] for i in range(0, len(raw), n)]
 

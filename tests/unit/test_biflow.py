@@ -206,3 +206,17 @@ def test_exporter_close_sends_what_still_waits_for_a_partner() -> None:
     finally:
         rx.close()
     assert [(r.fields["packetDeltaCount"], r.fields["reversePacketDeltaCount"]) for r in recs] == [(3, 0)]
+
+
+def test_icmp_echo_request_and_reply_pair_other_icmp_does_not() -> None:
+    p = BiflowPairer(hold_ns=S)
+    req = uni("10.0.0.1", "10.0.0.2", 0, 8 << 8, packets=3, start=10, proto=1)
+    rep = uni("10.0.0.2", "10.0.0.1", 0, 0, packets=3, start=11, proto=1, direction=1)
+    unreach = uni("10.0.0.2", "10.0.0.1", 0, (3 << 8) | 3, packets=1, start=12, proto=1, direction=1)
+    v6req = uni("fd00::1", "fd00::2", 0, 128 << 8, packets=2, start=10, proto=58)
+    v6rep = uni("fd00::2", "fd00::1", 0, 129 << 8, packets=2, start=10, proto=58, direction=1)
+    out = batch_to_records(p.add(records_to_batch([req, rep, unreach, v6req, v6rep]), 0))
+    assert [(r.dst_port >> 8, r.packets, r.rev_packets, r.biflow_direction) for r in out] == [
+        (8, 3, 3, BIFLOW_INITIATOR), (128, 2, 2, BIFLOW_ARBITRARY)]
+    assert len(p) == 1  # the port unreachable waits, and goes alone
+    assert batch_to_records(p.flush())[0].dst_port == (3 << 8) | 3
