@@ -74,6 +74,7 @@ class Exporter:
         sampling_interval: int = 1,
         biflow: Collection[str] = (),
         biflow_hold_ns: int = 15_000_000_000,
+        biflow_max_held: int = 1 << 18,
     ) -> None:
         """`collectors`: (name, session, transport) triples; names must be unique.  `options_roles`: the
         options template (by name) of each role, as the config names them (default: the shipped ones)."""
@@ -82,7 +83,9 @@ class Exporter:
             raise EncodeError(f"collector names must be unique: {names}")
         self.collectors = [Collector(n, s, t, biflow=n in biflow) for n, s, t in collectors]
         # biflow collectors: uniflows joined with their reverse, held up to biflow_hold_ns for it
-        self.pairer = BiflowPairer(biflow_hold_ns) if any(c.biflow for c in self.collectors) else None
+        self.pairer = (BiflowPairer(biflow_hold_ns, biflow_max_held) if any(c.biflow for c in self.collectors)
+                       else None)
+        self._overflow_logged = 0
         self._last_now_ns = 0  # the latest `now` seen: close() flushes held biflows with it
         # RFC 5102 meteringProcessId: the process id identifies this Metering Process instance.
         self.metering_process_id = os.getpid() if metering_process_id is None else metering_process_id
@@ -154,6 +157,11 @@ class Exporter:
             self._send_biflows(self.pairer.flush(), now_wall_ns)
 
     def _send_biflows(self, batch: np.ndarray, now_wall_ns: int) -> None:
+        if self.pairer is not None and self.pairer.stats.overflow != self._overflow_logged:
+            log.warning("biflow: %d uniflows sent without waiting for their reverse (%d held, the most that may "
+                        "wait; %d in all)", self.pairer.stats.overflow - self._overflow_logged, len(self.pairer),
+                        self.pairer.stats.overflow)
+            self._overflow_logged = self.pairer.stats.overflow
         for c in self.collectors:
             if not c.biflow:
                 continue

@@ -89,7 +89,9 @@ def build_exporter(config: Config, boot_wall_ns: int) -> Exporter:
         raise
     return Exporter(collectors, options_roles=config_roles(config), sampling_interval=config.sampling.interval,
                     biflow=[c.name for c in config.collectors if c.biflow],
-                    biflow_hold_ns=int(config.timeouts.idle * 1e9))  # a reverse uniflow expires within one idle timeout
+                    biflow_hold_ns=int(config.timeouts.idle * 1e9),  # a reverse uniflow expires within one idle timeout
+                    # at most one waits per flow still held by the meter (bounded: ~250 bytes each)
+                    biflow_max_held=min(config.cache.kernel_map_entries + config.cache.accounter_max_entries, 1 << 21))
 
 
 def biflow_templates(config: Config) -> dict[int, Template]:

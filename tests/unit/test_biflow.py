@@ -164,6 +164,7 @@ def test_biflow_is_opt_in_per_collector_and_ipfix_only(tmp_path: Path) -> None:
     try:
         assert [c.biflow for c in ex.collectors] == [False, True] and ex.pairer is not None
         assert ex.pairer.hold_ns == int(cfg.timeouts.idle * 1e9)
+        assert ex.pairer.max_held == cfg.cache.kernel_map_entries + cfg.cache.accounter_max_entries
         names = [[t.name for t in c.session.data_templates.values()] for c in ex.collectors]
         assert names == [["ipv4_flow", "ipv6_flow"], ["ipv4_biflow", "ipv6_biflow"]]
     finally:
@@ -220,3 +221,29 @@ def test_icmp_echo_request_and_reply_pair_other_icmp_does_not() -> None:
         (8, 3, 3, BIFLOW_INITIATOR), (128, 2, 2, BIFLOW_ARBITRARY)]
     assert len(p) == 1  # the port unreachable waits, and goes alone
     assert batch_to_records(p.flush())[0].dst_port == (3 << 8) | 3
+
+
+def test_exporter_logs_uniflows_sent_without_waiting_when_held_is_full(caplog: pytest.LogCaptureFixture) -> None:
+    import socket
+
+    from ipfixer.export import Exporter, ExportSession, UdpTransport
+    from ipfixer.export.factory import BIFLOW_TEMPLATES
+
+    t = load_templates()
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    now = 1_790_000_000 * S
+    s = ExportSession("ipfix", 1, {e: t[n] for e, n in BIFLOW_TEMPLATES.items()}, boot_wall_ns=now - S)
+    ex = Exporter([("b", s, UdpTransport("127.0.0.1", rx.getsockname()[1]))], biflow=["b"], biflow_hold_ns=60 * S,
+                  biflow_max_held=1)
+    try:
+        with caplog.at_level("WARNING", logger="ipfixer.export"):
+            ex.export(batch(uni("10.0.0.1", "10.0.0.2", 1, 2, packets=1, start=1),
+                            uni("10.0.0.3", "10.0.0.4", 1, 2, packets=1, start=1),
+                            uni("10.0.0.5", "10.0.0.6", 1, 2, packets=1, start=1)), now)
+        assert ex.pairer is not None and ex.pairer.stats.overflow == 2 and len(ex.pairer) == 1
+        assert "biflow: 2 uniflows sent without waiting for their reverse (1 held" in caplog.text
+        assert ex.collectors[0].stats.flow_records == 2
+    finally:
+        ex.close()
+        rx.close()
