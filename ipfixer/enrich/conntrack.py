@@ -400,7 +400,7 @@ def missing_from(old: CtIndex, new: CtIndex) -> np.ndarray:
     keep = (old.rows["has"] & HAS_GONE) == 0
     cand = old.rows[keep]
     ent, _ = new.lookup(role_key_array(cand, roles=(0,))[0])
-    gone = cand[ent < 0].copy()
+    gone: np.ndarray = cand[ent < 0].copy()
     gone["has"] |= HAS_GONE
     return gone
 
@@ -660,11 +660,11 @@ class ConntrackTable:
         newer: dict[int, tuple[np.void, bool]] = {}
         if index:
             for i, packed in enumerate(batch_keys(batch)):
-                hit = index.get(packed)
-                if hit is not None:
-                    row = drows.get(hit[0])
+                dhit = index.get(packed)
+                if dhit is not None:
+                    row = drows.get(dhit[0])
                     if row is not None:
-                        newer[i] = (row, hit[1])
+                        newer[i] = (row, dhit[1])
         if newer:
             at = np.fromiter(newer, dtype=np.int64, count=len(newer))
             ent[at] = -2  # served from the delta below

@@ -223,12 +223,13 @@ class ConntrackSync:
                 break
         if reply[0] != "ok":
             _, code, text = reply
-            self._failed(_WorkerError(code, text))
+            self._failed(_WorkerError(int(str(code)), str(text)))
             return
         _, raw_rows, raw_hashes, raw_refs, malformed = reply
+        assert isinstance(raw_rows, bytes) and isinstance(raw_hashes, bytes) and isinstance(raw_refs, bytes)
         rows = np.frombuffer(raw_rows, dtype=CT_DTYPE)
         index = CtIndex.from_arrays(rows, np.frombuffer(raw_hashes, np.uint64), np.frombuffer(raw_refs, np.int64))
-        self.table.parse_stats.malformed += malformed
+        self.table.parse_stats.malformed += int(str(malformed))
         self._installed(rows, index, during, started)
 
     def _installed(self, dump: np.ndarray, index: CtIndex | None, during: list[np.ndarray], started: float) -> None:
