@@ -72,7 +72,9 @@ class ConntrackSync:
         resync_interval_s: float = 60.0,
         dump_timeout_s: float = 60.0,
         use_process: bool = True,
+        dumps: bool = True,
     ) -> None:
+        """`dumps=False`: events only (NAT events without conntrack enrichment): the table is never dumped."""
         self.table = table
         self.events = events if events is not None and events.available else None
         self.resync_interval_s = resync_interval_s
@@ -84,7 +86,8 @@ class ConntrackSync:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        self._next_dump = 0.0  # monotonic seconds
+        self._next_dump = 0.0 if dumps else float("inf")  # monotonic seconds
+        self.dumps = dumps
         self._dump_sock: socket.socket | None = None
         self.use_process = use_process
         self._worker: DumpWorker | None = None
@@ -119,18 +122,21 @@ class ConntrackSync:
     def stale(self) -> bool:
         """Events were lost lately and the dump that repairs it may not be in yet: the table can miss
         connections, so drains ask the kernel about the flows it does not know."""
+        if self.dumps and self.resyncs == 0:
+            return True  # the first dump is not in yet (a large table takes seconds)
         return time.monotonic() - self._last_overrun < max(5.0, 3 * self.last_dump_s)
 
     def request_resync(self) -> None:
         """Dump as soon as the thread gets to it."""
-        self._next_dump = 0.0
+        if self.dumps:
+            self._next_dump = 0.0
         self._wake.set()
 
     # -- the thread ------------------------------------------------------------------------------
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                overran = self.events is not None and self.events.overrun_pending
+                overran = self.dumps and self.events is not None and self.events.overrun_pending
                 if overran or time.monotonic() >= self._next_dump:
                     if overran:
                         self.overrun_resyncs += 1

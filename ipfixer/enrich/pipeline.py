@@ -82,7 +82,7 @@ class Enrichment:
 
             self.icmp = IcmpErrors(self.table)
         elif self.events is not None and self.events.available:
-            self.sync = ConntrackSync(ConntrackTable(open_socket=False), self.events, resync_interval_s=1e9)
+            self.sync = ConntrackSync(ConntrackTable(open_socket=False), self.events, dumps=False)
             self.sync.start()
         if self.want_cgroups:
             from ipfixer.enrich.cgroups import CgroupAttributor
