@@ -1,4 +1,4 @@
-"""Reading a capture: ipfixer.capture (validate the whole file, then iterate) vs scapy's RawPcapReader
+"""Reading a capture: ipfixer.sources.capture (validate the whole file, then iterate) vs scapy's RawPcapReader
 (what replay used before), and the config loader's refusal of a YAML bomb vs loading the shipped config.
 Ratios in the same run, best of several; the machine may be shared, so compare ratios, not times.
 
@@ -14,9 +14,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ipfixer.capture import CaptureFile
 from ipfixer.config import load_config
 from ipfixer.errors import ConfigLimitError
+from ipfixer.sources.capture import CaptureFile
 
 
 def write_pcap(path: Path, packets: int) -> None:
@@ -58,7 +58,7 @@ def main() -> None:
 
         assert ours() == scapy_reader()
         t_ours, t_scapy = best(ours), best(scapy_reader)
-        print(f"read {packets} packets: ipfixer.capture {packets / t_ours / 1e6:.2f} M/s (validation included), "
+        print(f"read {packets} packets: ipfixer.sources.capture {packets / t_ours / 1e6:.2f} M/s (validation included), "
               f"scapy RawPcapReader {packets / t_scapy / 1e6:.2f} M/s; ratio {t_scapy / t_ours:.2f}x")
 
         shipped = Path(__file__).resolve().parents[1] / "config" / "ipfixer.yaml"

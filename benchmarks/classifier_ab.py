@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import ipfixer.kernel.program as program  # noqa: E402
+import ipfixer.sources.kernel.program as program  # noqa: E402
 
 V4 = (bytes.fromhex("02" * 12 + "0800") + bytes.fromhex("4500002e00004000401100000afa00020afa0063") + bytes(8)
       + b"A" * 18)

@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ipfixer.clock import SystemClock  # noqa: E402
 from ipfixer.export.session import ExportSession  # noqa: E402
-from ipfixer.kernel.attach import Attacher  # noqa: E402
-from ipfixer.kernel.drain import Drainer  # noqa: E402
-from ipfixer.kernel.program import libbpf, load_program, prog_test_run  # noqa: E402
 from ipfixer.model import ETH_P_IP, ETH_P_IPV6  # noqa: E402
+from ipfixer.sources.kernel.attach import Attacher  # noqa: E402
+from ipfixer.sources.kernel.drain import Drainer  # noqa: E402
+from ipfixer.sources.kernel.program import libbpf, load_program, prog_test_run  # noqa: E402
 from ipfixer.templates import load_templates  # noqa: E402
 
 SUFFIX = str(os.getpid() % 100000)

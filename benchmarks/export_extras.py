@@ -12,11 +12,11 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ipfixer.export.annotate import VrfTable, annotate
+from ipfixer.export.annotate import annotate
 from ipfixer.export.biflow import BiflowPairer
 from ipfixer.export.factory import BIFLOW_TEMPLATES
 from ipfixer.export.session import ExportSession
-from ipfixer.model import ETH_P_IP, ETH_P_IPV6, empty_batch
+from ipfixer.model import ETH_P_IP, ETH_P_IPV6, VrfTable, empty_batch
 from ipfixer.templates import load_templates
 
 

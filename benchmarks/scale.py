@@ -43,9 +43,9 @@ import datapath as dp  # noqa: E402
 
 from ipfixer.clock import SystemClock  # noqa: E402
 from ipfixer.flows.accounter import Accounter  # noqa: E402
-from ipfixer.kernel.drain import Drainer  # noqa: E402
-from ipfixer.kernel.program import libbpf, load_program, map_batch, prog_test_run  # noqa: E402
-from ipfixer.kernel.spill import SpillConsumer  # noqa: E402
+from ipfixer.sources.kernel.drain import Drainer  # noqa: E402
+from ipfixer.sources.kernel.program import libbpf, load_program, map_batch, prog_test_run  # noqa: E402
+from ipfixer.sources.kernel.spill import SpillConsumer  # noqa: E402
 
 SEC = 1_000_000_000
 

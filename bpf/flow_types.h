@@ -66,7 +66,7 @@ struct spill_record {
 };
 
 /* Per-CPU counter array indices (BPF_PERCPU_ARRAY counters, __u64). Keep COUNTER_NAMES in
- * ipfixer/kernel/program.py in the same order. */
+ * ipfixer/sources/kernel/program.py in the same order. */
 enum ipfixer_counter {
     CNT_PACKETS = 0,                 /* frames seen by the classifier */
     CNT_MAP_FULL,                    /* insert failed E2BIG / ENOMEM: map full */

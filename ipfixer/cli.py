@@ -75,7 +75,7 @@ def _cmd_decode(args: argparse.Namespace) -> int:
     if args.pcap:
         return decode_pcap(Path(args.pcap), as_json=args.json, port=args.port)
     if args.file:
-        from ipfixer.export.files import decode_file
+        from ipfixer.collector import decode_file
 
         return decode_file(Path(args.file), as_json=args.json)
     return listen_and_print(args.listen, args.port, as_json=args.json, count=args.count, timeout_s=args.timeout)

@@ -184,7 +184,7 @@ def listen_and_print(address: str, port: int, as_json: bool = False, count: int 
 def decode_pcap(path: Path, as_json: bool = False, port: int | None = None) -> int:
     """Decode the IPFIX / NetFlow v9 datagrams of a capture file (UDP to `port`, or any UDP if None).
 
-    The file is read and validated by ipfixer.capture (pcap in us or ns, pcapng, every link type replay
+    The file is read and validated by ipfixer.sources.capture (pcap in us or ns, pcapng, every link type replay
     reads; a truncated or foreign file is refused with its reason); scapy only dissects each frame, by the
     class it registers for the frame's link type."""
     import scapy.layers.inet6  # noqa: F401  (registers the IP, IPv6 and raw-IP link types)
@@ -193,7 +193,7 @@ def decode_pcap(path: Path, as_json: bool = False, port: int | None = None) -> i
     from scapy.layers.inet import IP, UDP
     from scapy.layers.inet6 import IPv6
 
-    from ipfixer.capture import CaptureFile
+    from ipfixer.sources.capture import CaptureFile
 
     if not path.exists():
         raise IpfixerError(f"{path}: no such capture file")
@@ -227,3 +227,20 @@ def decode_pcap(path: Path, as_json: bool = False, port: int | None = None) -> i
         print(f"ipfixer decode: {path}: no {where} among {packets} packet(s){hint}", file=sys.stderr)
     report.finish()
     return 0 if report.errors == 0 and matched else 1
+
+
+def decode_file(path: Path, as_json: bool = False) -> int:
+    """`ipfixer decode --file`: print the records of an IPFIX File; 1 if anything in it was unreadable."""
+    from ipfixer.export.files import read_messages
+
+    if not path.exists():
+        raise IpfixerError(f"{path}: no such file")
+    report = Report(Decoder(), as_json)
+    try:
+        for offset, message in read_messages(path):
+            report.feed(message, str(path), f"{path}@{offset}")
+    except DecodeError as exc:
+        report.errors += 1
+        print(f"ipfixer decode: {exc}", flush=True, file=report.err)
+    report.finish()
+    return 0 if report.errors == 0 and report.messages else 1

@@ -347,7 +347,7 @@ def stats(daemon: Any) -> dict[str, Any]:
 def _kernel_rows(drainer: Any) -> np.ndarray:
     """Flows in the kernel map now (read, not removed) and those the drainer carries between drains."""
     from ipfixer.flows.rows import build_rows
-    from ipfixer.kernel.program import map_batch
+    from ipfixer.sources.kernel.program import map_batch
 
     keys, leaves = map_batch(drainer.map_fd, drainer.key_dtype, drainer.leaf_dtype, drainer.capacity, delete=False)
     if drainer.carried:

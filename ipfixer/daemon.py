@@ -24,6 +24,7 @@ from ipfixer.clock import Clock, SystemClock
 from ipfixer.config import Config, load_config
 from ipfixer.errors import ConfigError, IpfixerError
 from ipfixer.export.factory import build_exporter, load_config_templates, sampling_values
+from ipfixer.sources import FlowSource
 
 log = logging.getLogger("ipfixer")
 
@@ -68,14 +69,21 @@ class Daemon:
         self.signals = _Signals()
         self.boot_wall_ns = self.clock.wall_ns()
         self._metrics: Any = None
-        self._meter: Any = None
+        self._meter: FlowSource | None = None
         self._exporter: Any = None
         self._enrichment: Any = None
         self._next_stats_ns = 0
         self._interface_table: dict[int, str] = {}
         self._control: Any = None  # ipfixer.control.ControlServer: `ipfixer ctl` commands, run by the loop
-        self._vrfs: Any = None  # ipfixer.kernel.vrf.VrfWatcher while a data template carries VRF ids
+        self._vrfs: Any = None  # ipfixer.sources.kernel.vrf.VrfWatcher while a data template carries VRF ids
         self._vrf_names: dict[int, str] = {}
+
+    @property
+    def _src(self) -> FlowSource:
+        """The running source: the loop, a drain and a reload only run after _start has set it."""
+        if self._meter is None:
+            raise IpfixerError("the daemon has no flow source: it was not started")
+        return self._meter
 
     # -- lifecycle -------------------------------------------------------------------------------
     def run(self, duration_s: float | None = None) -> int:
@@ -108,17 +116,18 @@ class Daemon:
 
             self._enrichment = Enrichment(cfg, self.clock)
             self._enrichment.start()
-        meter: Any
+        meter: FlowSource
         if cfg.source == "nflog":
-            from ipfixer.enrich.nflog_meter import NflogMeter
+            from ipfixer.sources.nflog import NflogMeter
 
-            meter = NflogMeter(cfg, self.clock, self._metrics)
+            meter = NflogMeter(cfg, self.clock)
         else:
-            from ipfixer.meter import Meter
+            from ipfixer.sources.ebpf import Meter
 
-            meter = Meter(cfg, self.clock, self._metrics)
+            meter = Meter(cfg, self.clock)
         meter.start()  # undoes itself on failure
         self._meter = meter
+        self._metrics.update_source(meter.source_counters())  # every series exists from the start
         self._follow_vrfs()
         self._send_options(force=True)
         from ipfixer.control import ControlServer, socket_path
@@ -131,7 +140,7 @@ class Daemon:
 
     def _warn_if_nothing_metered(self, when: str) -> None:
         """A selection that matches no interface meters nothing: say so (at start and after a reload)."""
-        if not self._meter.interfaces():
+        if not self._src.interfaces():
             inc, exc = list(self.config.interfaces.include), list(self.config.interfaces.exclude)
             log.warning("no interface matches interfaces.include=%s exclude=%s %s; metering nothing until one "
                         "appears", inc, exc, when)
@@ -150,7 +159,7 @@ class Daemon:
                 self.signals.reload = False
                 self._reload()
             wait_ms = max(0, min(250, (next_drain - self.clock.mono_ns()) // 1_000_000))
-            self._meter.poll(int(wait_ms))
+            self._src.poll(int(wait_ms))
             if self._enrichment is not None:
                 self._enrichment.poll()
             if self._control is not None:
@@ -160,7 +169,8 @@ class Daemon:
         """One drain: expired kernel flows + Accounter evictions -> enrichment -> export."""
         started = time.perf_counter()
         ended = {k.packed() for k in self._enrichment.destroyed_keys()} if self._enrichment else set()
-        batches = self._meter.drain(end_keys=ended)
+        batches = self._src.drain(end_keys=ended)
+        self._metrics.update_source(self._src.source_counters())
         if self._enrichment is not None:
             batches.append(self._enrichment.nat_event_batch())
         self._export(batches)
@@ -212,7 +222,7 @@ class Daemon:
 
         wanted = any(templates_use_vrf(c.session.data_templates.values()) for c in self._exporter.collectors)
         if wanted and self._vrfs is None:
-            from ipfixer.kernel.vrf import VrfWatcher
+            from ipfixer.sources.kernel.vrf import VrfWatcher
 
             self._vrfs = VrfWatcher()
         elif not wanted and self._vrfs is not None:
@@ -256,9 +266,9 @@ class Daemon:
         old_exporter.close()
         self._follow_vrfs()
         self.config = new
-        before = set(self._meter.interfaces())
-        self._meter.reconfigure(new)
-        gone = sorted(before - set(self._meter.interfaces()))
+        before = set(self._src.interfaces())
+        self._src.reconfigure(new)
+        gone = sorted(before - set(self._src.interfaces()))
         if gone:
             log.warning("reload: stopped metering %s (no longer selected)", ",".join(gone))
         self._warn_if_nothing_metered("after the reload")
@@ -270,6 +280,7 @@ class Daemon:
         try:
             if self._meter is not None and self._exporter is not None:
                 batches = self._meter.flush()
+                self._metrics.update_source(self._meter.source_counters())
                 if self._enrichment is not None:
                     self._enrichment.poll()
                     batches.append(self._enrichment.nat_event_batch())

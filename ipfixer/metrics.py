@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ipfixer.config import split_host_port
 from ipfixer.errors import ConfigError, IpfixerError
+from ipfixer.sources import SourceCounters
 
 DIRECTIONS = ("ingress", "egress")
 ENRICHMENT_COUNTERS = {
@@ -121,6 +122,7 @@ class Metrics:
         self._server: WSGIServer | None = None
         self._exporter: Any = None  # the exporter update_exporter last saw, and its cumulative stats
         self._seen: dict[str, dict[str, int]] = {}
+        self._source_last: SourceCounters | None = None  # what update_source last saw
 
     def add_collector(self, name: str) -> None:
         """Create a collector's series at zero, so a silent collector still shows up in a scrape."""
@@ -193,6 +195,20 @@ class Metrics:
                 if delta > 0:
                     child.inc(delta)
             self._seen[c.name] = now
+
+    def update_source(self, now: SourceCounters) -> None:
+        """Follow a flow source's cumulative counters: their increments since the last call become
+        metric increments (a source never writes metrics itself)."""
+        last = self._source_last or SourceCounters()
+        self._source_last = now
+        self.observed_live = now.observed_live
+        self.overflow_packets.inc(max(0, now.spilled - last.spilled))
+        self.ringbuf_losses.inc(max(0, now.ring_lost - last.ring_lost))
+        self.malformed_packets.inc(max(0, now.malformed - last.malformed))
+        self.accounter_evictions.inc(max(0, now.accounter_evictions - last.accounter_evictions))
+        if now.map_fill_ratio is not None:
+            self.kernel_map_fill_ratio.set(now.map_fill_ratio)
+        self.count_classifier({k: max(0, v - last.classifier.get(k, 0)) for k, v in now.classifier.items()})
 
     def count_classifier(self, deltas: dict[str, int]) -> None:
         """Increments of the kernel's counters since the last drain, by counter name: observed_* feed

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from enum import IntEnum
 from typing import Any
@@ -21,6 +22,18 @@ from ipfixer.infomodel.types import V4_MAPPED_PREFIX as V4_MAPPED_PREFIX  # re-e
 ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
 ETH_P_8021Q = 0x8100
+
+
+# ctState (ipfixer's enterprise element, ipfixer.csv) bitmask, OVN semantics (ovs-fields(7) ct_state;
+# ../shared/reference OVN flags): the ct_state column of FLOW_DTYPE holds these.
+CT_NEW = 0x01
+CT_ESTABLISHED = 0x02
+CT_RELATED = 0x04
+CT_REPLY = 0x08
+CT_INVALID = 0x10
+CT_TRACKED = 0x20
+CT_SNAT = 0x40
+CT_DNAT = 0x80
 
 
 class Direction(IntEnum):
@@ -246,3 +259,12 @@ def five_tuple_keys(rows: np.ndarray) -> list[bytes]:
     raw = keys.tobytes()
     n = _FIVE_TUPLE_DTYPE.itemsize
     return [raw[i : i + n] for i in range(0, len(raw), n)]
+
+
+@dataclass(frozen=True, slots=True)
+class VrfTable:
+    """ifindex -> VRF table id of every interface in a VRF, and table id -> VRF (device) name: what the
+    link watcher (sources/kernel/vrf.py) learns and the exporter annotates records with."""
+
+    table_of: Mapping[int, int] = field(default_factory=dict)
+    names: Mapping[int, str] = field(default_factory=dict)

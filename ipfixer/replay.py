@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from ipfixer.capture import CaptureFile, linktype_name
 from ipfixer.config import Config
 from ipfixer.errors import CaptureError
 from ipfixer.export.factory import build_exporter, sampling_values
 from ipfixer.flows.accounter import Accounter
 from ipfixer.model import Direction, RawPacket
-from ipfixer.packets import frame_key, parse_link
+from ipfixer.sources.capture import CaptureFile, linktype_name
+from ipfixer.sources.packets import frame_key, parse_link
 
 log = logging.getLogger("ipfixer.replay")
 

@@ -41,8 +41,7 @@ def test_capabilities_are_checked_before_the_metrics_port_opens(tmp_path: Path) 
     with the metrics port taken, the message names the capability, not the port."""
     import socket
 
-    from ipfixer.lab import ip
-    from ipfixer.lab import unique_name as lab_name
+    from ipfixer.lab import ip, unique_name as lab_name
     from ipfixer.netns import in_netns
     from tests.cli.helpers import IPFIXER, cli_env, write_config
 

@@ -9,15 +9,14 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 from scapy.utils import PcapNgWriter, wrpcap
 
-from ipfixer.capture import CaptureFile
 from ipfixer.errors import CaptureError
-from ipfixer.packets import parse_link
+from ipfixer.sources.capture import CaptureFile
+from ipfixer.sources.packets import parse_link
 
 
 def _block(kind: int, body: bytes) -> bytes:

@@ -5,7 +5,7 @@ from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrFragment, IPv6
 from scapy.layers.l2 import Dot1Q, Ether
 
 from ipfixer.model import ETH_P_IP, ETH_P_IPV6, to_addr16
-from ipfixer.packets import frame_key, parse_ethernet, parse_ip
+from ipfixer.sources.packets import frame_key, parse_ethernet, parse_ip
 
 
 def test_ipv4_tcp_frame() -> None:
@@ -53,7 +53,7 @@ def test_malformed_never_raises() -> None:
 
 def test_parse_link_every_supported_link_type() -> None:
     """The same IP packet under each link-layer header replay reads gives the same key and octets."""
-    from ipfixer.packets import parse_link
+    from ipfixer.sources.packets import parse_link
 
     ip4 = bytes(IP(src="10.1.0.1", dst="10.1.0.2") / UDP(sport=1000, dport=2000) / (b"y" * 30))
     ip6 = bytes(IPv6(src="2001:db8::1", dst="2001:db8::2") / UDP(sport=1000, dport=2000) / (b"y" * 30))
@@ -89,7 +89,7 @@ def test_parse_link_every_supported_link_type() -> None:
 
 
 def test_parse_link_malformed_is_none() -> None:
-    from ipfixer.packets import parse_link
+    from ipfixer.sources.packets import parse_link
 
     ip4 = bytes(IP() / UDP())
     ip6 = bytes(IPv6() / UDP())

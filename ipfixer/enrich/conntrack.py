@@ -32,7 +32,19 @@ from ipfixer.enrich.ctnetlink import (
     get_entries,
     open_ctnetlink,
 )
-from ipfixer.model import FIVE_TUPLE_STRUCT, V4_MAPPED_PREFIX, five_tuple_keys
+from ipfixer.model import (  # the ct_state flags are re-exported: enrichment code reads them from here
+    CT_DNAT as CT_DNAT,
+    CT_ESTABLISHED as CT_ESTABLISHED,
+    CT_INVALID as CT_INVALID,
+    CT_NEW as CT_NEW,
+    CT_RELATED as CT_RELATED,
+    CT_REPLY as CT_REPLY,
+    CT_SNAT as CT_SNAT,
+    CT_TRACKED as CT_TRACKED,
+    FIVE_TUPLE_STRUCT,
+    V4_MAPPED_PREFIX,
+    five_tuple_keys,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +63,7 @@ _IPS_NAMES = [
     "DST_NAT_DONE", "DYING", "FIXED_TIMEOUT", "TEMPLATE", "UNTRACKED", "HELPER", "OFFLOAD", "HW_OFFLOAD",
 ]  # fmt: skip
 
-# ct_state bitmask, OVN semantics (ovs-fields(7) ct_state; /work/shared/reference OVN flags)
-CT_NEW = 0x01
-CT_ESTABLISHED = 0x02
-CT_RELATED = 0x04
-CT_REPLY = 0x08
-CT_INVALID = 0x10
-CT_TRACKED = 0x20
-CT_SNAT = 0x40
-CT_DNAT = 0x80
+# ct_state bitmask (OVN semantics): defined with the flow columns in ipfixer.model, imported above.
 
 _ICMP_PROTOS = (1, 58)
 _ICMP_ERROR_TYPES = {1: (3, 4, 5, 11, 12), 58: (1, 2, 3, 4)}  # dest unreach, quench, redirect, time, param

@@ -3,7 +3,7 @@
 A Linux VRF is an l3mdev master device bound to a routing table (Documentation/networking/vrf.rst);
 an interface belongs to the VRF it is enslaved to.  The classifier only knows the ifindex, so the VRF
 table id of ingress_if / egress_if is looked up here, from the table the VRF watcher keeps
-(ipfixer/kernel/vrf.py), right before encoding: the BPF program and the kernel map stay untouched.
+(ipfixer/sources/kernel/vrf.py), right before encoding: the BPF program and the kernel map stay untouched.
 ingressVRFID (234) / egressVRFID (235) are 0 where the interface is in no VRF (or is unknown, as
 egress_if is for an ingress-observed flow), as Cisco sends for the global table.
 
@@ -13,23 +13,15 @@ Pure over arrays: no netlink here.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from ipfixer.model import VrfTable
 from ipfixer.templates import Template
 
 VRF_ELEMENTS = frozenset({"ingressVRFID", "egressVRFID"})
 VRFNAME_LENGTH = 16  # Linux IFNAMSIZ: a VRF is named by its master device
-
-
-@dataclass(frozen=True, slots=True)
-class VrfTable:
-    """ifindex -> VRF table id of every interface in a VRF, and table id -> VRF (device) name."""
-
-    table_of: Mapping[int, int] = field(default_factory=dict)
-    names: Mapping[int, str] = field(default_factory=dict)
 
 
 def templates_use_vrf(templates: Iterable[Template]) -> bool:

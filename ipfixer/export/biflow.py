@@ -30,8 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ipfixer.enrich.conntrack import CT_REPLY, CT_TRACKED
-from ipfixer.model import empty_batch
+from ipfixer.model import CT_REPLY, CT_TRACKED, empty_batch
 
 BIFLOW_ARBITRARY = 0  # IANA biflowDirection (239) values, RFC 5103 6.3
 BIFLOW_INITIATOR = 1

@@ -18,11 +18,12 @@ from typing import Any
 import numpy as np
 
 from ipfixer.errors import EncodeError
-from ipfixer.export.annotate import VrfTable, annotate, vrf_values
+from ipfixer.export.annotate import annotate, vrf_values
 from ipfixer.export.biflow import BiflowPairer
 from ipfixer.export.options import DEFAULT_ROLES, OptionsRole, interface_values, stats_values
 from ipfixer.export.session import ExportSession, Message
 from ipfixer.export.transport import UdpTransport
+from ipfixer.model import VrfTable
 from ipfixer.templates import Template
 
 log = logging.getLogger("ipfixer.export")

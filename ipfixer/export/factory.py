@@ -13,8 +13,7 @@ from ipfixer.config import Config
 from ipfixer.errors import ConfigError
 from ipfixer.export.annotate import templates_use_vrf
 from ipfixer.export.exporter import Exporter
-from ipfixer.export.options import OptionsRole, interface_values
-from ipfixer.export.options import sampling_values as _sampling_values
+from ipfixer.export.options import OptionsRole, interface_values, sampling_values as _sampling_values
 from ipfixer.export.session import ExportSession
 from ipfixer.export.transport import UdpTransport
 from ipfixer.model import ETH_P_IP, ETH_P_IPV6

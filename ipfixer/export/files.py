@@ -162,21 +162,3 @@ def read_messages(path: Path) -> Iterator[tuple[int, bytes]]:
                               f"({len(data) - offset} bytes left)")
         yield offset, data[offset:offset + length]
         offset += length
-
-
-def decode_file(path: Path, as_json: bool = False) -> int:
-    """`ipfixer decode --file`: print the records of an IPFIX File; 1 if anything in it was unreadable."""
-    from ipfixer.collector import Report
-    from ipfixer.wire.decode import Decoder
-
-    if not path.exists():
-        raise IpfixerError(f"{path}: no such file")
-    report = Report(Decoder(), as_json)
-    try:
-        for offset, message in read_messages(path):
-            report.feed(message, str(path), f"{path}@{offset}")
-    except DecodeError as exc:
-        report.errors += 1
-        print(f"ipfixer decode: {exc}", flush=True, file=report.err)
-    report.finish()
-    return 0 if report.errors == 0 and report.messages else 1

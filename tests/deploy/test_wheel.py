@@ -58,7 +58,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, 
 
 def test_wheel_carries_and_uses_the_shared_directories(installed: tuple[Path, Path]) -> None:
     venv, work = installed
-    code = ("import ipfixer, ipfixer.cli as c, ipfixer.templates as t, ipfixer.kernel.program as p;"
+    code = ("import ipfixer, ipfixer.cli as c, ipfixer.templates as t, ipfixer.sources.kernel.program as p;"
             "print(ipfixer.__file__); print(c.DEFAULT_CONFIG); print(t.DEFAULT_TEMPLATES_DIR); print(p.PROGRAM_FILE)")
     res = _run([str(venv / "bin/python"), "-c", code], work)
     assert res.returncode == 0, res.stderr

@@ -15,9 +15,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from topo import ns_socket, sh, unique
 
 from ipfixer.clock import SystemClock
-from ipfixer.enrich.nflog import NflogSource, install_nflog_rules, remove_nflog_rules
 from ipfixer.model import Direction, RawPacket, to_addr16
-from ipfixer.packets import parse_ip
+from ipfixer.sources.nflog_netlink import NflogSource, install_nflog_rules, remove_nflog_rules
+from ipfixer.sources.packets import parse_ip
 
 SIZES = (10, 200, 1000, 1400)
 IP_UDP = 20 + 8

@@ -19,8 +19,15 @@ from ipfixer.model import ETH_P_IP, ETH_P_IPV6, FlowRecord, addr16_to_str, recor
 from ipfixer.templates import load_templates
 from ipfixer.wire.decode import Decoder
 from tests.collectors import wire
-from tests.interop.scenarios import INTERFACES, SAMPLING, make_exporter, restart_round, send_refresh_then_flows, tagged
-from tests.interop.scenarios import make_session as scenario_session
+from tests.interop.scenarios import (
+    INTERFACES,
+    SAMPLING,
+    make_exporter,
+    make_session as scenario_session,
+    restart_round,
+    send_refresh_then_flows,
+    tagged,
+)
 
 pytestmark = pytest.mark.interop
 

@@ -12,9 +12,8 @@ from typing import Any
 import pytest
 
 from ipfixer.export import Exporter, ExportSession, UdpTransport
-from ipfixer.export.annotate import VrfTable
 from ipfixer.export.options import sampling_values
-from ipfixer.model import ETH_P_IP, ETH_P_IPV6, FlowRecord, records_to_batch, to_addr16
+from ipfixer.model import ETH_P_IP, ETH_P_IPV6, FlowRecord, VrfTable, records_to_batch, to_addr16
 from ipfixer.templates import load_templates
 from tests.collectors import UTC_ENV
 

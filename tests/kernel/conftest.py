@@ -23,7 +23,7 @@ def netpair() -> Iterator[NetPair]:
 @pytest.fixture
 def program():  # type: ignore[no-untyped-def]
     """A freshly compiled and loaded classifier (default map size), unloaded afterwards."""
-    from ipfixer.kernel.program import load_program
+    from ipfixer.sources.kernel.program import load_program
 
     prog = load_program(map_entries=4096)
     try:

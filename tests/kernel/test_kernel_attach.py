@@ -15,8 +15,8 @@ import pytest
 from ipfx_net import NetPair, in_ns, unique, wait_until
 
 from ipfixer.errors import KernelError
-from ipfixer.kernel.attach import Attacher, InterfaceSelector, LinkWatcher
-from ipfixer.kernel.program import libbpf
+from ipfixer.sources.kernel.attach import Attacher, InterfaceSelector, LinkWatcher
+from ipfixer.sources.kernel.program import libbpf
 
 pytestmark = pytest.mark.root
 REPO = Path(__file__).resolve().parents[2]
@@ -78,7 +78,7 @@ def test_attach_detach_leaves_nothing(program: Any, netpair: NetPair) -> None:
 
 
 def test_program_unloads_after_detach_and_close(netpair: NetPair) -> None:
-    from ipfixer.kernel.program import load_program
+    from ipfixer.sources.kernel.program import load_program
 
     prog = load_program(map_entries=64)
     ours = {prog_id(prog.ingress_fd), prog_id(prog.egress_fd)}  # this test's programs, not anyone else's
@@ -117,8 +117,8 @@ def test_foreign_clsact_and_filter_untouched(program: Any, netpair: NetPair) -> 
 CRASHER = """
 import sys, time
 sys.path.insert(0, sys.argv[3])
-from ipfixer.kernel.program import load_program
-from ipfixer.kernel.attach import Attacher
+from ipfixer.sources.kernel.program import load_program
+from ipfixer.sources.kernel.attach import Attacher
 p = load_program(map_entries=64)
 a = Attacher(p.ingress_fd, p.egress_fd, 'both', netns=sys.argv[1])
 a.attach(sys.argv[2])

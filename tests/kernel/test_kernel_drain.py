@@ -10,9 +10,9 @@ import pytest
 from scapy.all import IP, TCP, UDP, Ether
 
 from ipfixer.clock import SystemClock
-from ipfixer.kernel.drain import Drainer
-from ipfixer.kernel.program import map_batch, prog_test_run
 from ipfixer.model import EndReason
+from ipfixer.sources.kernel.drain import Drainer
+from ipfixer.sources.kernel.program import map_batch, prog_test_run
 
 pytestmark = pytest.mark.root
 MS = 1_000_000
@@ -99,7 +99,7 @@ def fill_map(prog: Any, n: int, first_ns: int, base: int = 0) -> None:
     """n UDP flows straight into the kernel map (bpf_map_update_batch), one packet of 100 octets each."""
     import ctypes
 
-    from ipfixer.kernel.program import libbpf
+    from ipfixer.sources.kernel.program import libbpf
 
     keys = np.zeros(n, dtype=prog.key_dtype)
     keys["ethertype"], keys["protocol"], keys["ifindex"] = 0x0800, 17, 2

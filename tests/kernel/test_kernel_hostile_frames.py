@@ -12,8 +12,8 @@ import pytest
 from ipfx_net import NetPair, in_ns
 
 from ipfixer.clock import SystemClock
-from ipfixer.kernel.attach import Attacher
-from ipfixer.kernel.drain import Drainer
+from ipfixer.sources.kernel.attach import Attacher
+from ipfixer.sources.kernel.drain import Drainer
 
 pytestmark = pytest.mark.root
 MS = 1_000_000

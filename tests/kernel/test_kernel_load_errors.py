@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from ipfixer.errors import KernelError
-from ipfixer.kernel.program import MAX_RING_BYTES, PAGE_SIZE, load_program
+from ipfixer.sources.kernel.program import MAX_RING_BYTES, PAGE_SIZE, load_program
 
 pytestmark = pytest.mark.root
 

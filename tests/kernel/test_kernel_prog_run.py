@@ -10,8 +10,8 @@ import pytest
 from scapy.all import ARP, ICMP, IP, SCTP, TCP, UDP, Dot1AD, Dot1Q, Ether, ICMPv6EchoRequest, IPv6, Raw
 from scapy.layers.inet6 import IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
 
-from ipfixer.kernel.program import map_batch, prog_test_run
 from ipfixer.model import to_addr16
+from ipfixer.sources.kernel.program import map_batch, prog_test_run
 
 pytestmark = pytest.mark.root
 
@@ -220,8 +220,8 @@ def test_gso_super_packet_counts_wire_packets(program: Any) -> None:
 def test_full_map_spills_to_ring_buffer() -> None:
     from ipfixer.clock import SystemClock
     from ipfixer.flows.accounter import Accounter
-    from ipfixer.kernel.program import load_program
-    from ipfixer.kernel.spill import SpillConsumer
+    from ipfixer.sources.kernel.program import load_program
+    from ipfixer.sources.kernel.spill import SpillConsumer
 
     prog = load_program(map_entries=8, ring_pages=8)
     try:
@@ -244,8 +244,8 @@ def test_full_map_spills_to_ring_buffer() -> None:
 
 def test_sampling_one_in_n_counts_every_skipped_packet() -> None:
     """SAMPLING_INTERVAL=4: metered + not_sampled == every frame, exactly; about a quarter metered."""
-    from ipfixer.kernel.program import load_program
-    from ipfixer.meter import sampling_cflags
+    from ipfixer.sources.ebpf import sampling_cflags
+    from ipfixer.sources.kernel.program import load_program
 
     prog = load_program(map_entries=64, ring_pages=8, extra_cflags=sampling_cflags(4))
     try:
@@ -307,7 +307,7 @@ def test_direct_access_matches_load_bytes_fallback(program: Any, max_off: int) -
     PKT_DIRECT_MAX_OFF=N sends every header past offset N through the bpf_skb_load_bytes pass (as a
     non-linear skb would), after a partial direct pass: same map contents, same counters."""
     from ipfixer.errors import KernelError
-    from ipfixer.kernel.program import load_program
+    from ipfixer.sources.kernel.program import load_program
 
     other = load_program(map_entries=4096, extra_cflags=(f"-DPKT_DIRECT_MAX_OFF={max_off}",))
     try:

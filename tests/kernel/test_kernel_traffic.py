@@ -17,11 +17,11 @@ from ipfx_net import NetPair, in_ns
 
 from ipfixer.clock import SystemClock
 from ipfixer.flows.accounter import Accounter
-from ipfixer.kernel.attach import Attacher
-from ipfixer.kernel.drain import Drainer
-from ipfixer.kernel.program import load_program
-from ipfixer.kernel.spill import SpillConsumer
 from ipfixer.model import ETH_P_IP, ETH_P_IPV6, Direction, to_addr16
+from ipfixer.sources.kernel.attach import Attacher
+from ipfixer.sources.kernel.drain import Drainer
+from ipfixer.sources.kernel.program import load_program
+from ipfixer.sources.kernel.spill import SpillConsumer
 
 pytestmark = pytest.mark.root
 MS = 1_000_000

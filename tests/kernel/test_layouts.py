@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ipfixer.flows.rows import KEY_DTYPE, KEY_FIELDS, LEAF_DTYPE
-from ipfixer.kernel.program import BPF_DIR
+from ipfixer.sources.kernel.program import BPF_DIR
 
 pytestmark = pytest.mark.root
 

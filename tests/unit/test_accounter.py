@@ -5,8 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from ipfixer.clock import FakeClock, mono_to_wall_ms
 from ipfixer.flows.accounter import Accounter

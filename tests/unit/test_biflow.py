@@ -7,11 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from ipfixer.config import load_config
-from ipfixer.enrich.conntrack import CT_ESTABLISHED, CT_NEW, CT_REPLY, CT_TRACKED
 from ipfixer.errors import ConfigError
 from ipfixer.export.biflow import (
     BIFLOW_ARBITRARY,
@@ -20,7 +18,17 @@ from ipfixer.export.biflow import (
     BiflowPairer,
 )
 from ipfixer.export.factory import build_exporter
-from ipfixer.model import ETH_P_IP, FlowRecord, batch_to_records, records_to_batch, to_addr16
+from ipfixer.model import (
+    CT_ESTABLISHED,
+    CT_NEW,
+    CT_REPLY,
+    CT_TRACKED,
+    ETH_P_IP,
+    FlowRecord,
+    batch_to_records,
+    records_to_batch,
+    to_addr16,
+)
 from ipfixer.templates import load_templates
 from tests.cli.helpers import write_config
 

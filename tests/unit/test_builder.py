@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import struct
 
-from hypothesis import assume, given
-from hypothesis import strategies as st
+from hypothesis import assume, given, strategies as st
 
 from ipfixer.export.builder import MessageBuilder, RecordQueue, padded
 

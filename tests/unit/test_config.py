@@ -12,8 +12,7 @@ from typing import Any
 import pydantic
 import pytest
 import yaml
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 from ipfixer.config import (
     CollectorConfig,

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from ipfixer.config import MAX_ALIASES, MAX_DEPTH, MAX_FILE_BYTES, MAX_LISTED_ERRORS, MAX_NODES, load_config
 from ipfixer.errors import ConfigError, ConfigLimitError

@@ -16,8 +16,7 @@ import struct
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from netflow.utils import parse_packet
 
 from ipfixer.clock import FakeClock

@@ -4,8 +4,7 @@ plain arrays in, FLOW_DTYPE rows out, checked against a per-flow Python referenc
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from ipfixer.clock import FakeClock, mono_to_wall_ms
 from ipfixer.flows.expiry import expiry_reasons, flow_deadlines

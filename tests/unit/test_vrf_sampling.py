@@ -14,10 +14,10 @@ import pytest
 
 from ipfixer.config import load_config
 from ipfixer.export import Exporter, ExportSession, UdpTransport
-from ipfixer.export.annotate import VrfTable, annotate, templates_use_vrf, vrf_ids, vrf_values
+from ipfixer.export.annotate import annotate, templates_use_vrf, vrf_ids, vrf_values
 from ipfixer.export.factory import build_exporter, load_config_templates
-from ipfixer.kernel.vrf import LinkFacts, link_facts, vrf_table
-from ipfixer.model import ETH_P_IP, ETH_P_IPV6, FlowRecord, empty_batch, records_to_batch, to_addr16
+from ipfixer.model import ETH_P_IP, ETH_P_IPV6, FlowRecord, VrfTable, empty_batch, records_to_batch, to_addr16
+from ipfixer.sources.kernel.vrf import LinkFacts, link_facts, vrf_table
 from ipfixer.templates import load_templates
 from ipfixer.wire.decode import Decoder
 from tests.cli.helpers import write_config

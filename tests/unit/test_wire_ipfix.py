@@ -6,8 +6,7 @@ import ipaddress
 import struct
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 from ipfixer.errors import EncodeError
 from ipfixer.infomodel import VARLEN, InfoModel

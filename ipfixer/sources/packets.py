@@ -130,7 +130,7 @@ def _after_ethertype(src_mac: bytes, dst_mac: bytes, frame: bytes, at: int) -> P
     return ParsedFrame(src_mac, dst_mac, vlan_id, ethertype, ip, len(frame))
 
 
-# pcap link types (https://www.tcpdump.org/linktypes.html) that replay reads; ipfixer.capture names them.
+# pcap link types (https://www.tcpdump.org/linktypes.html) that replay reads; ipfixer.sources.capture names them.
 LINKTYPE_NULL, LINKTYPE_ETHERNET, LINKTYPE_RAW_OLD, LINKTYPE_RAW, LINKTYPE_LOOP = 0, 1, 12, 101, 108
 LINKTYPE_LINUX_SLL, LINKTYPE_IPV4, LINKTYPE_IPV6, LINKTYPE_LINUX_SLL2 = 113, 228, 229, 276
 _ARPHRD_ETHER = 1

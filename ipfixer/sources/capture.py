@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import NamedTuple
 
 from ipfixer.errors import CaptureError
-from ipfixer.packets import (
+from ipfixer.sources.packets import (
     LINKTYPE_ETHERNET,
     LINKTYPE_IPV4,
     LINKTYPE_IPV6,

@@ -1,6 +1,6 @@
-"""NFLOG as the daemon's packet source, for kernels without eBPF: the same interface as ipfixer.meter.Meter.
+"""NFLOG as the daemon's packet source, for kernels without eBPF: the same interface as ipfixer.sources.ebpf.Meter.
 
-nftables rules in ipfixer's own table (`table inet ipfixer`, see ipfixer.enrich.nflog) copy the
+nftables rules in ipfixer's own table (`table inet ipfixer`, see ipfixer.sources.nflog_netlink) copy the
 headers of every packet of the selected interfaces to an NFLOG group; NflogSource turns them into
 RawPackets and an Accounter aggregates them into flows.
 
@@ -28,11 +28,13 @@ import numpy as np
 from ipfixer.clock import Clock
 from ipfixer.config import Config
 from ipfixer.enrich.conntrack import ConnKey
-from ipfixer.enrich.nflog import PREFIX_IN, PREFIX_OUT, TABLE, NflogSource, remove_nflog_rules
 from ipfixer.errors import IpfixerError
 from ipfixer.flows.accounter import Accounter
-from ipfixer.meter import NamespaceLock, interface_name
+from ipfixer.instance import NamespaceLock
 from ipfixer.model import EndReason, FlowKey, RawPacket
+from ipfixer.sources import SourceCounters
+from ipfixer.sources.ebpf import interface_name
+from ipfixer.sources.nflog_netlink import PREFIX_IN, PREFIX_OUT, TABLE, NflogSource, remove_nflog_rules
 
 log = logging.getLogger("ipfixer.nflog")
 
@@ -80,10 +82,9 @@ def _nft(script: str) -> None:
 class NflogMeter:
     """nft `log group N` rules + NflogSource + Accounter, driven by the daemon like Meter."""
 
-    def __init__(self, config: Config, clock: Clock, metrics: Any) -> None:
+    def __init__(self, config: Config, clock: Clock) -> None:
         self.config = config
         self.clock = clock
-        self.metrics = metrics
         self._lock = NamespaceLock(config.lock_dir)
         self._source: NflogSource | None = None
         self._accounter: EndingAccounter | None = None
@@ -92,8 +93,6 @@ class NflogMeter:
         self._pending: list[np.ndarray] = []
         self._destroyed: set[bytes] = set()
         self._installed = False
-        self._last_unparsed = 0
-        self._last_evictions = 0
 
     def start(self) -> None:
         """Lock the namespace, install the rules, bind the NFLOG group; undone on failure."""
@@ -109,7 +108,7 @@ class NflogMeter:
             raise
 
     def _apply_selection(self, cfg: Config) -> None:
-        from ipfixer.kernel.attach import InterfaceSelector
+        from ipfixer.sources.kernel.attach import InterfaceSelector
 
         i = cfg.interfaces
         self._selector = InterfaceSelector(tuple(i.include), tuple(i.exclude))
@@ -157,7 +156,6 @@ class NflogMeter:
         due = self._accounter.evict_if_due()
         if due is not None:
             out.append(due)
-        self._update_metrics()
         return out
 
     def _ended(self, key: FlowKey, tcp_flags: int) -> bool:
@@ -172,7 +170,6 @@ class NflogMeter:
         if self._source is not None and self._accounter is not None:
             self._account(self._source.poll(0.0))
             out.append(self._accounter.flush())
-        self._update_metrics()
         return out
 
     def ignored_packets(self) -> int:
@@ -197,14 +194,11 @@ class NflogMeter:
             self._accounter.evict_timeout_ns = int(config.timeouts.idle * 1e9)
             self._accounter.max_entries = config.cache.accounter_max_entries
 
-    def _update_metrics(self) -> None:
-        m = self.metrics
-        if m is None or self._source is None or self._accounter is None:
-            return
-        m.malformed_packets.inc(max(0, self._source.unparsed - self._last_unparsed))
-        self._last_unparsed = self._source.unparsed
-        m.accounter_evictions.inc(max(0, self._accounter.evictions - self._last_evictions))
-        self._last_evictions = self._accounter.evictions
+    def source_counters(self) -> SourceCounters:
+        """Unparsed packets count as malformed; no kernel counters on this path (observed follows export)."""
+        if self._source is None or self._accounter is None:
+            return SourceCounters()
+        return SourceCounters(malformed=self._source.unparsed, accounter_evictions=self._accounter.evictions)
 
     def stop(self) -> None:
         """Remove table inet ipfixer, close the sockets, release the lock. Safe to call twice."""

@@ -17,8 +17,8 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
-from ipfixer.export.annotate import VrfTable
-from ipfixer.kernel.attach import _link_socket
+from ipfixer.model import VrfTable
+from ipfixer.sources.kernel.attach import _link_socket
 
 log = logging.getLogger(__name__)
 

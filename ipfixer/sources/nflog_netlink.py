@@ -19,7 +19,7 @@ from ipfixer.clock import Clock, SystemClock
 from ipfixer.enrich.conntrack import NETLINK_NETFILTER
 from ipfixer.model import Direction, FlowKey, RawPacket
 from ipfixer.netns import socket_in_netns
-from ipfixer.packets import parse_ip
+from ipfixer.sources.packets import parse_ip
 
 NFNL_SUBSYS_ULOG = 4
 NFULNL_MSG_PACKET = 0

@@ -1,8 +1,8 @@
 """The kernel meter as one unit for the daemon: program, attachments, link watcher, drain, spill path.
 
 It owns the instance lock (ipfixer.instance: one ipfixer per network namespace, since stale-filter
-cleanup and the link watcher act on every matching interface of the namespace) and turns the kernel's
-counters into metrics. Every batch it returns is a FLOW_DTYPE array, from the kernel map or from the Accounter.
+cleanup and the link watcher act on every matching interface of the namespace) and reports the kernel's
+counters as SourceCounters (the daemon turns them into metrics). Every batch it returns is a FLOW_DTYPE array, from the kernel map or from the Accounter.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from ipfixer.caps import check_capabilities
 from ipfixer.clock import Clock
 from ipfixer.config import Config
 from ipfixer.instance import NamespaceLock
+from ipfixer.sources import SourceCounters
 
 __all__ = ["Meter", "NamespaceLock", "interface_name", "sampling_cflags"]  # NamespaceLock: the NFLOG meter's too
 
-log = logging.getLogger("ipfixer.meter")
+log = logging.getLogger("ipfixer.sources.ebpf")
 # Kernel counters of packets the classifier could not parse as they claim to be (malformed_packets).
 MALFORMED_COUNTERS = ("trunc_l2", "trunc_l3", "trunc_l4", "malformed", "bad_length")
 
@@ -37,10 +38,9 @@ def interface_name(ifindex: int) -> str:
 class Meter:
     """Loads the classifier, attaches it, and yields flow batches from the map and the spill path."""
 
-    def __init__(self, config: Config, clock: Clock, metrics: Any) -> None:
+    def __init__(self, config: Config, clock: Clock) -> None:
         self.config = config
         self.clock = clock
-        self.metrics = metrics
         self._lock = NamespaceLock(config.lock_dir)
         self._prog: Any = None
         self._attacher: Any = None
@@ -49,15 +49,14 @@ class Meter:
         self._spill: Any = None
         self._pending: list[np.ndarray] = []
         self._last_counters: dict[str, int] = {}
-        self._last_evictions = 0
 
     def start(self) -> None:
         """Everything needed before the first packet is counted; undone on failure."""
         from ipfixer.flows.accounter import Accounter
-        from ipfixer.kernel.attach import Attacher, InterfaceSelector, LinkWatcher
-        from ipfixer.kernel.drain import Drainer
-        from ipfixer.kernel.program import COUNTER_NAMES, load_program
-        from ipfixer.kernel.spill import SpillConsumer
+        from ipfixer.sources.kernel.attach import Attacher, InterfaceSelector, LinkWatcher
+        from ipfixer.sources.kernel.drain import Drainer
+        from ipfixer.sources.kernel.program import COUNTER_NAMES, load_program
+        from ipfixer.sources.kernel.spill import SpillConsumer
 
         cfg = self.config
         check_capabilities()
@@ -78,8 +77,7 @@ class Meter:
             self._spill = SpillConsumer(self._prog.bpf, self._prog.spill, self._prog.spill_dtype, accounter)
             self._drainer = Drainer(self._prog.flows, self.clock, int(cfg.timeouts.active * 1e9),
                                     int(cfg.timeouts.idle * 1e9), interface_name, sweep_drains=sweep_drains(cfg))
-            self.metrics.observed_live = True  # packets/octets_observed from the kernel at each drain
-            self.metrics.count_classifier(dict.fromkeys(COUNTER_NAMES, 0))  # every series exists at zero
+            self._last_counters = dict.fromkeys(COUNTER_NAMES, 0)  # every series exists at zero
         except BaseException:
             self.stop()
             raise
@@ -102,7 +100,7 @@ class Meter:
         destroyed) plus whatever the Accounter evicted."""
         out, self._pending = self._pending, []
         out.append(self._drainer.drain(end_keys=end_keys))
-        self._update_metrics()
+        self._read_counters()
         return out
 
     def flush(self) -> list[np.ndarray]:
@@ -112,7 +110,7 @@ class Meter:
             out.extend(self._spill.flush())
         if self._drainer is not None:
             out.append(self._drainer.flush())
-        self._update_metrics()
+        self._read_counters()
         return out
 
     def ignored_packets(self) -> int:
@@ -121,7 +119,7 @@ class Meter:
 
     def reconfigure(self, config: Config) -> None:
         """Apply a reloaded config: timeouts and the interface selection (map sizes need a restart)."""
-        from ipfixer.kernel.attach import InterfaceSelector, directions
+        from ipfixer.sources.kernel.attach import InterfaceSelector, directions
 
         old = self.config
         self.config = config
@@ -142,26 +140,26 @@ class Meter:
         self._watcher.selector = selector
         self._attacher.attach_selected(selector)
 
-    def _update_metrics(self) -> None:
+    def _read_counters(self) -> None:
+        """Read the kernel's counters (summed over CPUs) once per drain; say so when the ring lost packets."""
         counters: dict[str, int] = self._prog.counter_values()
-        last, self._last_counters = self._last_counters, counters
-
-        def delta(name: str) -> int:
-            return max(0, counters.get(name, 0) - last.get(name, 0))
-
-        m = self.metrics
-        m.overflow_packets.inc(delta("spilled"))
-        m.ringbuf_losses.inc(delta("ringbuf_fail"))
-        if delta("ringbuf_fail"):
+        lost = max(0, counters.get("ringbuf_fail", 0) - self._last_counters.get("ringbuf_fail", 0))
+        self._last_counters = counters
+        if lost:
             log.warning("spill ring buffer full: %d packets lost since the last drain (%d in all; counted in "
                         "ignoredPacketTotalCount); raise cache.kernel_map_entries or cache.ring_buffer_pages",
-                        delta("ringbuf_fail"), counters.get("ringbuf_fail", 0))
-        m.malformed_packets.inc(sum(delta(n) for n in MALFORMED_COUNTERS))
-        m.count_classifier({name: delta(name) for name in counters})  # incl. live packets/octets_observed
-        evictions = self._spill.accounter.evictions
-        m.accounter_evictions.inc(max(0, evictions - self._last_evictions))
-        self._last_evictions = evictions
-        m.kernel_map_fill_ratio.set(self._drainer.kernel_entries / max(1, self._prog.map_entries))
+                        lost, counters.get("ringbuf_fail", 0))
+
+    def source_counters(self) -> SourceCounters:
+        """The kernel's counters as of the last drain, plus the Accounter's evictions and the map fill."""
+        c = self._last_counters
+        return SourceCounters(
+            spilled=c.get("spilled", 0), ring_lost=c.get("ringbuf_fail", 0),
+            malformed=sum(c.get(n, 0) for n in MALFORMED_COUNTERS),
+            accounter_evictions=self._spill.accounter.evictions if self._spill is not None else 0,
+            map_fill_ratio=(self._drainer.kernel_entries / max(1, self._prog.map_entries)
+                            if self._drainer is not None and self._prog is not None else None),
+            classifier=dict(c), observed_live=True)
 
     def counters(self) -> dict[str, int]:
         """The kernel's counters (summed over CPUs) as of the last drain."""

@@ -36,8 +36,8 @@ from ipfixer.clock import Clock
 from ipfixer.errors import KernelError
 from ipfixer.flows.expiry import expiry_reasons, flow_deadlines
 from ipfixer.flows.rows import build_rows, concat, match_keys, merge, merge_leaves, select
-from ipfixer.kernel.program import libbpf, map_batch
 from ipfixer.model import EndReason, empty_batch, five_tuple_keys
+from ipfixer.sources.kernel.program import libbpf, map_batch
 
 BPF_NOEXIST = 1
 # Expiring share of a whole-map read above which the map is taken whole: taking costs ~0.8 us per
