@@ -28,11 +28,11 @@ static __always_inline void count(__u32 idx)
  * flow records show them only once exported. H3 (issue 10); direction is a compile-time constant. */
 static __always_inline void count_observed(__u8 direction, const struct pkt_info *info)
 {
-    __u32 idx = CNT_OBS_PACKETS_INGRESS + direction;
+    __u32 idx = CNT_OBSERVED_PACKETS_INGRESS + direction;
     __u64 *v = counters.lookup(&idx);
     if (v)
         *v += info->packets;
-    idx = CNT_OBS_OCTETS_INGRESS + direction;
+    idx = CNT_OBSERVED_OCTETS_INGRESS + direction;
     v = counters.lookup(&idx);
     if (v)
         *v += info->octets;

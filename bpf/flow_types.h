@@ -65,8 +65,10 @@ struct spill_record {
     __u8  pad0[6];
 };
 
-/* Per-CPU counter array indices (BPF_PERCPU_ARRAY counters, __u64). Keep COUNTER_NAMES in
- * ipfixer/sources/kernel/program.py in the same order. */
+/* Per-CPU counter array indices (BPF_PERCPU_ARRAY counters, __u64). The one list of them:
+ * ipfixer/sources/kernel/program.py reads this enum (COUNTER_NAMES = each CNT_X lowercased, without
+ * CNT_, in order), so an entry is one line here; entries take their values in order from 0 (no "= N"
+ * after the first), and CNT_MAX ends the list. */
 enum ipfixer_counter {
     CNT_PACKETS = 0,                 /* frames seen by the classifier */
     CNT_MAP_FULL,                    /* insert failed E2BIG / ENOMEM: map full */
@@ -85,10 +87,10 @@ enum ipfixer_counter {
     CNT_NOT_SAMPLED,                 /* skipped by 1-in-N sampling (SAMPLING_INTERVAL > 1) */
     CNT_BAD_LENGTH,                  /* malformed: IP length beyond the bytes received (octets capped at
                                         what the skb holds), or IPv4 total length below its header */
-    CNT_OBS_PACKETS_INGRESS,         /* metered wire packets (GSO expanded) by direction: + FLOW_DIR_* */
-    CNT_OBS_PACKETS_EGRESS,
-    CNT_OBS_OCTETS_INGRESS,          /* their IP-layer octets, by direction */
-    CNT_OBS_OCTETS_EGRESS,
+    CNT_OBSERVED_PACKETS_INGRESS,    /* metered wire packets (GSO expanded) by direction: + FLOW_DIR_* */
+    CNT_OBSERVED_PACKETS_EGRESS,
+    CNT_OBSERVED_OCTETS_INGRESS,     /* their IP-layer octets, by direction */
+    CNT_OBSERVED_OCTETS_EGRESS,
     CNT_MAX
 };
 

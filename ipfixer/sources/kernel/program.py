@@ -11,6 +11,7 @@ import ctypes.util
 import errno
 import logging
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -31,29 +32,37 @@ PROGRAM_FILE = BPF_DIR / "flow_tc.c"
 INGRESS_FUNC = "ipfixer_ingress"
 EGRESS_FUNC = "ipfixer_egress"
 
-# Same order as enum ipfixer_counter in bpf/flow_types.h.
-COUNTER_NAMES: tuple[str, ...] = (
-    "packets",
-    "map_full",
-    "insert_race",
-    "insert_busy",
-    "insert_other",
-    "spilled",
-    "ringbuf_fail",
-    "trunc_l2",
-    "trunc_l3",
-    "trunc_l4",
-    "malformed",
-    "non_ip",
-    "ipv6_ext_limit",
-    "fragment",
-    "not_sampled",
-    "bad_length",
-    "observed_packets_ingress",
-    "observed_packets_egress",
-    "observed_octets_ingress",
-    "observed_octets_egress",
-)
+TYPES_HEADER = BPF_DIR / "flow_types.h"
+
+
+def counter_names(header: str, source: str = "flow_types.h") -> tuple[str, ...]:
+    """The names of `enum ipfixer_counter` in a C header, in index order: CNT_FOO_BAR -> "foo_bar".
+
+    The enum is the one list of the classifier's counters (the per-CPU array is indexed by it), so
+    userspace reads it instead of repeating it. Hand-written (a regular expression over one enum, not
+    a C parser): entries must be `CNT_NAME` lines taking consecutive values from 0 and end at CNT_MAX;
+    anything else is a KernelError naming the entry, so a header edit cannot silently shift the
+    names against the indices."""
+    m = re.search(r"enum\s+ipfixer_counter\s*\{(.*?)\}", header, re.S)
+    if m is None:
+        raise KernelError(f"{source}: no `enum ipfixer_counter {{...}}` found")
+    body = re.sub(r"/\*.*?\*/|//[^\n]*", "", m.group(1), flags=re.S)
+    names: list[str] = []
+    for i, entry in enumerate(e.strip() for e in body.split(",")):
+        if not entry:
+            continue
+        e = re.fullmatch(r"CNT_([A-Z0-9_]+)(?:\s*=\s*(\w+))?", entry)
+        if e is None or (e.group(2) is not None and (i, e.group(2)) != (0, "0")):
+            raise KernelError(f"{source}: enum ipfixer_counter entry {entry!r} is not `CNT_NAME` in order "
+                              "(only the first may say `= 0`)")
+        if e.group(1) == "MAX":
+            return tuple(names)
+        names.append(e.group(1).lower())
+    raise KernelError(f"{source}: enum ipfixer_counter does not end with CNT_MAX")
+
+
+# The classifier's counters, in index order: read from bpf/flow_types.h, their one definition.
+COUNTER_NAMES: tuple[str, ...] = counter_names(TYPES_HEADER.read_text(encoding="utf-8"), str(TYPES_HEADER))
 
 
 @dataclass
