@@ -3,7 +3,8 @@
  * Attached to a cgroup v2 directory (the root, or a test cgroup); every IPv4 packet sent or received by a
  * socket of a process in that cgroup subtree emits one 32-byte event into a ring buffer. Observe only:
  * both programs always return 1 (allow). IPv6 is counted but not emitted (the event has 4-byte
- * addresses; the layout is fixed by the consumer in ipfixer/enrich/cgroups.py).
+ * addresses). The event, struct cgroup_flow_event, is declared in flow_types.h with the other layouts
+ * shared with userspace (read by ipfixer/enrich/cgroups.py); bcc finds that header next to this file.
  *
  * Byte order: for cgroup_skb the skb data starts at the network header; addresses are copied from the
  * packet as they are, i.e. in NETWORK order (the first octet is the lowest-addressed byte; read as a
@@ -14,23 +15,14 @@
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/ip.h>
 #include <uapi/linux/in.h>
+#include "flow_types.h"        /* struct cgroup_flow_event, FLOW_DIR_* */
 
-struct cgroup_flow_event {
-    u64 timestamp_ns;   /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
-    u64 cgroup_id;      /* bpf_skb_cgroup_id(): the socket's cgroup v2 id == its directory inode */
-    u32 src_ip;         /* network order */
-    u32 dst_ip;         /* network order */
-    u16 src_port;       /* host order */
-    u16 dst_port;       /* host order */
-    u8 protocol;
-    u8 direction;       /* 0 ingress, 1 egress (IPFIX flowDirection) */
-    u16 packet_len;     /* IP total length, host order */
-};
 
-enum { CNT_EMITTED, CNT_RING_FULL, CNT_NOT_IPV4, CNT_MAX };
+/* Indices of cgroup_counters, in the order cgroups.py names them (emitted, ring_full, not_ipv4). */
+enum { CGROUP_CNT_EMITTED, CGROUP_CNT_RING_FULL, CGROUP_CNT_NOT_IPV4, CGROUP_CNT_MAX };
 
 BPF_RINGBUF_OUTPUT(cgroup_events, 64);
-BPF_PERCPU_ARRAY(cgroup_counters, u64, CNT_MAX);
+BPF_PERCPU_ARRAY(cgroup_counters, u64, CGROUP_CNT_MAX);
 
 static __always_inline void count(u32 idx)
 {
@@ -43,12 +35,12 @@ static __always_inline int emit(struct __sk_buff *skb, u8 direction)
 {
     struct iphdr iph;
     if (skb->protocol != bpf_htons(ETH_P_IP) || bpf_skb_load_bytes(skb, 0, &iph, sizeof(iph)) < 0) {
-        count(CNT_NOT_IPV4);
+        count(CGROUP_CNT_NOT_IPV4);
         return 1;
     }
     struct cgroup_flow_event *ev = cgroup_events.ringbuf_reserve(sizeof(struct cgroup_flow_event));
     if (!ev) {
-        count(CNT_RING_FULL);
+        count(CGROUP_CNT_RING_FULL);
         return 1;
     }
     ev->timestamp_ns = bpf_ktime_get_ns();
@@ -74,16 +66,16 @@ static __always_inline int emit(struct __sk_buff *skb, u8 direction)
         }
     }
     cgroup_events.ringbuf_submit(ev, 0);
-    count(CNT_EMITTED);
+    count(CGROUP_CNT_EMITTED);
     return 1;
 }
 
 int cgroup_skb_ingress(struct __sk_buff *skb)
 {
-    return emit(skb, 0);
+    return emit(skb, FLOW_DIR_INGRESS);
 }
 
 int cgroup_skb_egress(struct __sk_buff *skb)
 {
-    return emit(skb, 1);
+    return emit(skb, FLOW_DIR_EGRESS);
 }

@@ -65,6 +65,22 @@ struct spill_record {
     __u8  pad0[6];
 };
 
+/* One packet seen by bpf/cgroup_skb.c (container attribution), a ring-buffer event (32 bytes) that
+ * ipfixer/enrich/cgroups.py reads as struct "=QQ4s4sHHBBH": timestamp_ns @0, cgroup_id @8, src_ip @16,
+ * dst_ip @20, src_port @24, dst_port @26, protocol @28, direction @29, packet_len @30.
+ * Addresses in network order (copied from the packet), ports and packet_len in host order. */
+struct cgroup_flow_event {
+    __u64 timestamp_ns;              /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+    __u64 cgroup_id;                 /* bpf_skb_cgroup_id(): the socket's cgroup v2 id == its directory inode */
+    __u32 src_ip;                    /* network order */
+    __u32 dst_ip;                    /* network order */
+    __u16 src_port;                  /* host order; ICMP: 0 */
+    __u16 dst_port;                  /* host order; ICMP: type << 8 | code */
+    __u8  protocol;
+    __u8  direction;                 /* FLOW_DIR_* */
+    __u16 packet_len;                /* IP total length, host order */
+};
+
 /* Per-CPU counter array indices (BPF_PERCPU_ARRAY counters, __u64). The one list of them:
  * ipfixer/sources/kernel/program.py reads this enum (COUNTER_NAMES = each CNT_X lowercased, without
  * CNT_, in order), so an entry is one line here; entries take their values in order from 0 (no "= N"

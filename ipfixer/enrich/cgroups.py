@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 PROGRAM_FILE = share_dir("bpf") / "cgroup_skb.c"
 BPF_F_ALLOW_MULTI = 2  # share the hook with other tools' programs instead of replacing them
 
-# struct cgroup_flow_event (bpf/cgroup_skb.c): addresses in network order, ports/len in host order
+# struct cgroup_flow_event (bpf/flow_types.h): addresses in network order, ports/len in host order
 EVENT_STRUCT = struct.Struct("=QQ4s4sHHBBH")
 assert EVENT_STRUCT.size == 32
 
@@ -171,7 +171,8 @@ class CgroupAttributor:
     def _load(self) -> None:
         from bcc import BPF, BPFAttachType
 
-        self._bpf = BPF(src_file=str(PROGRAM_FILE).encode())
+        # -I: the event layout is in flow_types.h beside it (bcc compiles a copy, not the file in place)
+        self._bpf = BPF(src_file=str(PROGRAM_FILE).encode(), cflags=[f"-I{PROGRAM_FILE.parent}"])
         self._fd = os.open(self.cgroup_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         for name, attach_type in (
             ("cgroup_skb_ingress", BPFAttachType.CGROUP_INET_INGRESS),
