@@ -20,12 +20,33 @@
 #define ETHP_IPV6 0x86DD
 #define ETHP_8021Q 0x8100
 #define ETHP_8021AD 0x88A8
-#define MAX_VLAN_TAGS 2
-#define IPV6_MAX_EXT 6
+#define MAX_VLAN_TAGS 2              /* unrolled loop bound: QinQ (802.1ad outer + 802.1Q inner) */
+#define IPV6_MAX_EXT 6               /* unrolled loop bound: the verifier needs a constant trip count, and
+                                        each unrolled header walk adds instructions to both passes */
 #ifndef PKT_DIRECT_MAX_OFF
-#define PKT_DIRECT_MAX_OFF 4096      /* direct pass: farther headers go through bpf_skb_load_bytes */
+/* Direct pass: farther headers go through bpf_skb_load_bytes. The offset is computed from packet bytes
+ * (IHL, extension header lengths); the verifier only accepts data + off when off has a known upper
+ * bound (below MAX_PACKET_OFF, 0xffff), and this comparison is that bound. A -D so tests can force the
+ * fallback at chosen offsets. */
+#define PKT_DIRECT_MAX_OFF 4096
 #endif
 #define PARSE_RETRY 0xff             /* pkt_info.anomaly of an aborted direct pass (never counted) */
+
+/* IP protocol / IPv6 Next Header numbers (IANA "Assigned Internet Protocol Numbers"); the extension
+ * headers are those of RFC 8200 4.1 (and RFC 4302 AH) that the IPv6 walk below skips. Own names, not
+ * uapi/linux/in.h's IPPROTO_* (an enum there: defining the same names as macros would break it).
+ * ipfixer/sources/packets.py uses the same names and values (tests/unit/test_packet_names.py checks). */
+#define PROTO_ICMP 1
+#define PROTO_TCP 6
+#define PROTO_UDP 17
+#define PROTO_ICMPV6 58
+#define PROTO_SCTP 132
+#define PROTO_UDPLITE 136
+#define IPV6_NH_HOPOPTS 0            /* hop-by-hop options */
+#define IPV6_NH_ROUTING 43
+#define IPV6_NH_FRAGMENT 44
+#define IPV6_NH_AH 51                /* length in 4-octet units minus 2 (RFC 4302 2.2) */
+#define IPV6_NH_DSTOPTS 60           /* destination options */
 
 struct pkt_info {
     __u64 octets;                    /* IP-layer octets as the wire carries them (GSO expanded) */
@@ -46,6 +67,11 @@ struct pkt_src {
 /* len header bytes at off: a pointer into the linear area (direct), else copied into buf by
  * bpf_skb_load_bytes. NULL if not available — direct: not in the linear area, parse again;
  * load_bytes: the packet is shorter than off + len. */
+/* The bounds checks below are the shapes the verifier proves accesses with: every header read is "p + len
+ * <= data_end" on a packet pointer (direct) or into a caller's stack buffer of constant size (load_bytes:
+ * helpers take only stack memory of a size known at load time), hence buf/len arguments, never a
+ * variable-sized read. `direct` is a literal at each call site, so after inlining each pass is its own
+ * code and no register is a packet pointer on one path and a stack pointer on another. */
 static __always_inline const __u8 *hdr(const struct pkt_src *s, const int direct, __u32 off,
                                        __u8 *buf, __u32 len)
 {
@@ -77,10 +103,10 @@ static __always_inline void v4mapped(__u8 *dst, __u32 addr_be)
 static __always_inline __u32 parse_l4(const struct pkt_src *s, const int direct, __u32 off,
                                       struct flow_key *key, struct pkt_info *info)
 {
-    __u8 buf[20];
+    __u8 buf[20];                    /* stack copy for the load_bytes pass: the largest header read here (TCP) */
     const __u8 *b;
     switch (key->protocol) {
-    case 6: /* TCP */
+    case PROTO_TCP:
         b = hdr(s, direct, off, buf, 20);
         if (!b) {
             info->anomaly = SHORT(direct, CNT_TRUNC_L4);
@@ -94,8 +120,8 @@ static __always_inline __u32 parse_l4(const struct pkt_src *s, const int direct,
             return 20;
         }
         return (__u32)(b[12] >> 4) * 4;
-    case 17:  /* UDP */
-    case 136: /* UDP-Lite */
+    case PROTO_UDP:
+    case PROTO_UDPLITE:
         b = hdr(s, direct, off, buf, 8);
         if (!b) {
             info->anomaly = SHORT(direct, CNT_TRUNC_L4);
@@ -104,7 +130,7 @@ static __always_inline __u32 parse_l4(const struct pkt_src *s, const int direct,
         key->src_port = ((__u16)b[0] << 8) | b[1];
         key->dst_port = ((__u16)b[2] << 8) | b[3];
         return 8;
-    case 132: /* SCTP: common header, ports first */
+    case PROTO_SCTP: /* common header, ports first */
         b = hdr(s, direct, off, buf, 12);
         if (!b) {
             info->anomaly = SHORT(direct, CNT_TRUNC_L4);
@@ -113,8 +139,8 @@ static __always_inline __u32 parse_l4(const struct pkt_src *s, const int direct,
         key->src_port = ((__u16)b[0] << 8) | b[1];
         key->dst_port = ((__u16)b[2] << 8) | b[3];
         return 12;
-    case 1:  /* ICMP */
-    case 58: /* ICMPv6: collectors expect dst_port = type*256 + code, src_port 0 */
+    case PROTO_ICMP:
+    case PROTO_ICMPV6: /* collectors expect dst_port = type*256 + code, src_port 0 */
         b = hdr(s, direct, off, buf, 2);
         if (!b) {
             info->anomaly = SHORT(direct, CNT_TRUNC_L4);
@@ -140,7 +166,7 @@ static __always_inline void gso_expand(struct __sk_buff *skb, __u32 l3_off, __u3
 static __always_inline void parse_ipv4(const struct pkt_src *s, const int direct, __u32 off,
                                        struct flow_key *key, struct pkt_info *info)
 {
-    __u8 buf[20];
+    __u8 buf[20];                    /* load_bytes pass: the fixed IPv4 header (options are not read) */
     __u32 len = s->skb->len;
     info->octets = len > off ? len - off : 0;
     const __u8 *h = hdr(s, direct, off, buf, 20);
@@ -184,10 +210,17 @@ static __always_inline void parse_ipv4(const struct pkt_src *s, const int direct
     gso_expand(s->skb, off, ihl + l4, info);
 }
 
+/* An extension header the walk in parse_ipv6 skips (the cases of its switch). */
+static __always_inline int ipv6_ext_header(__u8 nh)
+{
+    return nh == IPV6_NH_HOPOPTS || nh == IPV6_NH_ROUTING || nh == IPV6_NH_DSTOPTS || nh == IPV6_NH_AH ||
+           nh == IPV6_NH_FRAGMENT;
+}
+
 static __always_inline void parse_ipv6(const struct pkt_src *s, const int direct, __u32 off,
                                        struct flow_key *key, struct pkt_info *info)
 {
-    __u8 buf[40];
+    __u8 buf[40];                    /* load_bytes pass: the fixed IPv6 header */
     __u32 l3_off = off;
     __u32 len = s->skb->len;
     info->octets = len > off ? len - off : 0;
@@ -214,17 +247,19 @@ static __always_inline void parse_ipv6(const struct pkt_src *s, const int direct
     __builtin_memcpy(key->dst_addr, h + 24, 16);
     __u8 nh = h[6];
     off += 40;
+    /* `break` inside the switch leaves only the switch: the flag ends the walk at the first non-extension
+     * header, keeping the loop a plain counted one that clang fully unrolls (no goto out of it). */
     int walking = 1;
 #pragma unroll
     for (int i = 0; i < IPV6_MAX_EXT; i++) {
-        __u8 ebuf[4];
+        __u8 ebuf[4];                /* load_bytes pass: next header + length (+ fragment offset) */
         const __u8 *e;
         if (!walking)
             break;
         switch (nh) {
-        case 0:  /* hop-by-hop */
-        case 43: /* routing */
-        case 60: /* destination options */
+        case IPV6_NH_HOPOPTS:
+        case IPV6_NH_ROUTING:
+        case IPV6_NH_DSTOPTS:
             e = hdr(s, direct, off, ebuf, 2);
             if (!e) {
                 info->anomaly = SHORT(direct, CNT_TRUNC_L3);
@@ -234,7 +269,7 @@ static __always_inline void parse_ipv6(const struct pkt_src *s, const int direct
             nh = e[0];
             off += ((__u32)e[1] + 1) * 8;
             break;
-        case 51: /* AH: length in 4-octet units minus 2 */
+        case IPV6_NH_AH:
             e = hdr(s, direct, off, ebuf, 2);
             if (!e) {
                 info->anomaly = SHORT(direct, CNT_TRUNC_L3);
@@ -244,7 +279,7 @@ static __always_inline void parse_ipv6(const struct pkt_src *s, const int direct
             nh = e[0];
             off += ((__u32)e[1] + 2) * 4;
             break;
-        case 44: /* fragment */
+        case IPV6_NH_FRAGMENT:
             e = hdr(s, direct, off, ebuf, 4);
             if (!e) {
                 info->anomaly = SHORT(direct, CNT_TRUNC_L3);
@@ -264,7 +299,7 @@ static __always_inline void parse_ipv6(const struct pkt_src *s, const int direct
         }
     }
     key->protocol = nh;
-    if (nh == 0 || nh == 43 || nh == 60 || nh == 51 || nh == 44) {
+    if (ipv6_ext_header(nh)) {       /* still an extension header after IPV6_MAX_EXT of them */
         info->anomaly = CNT_IPV6_EXT_LIMIT;
         return;
     }
@@ -279,7 +314,7 @@ static __always_inline void parse_frame(const struct pkt_src *s, const int direc
                                         struct flow_key *key, struct pkt_info *info)
 {
     struct __sk_buff *skb = s->skb;
-    __u8 buf[ETH_HLEN_];
+    __u8 buf[ETH_HLEN_];             /* load_bytes pass: the Ethernet header */
     __u32 len = skb->len;
     info->packets = 1;
     info->octets = len;
@@ -301,7 +336,7 @@ static __always_inline void parse_frame(const struct pkt_src *s, const int direc
     for (int i = 0; i < MAX_VLAN_TAGS; i++) {
         if (proto != ETHP_8021Q && proto != ETHP_8021AD)
             break;
-        __u8 tbuf[4];
+        __u8 tbuf[4];                /* load_bytes pass: one VLAN tag */
         const __u8 *t = hdr(s, direct, off, tbuf, 4);
         if (!t) {
             info->anomaly = SHORT(direct, CNT_TRUNC_L2);
@@ -338,6 +373,7 @@ static __always_inline void parse_packet(struct __sk_buff *skb, struct flow_key 
     parse_frame(&s, 1, key, info);
     if (info->anomaly != PARSE_RETRY)
         return;
+    /* from scratch: the aborted pass may have written part of the key (hashed byte for byte) */
     __builtin_memset(key, 0, sizeof(*key));
     __builtin_memset(info, 0, sizeof(*info));
     parse_frame(&s, 0, key, info);

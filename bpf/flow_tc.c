@@ -60,6 +60,9 @@ static __always_inline int account(struct __sk_buff *skb, __u8 direction)
 {
     struct flow_key key;
     struct pkt_info info;
+    /* Whole structs zeroed, pads included: the hash compares keys byte for byte (a stray pad byte would
+     * split one flow in two), and a verifier without allow_uninit_stack (no CAP_PERFMON) refuses stack
+     * bytes never written as a helper's input. */
     __builtin_memset(&key, 0, sizeof(key));
     __builtin_memset(&info, 0, sizeof(info));
     count(CNT_PACKETS);
@@ -87,7 +90,7 @@ static __always_inline int account(struct __sk_buff *skb, __u8 direction)
         return TC_ACT_UNSPEC;
     }
     struct flow_metrics fresh;
-    __builtin_memset(&fresh, 0, sizeof(fresh));
+    __builtin_memset(&fresh, 0, sizeof(fresh));  /* pad0 too: userspace reads the whole leaf */
     fresh.packets = info.packets;
     fresh.octets = info.octets;
     fresh.first_ns = now;

@@ -16,11 +16,16 @@ from ipfixer.model import ETH_P_IP, ETH_P_IPV6, FlowKey
 
 ETH_P_8021Q = 0x8100
 ETH_P_8021AD = 0x88A8
-PROTO_ICMP, PROTO_TCP, PROTO_UDP, PROTO_ICMPV6, PROTO_SCTP = 1, 6, 17, 58, 132
-# IPv6 extension headers skipped to reach the transport header (RFC 8200 4.1).
-_IPV6_EXT = {0, 43, 60, 135, 139, 140}
-_IPV6_FRAGMENT, _IPV6_AH = 44, 51
-_MAX_EXT_HEADERS = 8
+# IP protocol / IPv6 Next Header numbers (IANA "Assigned Internet Protocol Numbers"), the names and
+# values bpf/flow_parse.h defines for the kernel parser (tests/unit/test_packet_names.py checks both agree).
+PROTO_ICMP, PROTO_TCP, PROTO_UDP, PROTO_ICMPV6, PROTO_SCTP, PROTO_UDPLITE = 1, 6, 17, 58, 132, 136
+IPV6_NH_HOPOPTS, IPV6_NH_ROUTING, IPV6_NH_FRAGMENT, IPV6_NH_AH, IPV6_NH_DSTOPTS = 0, 43, 44, 51, 60
+IPV6_NH_MOBILITY, IPV6_NH_HIP, IPV6_NH_SHIM6 = 135, 139, 140  # RFC 6275, RFC 7401, RFC 5533
+# Extension headers in the RFC 8200 4.1 format (next header, length in 8-octet units minus 1), skipped
+# to reach the transport header; the fragment header (fixed 8 octets) and AH (RFC 4302 2.2: 4-octet
+# units minus 2) are read apart. Userspace also skips mobility/HIP/shim6, which the kernel walk does not.
+_IPV6_EXT = {IPV6_NH_HOPOPTS, IPV6_NH_ROUTING, IPV6_NH_DSTOPTS, IPV6_NH_MOBILITY, IPV6_NH_HIP, IPV6_NH_SHIM6}
+_MAX_EXT_HEADERS = 8  # bounded walk on hostile input (the kernel's IPV6_MAX_EXT is 6, an unroll budget)
 _ZERO16 = b"\x00" * 16
 _ZERO6 = b"\x00" * 6
 
@@ -82,10 +87,10 @@ def parse_ip(packet: bytes) -> ParsedPacket | None:
         for _ in range(_MAX_EXT_HEADERS):
             if proto in _IPV6_EXT and len(packet) >= off + 2:
                 proto, off = packet[off], off + (packet[off + 1] + 1) * 8
-            elif proto == _IPV6_FRAGMENT and len(packet) >= off + 8:
+            elif proto == IPV6_NH_FRAGMENT and len(packet) >= off + 8:
                 fragmented = fragmented or (struct.unpack_from("!H", packet, off + 2)[0] & 0xFFF8) != 0
                 proto, off = packet[off], off + 8
-            elif proto == _IPV6_AH and len(packet) >= off + 2:
+            elif proto == IPV6_NH_AH and len(packet) >= off + 2:
                 proto, off = packet[off], off + (packet[off + 1] + 2) * 4
             else:
                 break
