@@ -1,8 +1,11 @@
-"""A small lab of network namespaces for `ipfixer demo`, the daemon tests and the benchmarks.
+"""The one namespace lab for `ipfixer demo`, every test and the benchmarks.
 
-Two namespaces joined by a veth pair, every name prefixed `ipfx` with a unique suffix; `close()`
-deletes the namespaces, which takes their veths, qdiscs and filters with them. Built with iproute2's
-`ip` (namespace creation needs a bind mount that `ip netns add` does the standard way).
+`Namespaces` makes network namespaces (every name `ipfx` + a unique suffix) and deletes every one it made in
+`close()` / on leaving its `with` block, even when building or the test failed; deleting a namespace takes
+its veths, qdiscs, filters and nft tables with it. `Lab` is the common shape on top of it: two namespaces
+joined by a veth pair with static neighbours. Every command is bounded in time. Hand-written over iproute2's
+`ip` (namespace creation needs the bind mount that `ip netns add` does the standard way; pyroute2's netns
+module does the same through a forked helper, and `ip` is what an operator would type to reproduce a failure).
 """
 
 from __future__ import annotations
@@ -10,14 +13,18 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from types import TracebackType
 
 from ipfixer.errors import KernelError
+from ipfixer.netns import in_netns
 
 _seq = itertools.count()
 
@@ -38,13 +45,88 @@ def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return res
 
 
-def netns_exec(ns: str, *cmd: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run a command inside a namespace, bounded in time."""
-    res = subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True, timeout=timeout,
-                         check=False)
+def netns_exec(ns: str | None, *cmd: str, timeout: float = 60, check: bool = True,
+               input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a command inside a namespace (None: this one), bounded in time; KernelError on failure."""
+    argv = ["ip", "netns", "exec", ns, *cmd] if ns is not None else list(cmd)
+    res = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout, check=False)
     if check and res.returncode != 0:
-        raise KernelError(f"{' '.join(cmd)} in {ns}: {res.stderr.strip()}")
+        raise KernelError(f"{' '.join(cmd)} in {ns or 'this namespace'}: {res.returncode} {res.stderr.strip()}")
     return res
+
+
+def sh(*cmd: str, netns: str | None = None, input: str | None = None, check: bool = True,
+       timeout: float = 60) -> str:
+    """`netns_exec` for callers that want only stdout."""
+    return netns_exec(netns, *cmd, timeout=timeout, check=check, input=input).stdout
+
+
+def wait_until(pred: Callable[[], object], timeout: float = 5.0, step: float = 0.05) -> bool:
+    """Poll pred() until true or `timeout` seconds passed (bounded); its last truth value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return bool(pred())
+
+
+def ns_socket(netns: str, type_: int, bind: tuple[str, int] | None = None,
+              family: int = socket.AF_INET) -> socket.socket:
+    """A socket living in `netns` (usable from any thread), 5 s timeout."""
+
+    def make() -> socket.socket:
+        s = socket.socket(family, type_)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if bind is not None:
+            s.bind(bind)
+        return s
+
+    s = in_netns(netns, make)
+    s.settimeout(5)
+    return s
+
+
+class Namespaces:
+    """Network namespaces made for a lab; `close()` deletes every one, newest first, even after a failure."""
+
+    def __init__(self) -> None:
+        self.made: list[str] = []
+
+    def add(self, name: str | None = None, tag: str = "N") -> str:
+        """Create a namespace (named `name`, else `unique_name(tag)`) with its loopback up."""
+        ns = name if name is not None else unique_name(tag)
+        if not ns.startswith("ipfx"):
+            raise KernelError(f"lab namespace {ns!r} must be named ipfx...")
+        ip("netns", "add", ns)
+        self.made.append(ns)
+        ip("-n", ns, "link", "set", "lo", "up")
+        return ns
+
+    def veth(self, ns_a: str, dev_a: str, ns_b: str, dev_b: str) -> None:
+        """A veth pair, dev_a in ns_a and dev_b in ns_b (both left down)."""
+        ip("-n", ns_a, "link", "add", dev_a, "type", "veth", "peer", "name", dev_b, "netns", ns_b)
+
+    def close(self) -> None:
+        """Delete the namespaces (their interfaces, qdiscs, filters and nft tables go with them)."""
+        while self.made:
+            ip("netns", "del", self.made.pop(), check=False)
+
+    def __enter__(self) -> Namespaces:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+def read_sys(ns: str, path: str) -> str:
+    """A /sys (or /proc) file as seen from a namespace."""
+    return netns_exec(ns, "cat", path).stdout.strip()
+
+
+def static_neighbour(ns: str, dev: str, addr: str, mac: str) -> None:
+    """A permanent neighbour entry: no ARP/ND packets in the middle of counted traffic."""
+    ip("-n", ns, "neigh", "replace", addr, "lladdr", mac, "dev", dev, "nud", "permanent")
 
 
 @dataclass
@@ -56,7 +138,7 @@ class Lab:
     veth_a: str = field(default_factory=lambda: unique_name("a"))
     veth_b: str = field(default_factory=lambda: unique_name("b"))
     subnet: int = field(default_factory=lambda: (os.getpid() + next(_seq)) % 200 + 20)
-    _made: list[str] = field(default_factory=list)
+    spaces: Namespaces = field(default_factory=Namespaces)
 
     @property
     def v4_a(self) -> str:
@@ -78,32 +160,39 @@ class Lab:
         """Create both namespaces, the veth pair, addresses and static neighbours."""
         try:
             for ns in (self.ns_a, self.ns_b):
-                ip("netns", "add", ns)
-                self._made.append(ns)
-            ip("-n", self.ns_a, "link", "add", self.veth_a, "type", "veth", "peer", "name", self.veth_b,
-               "netns", self.ns_b)
+                self.spaces.add(ns)
+            self.spaces.veth(self.ns_a, self.veth_a, self.ns_b, self.veth_b)
             for ns, dev, v4, v6 in ((self.ns_a, self.veth_a, self.v4_a, self.v6_a),
                                     (self.ns_b, self.veth_b, self.v4_b, self.v6_b)):
                 ip("-n", ns, "addr", "add", f"{v4}/24", "dev", dev)
                 ip("-n", ns, "addr", "add", f"{v6}/64", "dev", dev, "nodad")
                 ip("-n", ns, "link", "set", dev, "up")
-                ip("-n", ns, "link", "set", "lo", "up")
-            # Static neighbours: no ARP/ND packets in the middle of counted traffic.
-            mac_a, mac_b = self.mac(self.ns_a, self.veth_a), self.mac(self.ns_b, self.veth_b)
-            for ns, dev, addrs, mac in ((self.ns_a, self.veth_a, (self.v4_b, self.v6_b), mac_b),
-                                        (self.ns_b, self.veth_b, (self.v4_a, self.v6_a), mac_a)):
+            for ns, dev, addrs, mac in ((self.ns_a, self.veth_a, (self.v4_b, self.v6_b), self.mac_b),
+                                        (self.ns_b, self.veth_b, (self.v4_a, self.v6_a), self.mac_a)):
                 for addr in addrs:
-                    ip("-n", ns, "neigh", "replace", addr, "lladdr", mac, "dev", dev, "nud", "permanent")
+                    static_neighbour(ns, dev, addr, mac)
         except BaseException:
             self.close()
             raise
         return self
 
     def mac(self, ns: str, dev: str) -> str:
-        return netns_exec(ns, "cat", f"/sys/class/net/{dev}/address").stdout.strip()
+        return read_sys(ns, f"/sys/class/net/{dev}/address")
 
     def ifindex(self, ns: str, dev: str) -> int:
-        return int(netns_exec(ns, "cat", f"/sys/class/net/{dev}/ifindex").stdout.strip())
+        return int(read_sys(ns, f"/sys/class/net/{dev}/ifindex"))
+
+    @cached_property
+    def mac_a(self) -> str:
+        return self.mac(self.ns_a, self.veth_a)
+
+    @cached_property
+    def mac_b(self) -> str:
+        return self.mac(self.ns_b, self.veth_b)
+
+    @cached_property
+    def ifindex_a(self) -> int:
+        return self.ifindex(self.ns_a, self.veth_a)
 
     def send_udp(self, from_ns: str, dst: str, sport: int, dport: int, sizes: list[int]) -> None:
         """Send UDP datagrams of the given payload sizes from a namespace (blocking, bounded)."""
@@ -120,8 +209,7 @@ class Lab:
 
     def close(self) -> None:
         """Delete the namespaces (their interfaces, qdiscs and filters go with them)."""
-        while self._made:
-            ip("netns", "del", self._made.pop(), check=False)
+        self.spaces.close()
 
     def __enter__(self) -> Lab:
         return self.build()

@@ -41,16 +41,14 @@ def test_capabilities_are_checked_before_the_metrics_port_opens(tmp_path: Path) 
     with the metrics port taken, the message names the capability, not the port."""
     import socket
 
-    from ipfixer.lab import ip, unique_name as lab_name
+    from ipfixer.lab import Namespaces
     from ipfixer.netns import in_netns
     from tests.cli.helpers import IPFIXER, cli_env, write_config
 
     if subprocess.run(["which", "setpriv"], capture_output=True).returncode != 0:
         pytest.skip("setpriv (util-linux) not installed")
-    ns = lab_name("h3c")
-    ip("netns", "add", ns)
-    try:
-        ip("-n", ns, "link", "set", "lo", "up")
+    with Namespaces() as spaces:
+        ns = spaces.add(tag="h3c")
         taken = in_netns(ns, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
@@ -66,8 +64,6 @@ def test_capabilities_are_checked_before_the_metrics_port_opens(tmp_path: Path) 
         assert "missing capabilities" in res.stderr and "CAP_NET_ADMIN" in res.stderr
         assert "metrics.listen" not in res.stderr and "Traceback" not in res.stderr
         assert not (tmp_path / "lock").exists()  # refused before the lock, the port or anything else
-    finally:
-        ip("netns", "del", ns, check=False)
 
 
 def test_nflog_source_needs_only_net_admin() -> None:

@@ -170,14 +170,14 @@ def test_check_bounds_a_resolver_that_never_answers(tmp_path: Path) -> None:
     import shutil
 
     from ipfixer.config import RESOLVE_TIMEOUT_S
-    from ipfixer.lab import ip, unique_name
+    from ipfixer.lab import Namespaces, unique_name
     from ipfixer.netns import in_netns
 
     ns = unique_name("h4r")
     etc = Path("/etc/netns") / ns  # `ip netns exec` bind-mounts this resolv.conf over /etc/resolv.conf
-    ip("netns", "add", ns)
+    spaces = Namespaces()
     try:
-        ip("-n", ns, "link", "set", "lo", "up")
+        spaces.add(ns)
         etc.mkdir(parents=True)
         (etc / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:30 attempts:1\n")
         dead = in_netns(ns, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
@@ -189,7 +189,7 @@ def test_check_bounds_a_resolver_that_never_answers(tmp_path: Path) -> None:
         dead.close()
     finally:
         shutil.rmtree(etc, ignore_errors=True)
-        ip("netns", "del", ns, check=False)
+        spaces.close()
     assert asked and b"ipfx-h4" in asked
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert (f"{cfg}: collectors[0].address: no answer from the resolver within {RESOLVE_TIMEOUT_S:g}s "

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from ipfixer.lab import ip
+from ipfixer.lab import Namespaces, ip, read_sys, sh, static_neighbour
 from ipfixer.netns import socket_in_netns
 from tests.cli.helpers import IPFIXER, cli_env
 from tests.collectors import free_udp_port
@@ -65,24 +65,23 @@ def veth() -> Iterator[tuple[str, str]]:
     namespace of the test's own; IPv6 off and static neighbours, so the only packets are the test's."""
     n = _free_subnet()
     host_ip, peer_ip = f"10.247.{n}.1", f"10.247.{n}.2"
-    ip("netns", "add", NS)
+    spaces = Namespaces()
     try:
+        spaces.add(NS)
         ip("link", "add", HOST_DEV, "type", "veth", "peer", "name", PEER_DEV, "netns", NS)
         Path(f"/proc/sys/net/ipv6/conf/{HOST_DEV}/disable_ipv6").write_text("1")
-        subprocess.run(["ip", "netns", "exec", NS, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
-                        "net.ipv6.conf.default.disable_ipv6=1"], check=True, timeout=10)
+        sh("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1", netns=NS)
         ip("addr", "add", f"{host_ip}/30", "dev", HOST_DEV)
         ip("-n", NS, "addr", "add", f"{peer_ip}/30", "dev", PEER_DEV)
         ip("link", "set", HOST_DEV, "up")
         ip("-n", NS, "link", "set", PEER_DEV, "up")
         host_mac = Path(f"/sys/class/net/{HOST_DEV}/address").read_text().strip()
-        peer_mac = subprocess.run(["ip", "netns", "exec", NS, "cat", f"/sys/class/net/{PEER_DEV}/address"],
-                                  capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+        peer_mac = read_sys(NS, f"/sys/class/net/{PEER_DEV}/address")
         ip("neigh", "replace", peer_ip, "lladdr", peer_mac, "dev", HOST_DEV, "nud", "permanent")
-        ip("-n", NS, "neigh", "replace", host_ip, "lladdr", host_mac, "dev", PEER_DEV, "nud", "permanent")
+        static_neighbour(NS, PEER_DEV, host_ip, host_mac)
         yield host_ip, peer_ip
     finally:
-        ip("netns", "del", NS, check=False)  # takes the veth pair with it
+        spaces.close()  # takes the veth pair with it
         ip("link", "del", HOST_DEV, check=False)
 
 

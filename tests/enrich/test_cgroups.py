@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from topo import ns_socket, sh, unique
-
 from ipfixer.enrich.cgroups import CgroupAttributor, CgroupEvent, cgroup2_mount, container_name
+from ipfixer.lab import Namespaces, ns_socket, unique_name
 from ipfixer.model import empty_batch, to_addr16
 
 
@@ -24,16 +23,11 @@ from ipfixer.model import empty_batch, to_addr16
 def cgroup_and_ns() -> Iterator[tuple[str, str]]:
     mount = cgroup2_mount()
     assert mount is not None, "no cgroup2 mount"
-    cg = os.path.join(mount, unique("cg"))
-    ns = unique("n")
+    cg = os.path.join(mount, unique_name("cg"))
     os.mkdir(cg)
     try:
-        sh("ip", "netns", "add", ns)
-        try:
-            sh("ip", "link", "set", "lo", "up", netns=ns)
-            yield cg, ns
-        finally:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30, check=False)
+        with Namespaces() as spaces:
+            yield cg, spaces.add(tag="n")
     finally:
         for _ in range(50):  # processes leave the cgroup asynchronously after exit
             try:

@@ -13,8 +13,6 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from topo import NatTopo, make_nat_topo, ns_socket, sh
-
 from ipfixer.enrich.conntrack import (
     CT_DNAT,
     CT_ESTABLISHED,
@@ -37,7 +35,9 @@ from ipfixer.enrich.events import (
     nat_event_records,
 )
 from ipfixer.enrich.icmp import IcmpErrors
+from ipfixer.lab import ns_socket, sh
 from ipfixer.model import EndReason, addr16_to_str, empty_batch, to_addr16
+from tests.labs import NatTopo, make_nat_topo
 
 UDP, TCP, ICMP = 17, 6, 1
 

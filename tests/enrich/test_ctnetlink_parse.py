@@ -7,7 +7,6 @@ from __future__ import annotations
 import random
 import select
 import struct
-import subprocess
 
 import numpy as np
 import pytest
@@ -25,6 +24,7 @@ from ipfixer.enrich.ctnetlink import (
     parse_dump,
     parse_entry,
 )
+from ipfixer.lab import Namespaces, sh
 from ipfixer.model import to_addr16
 
 
@@ -93,16 +93,15 @@ def test_delta_and_snapshot_find_every_role_key() -> None:
 
 @pytest.mark.root
 def test_bulk_equals_reference_on_a_real_dump() -> None:
-    ns = f"ipfxh5p{__import__('os').getpid() % 10000}"
-    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=30)
-    try:
+    with Namespaces() as spaces:
+        ns = spaces.add(tag="h10p")
         sock = open_ctnetlink(ns)
         rows = [(17 if i % 2 else 6, bytes([10, 9, i >> 8, i & 0xFF]), bytes([192, 0, 2, 9]), 2000 + i, 443, 2)
                 for i in range(3000)]  # fmt: skip
         insert_entries(sock, rows)
         # UDP + TCP entries, counters and timestamps on: several shapes in one dump
         for s in ("net.netfilter.nf_conntrack_acct=1", "net.netfilter.nf_conntrack_timestamp=1"):
-            subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", s], check=True, timeout=30)
+            sh("sysctl", "-qw", s, netns=ns)
         insert_entries(sock, [(17, bytes([10, 8, 0, i]), bytes([192, 0, 2, 8]), 3000 + i, 53, 0) for i in range(50)])
         table = dump_conntrack(sock)
         assert len(table) == 3050
@@ -123,5 +122,3 @@ def test_bulk_equals_reference_on_a_real_dump() -> None:
         assert (table["r_sport"][table["proto"] == 6] == 443).all()
         assert ((table["has"] & 1) != 0).sum() == 50  # counters only on the entries made after acct=1
         sock.close()
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30, check=False)

@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from ipfixer.lab import start_ipfixer, stop_ipfixer
+from ipfixer.lab import ns_socket, sh, start_ipfixer, stop_ipfixer
 from tests.cli.helpers import cli_env, totals_by_flow, write_config
 from tests.cli.test_daemon import collector_in
 from tests.collectors import Nfcapd, free_udp_port
-from tests.enrich.topo import NatTopo, make_nat_topo, ns_socket, sh
+from tests.labs import NatTopo, make_nat_topo
 
 pytestmark = pytest.mark.root
 

@@ -21,12 +21,12 @@ from typing import Any
 import pytest
 
 from ipfixer.enrich.ctnetlink import insert_entries, open_ctnetlink
-from ipfixer.lab import start_ipfixer, stop_ipfixer
+from ipfixer.lab import ns_socket, sh, start_ipfixer, stop_ipfixer
 from ipfixer.metrics import scrape
 from ipfixer.netns import in_netns
 from tests.cli.helpers import UdpCollector, cli_env, write_config
 from tests.collectors import Nfcapd, free_udp_port
-from tests.enrich.topo import NatTopo, make_nat_topo, ns_socket, sh
+from tests.labs import NatTopo, make_nat_topo
 
 pytestmark = [pytest.mark.root, pytest.mark.interop]
 

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from topo import ns_socket, sh, unique
-
 from ipfixer.clock import SystemClock
+from ipfixer.lab import Namespaces, ns_socket
 from ipfixer.model import Direction, RawPacket, to_addr16
 from ipfixer.sources.nflog_netlink import NflogSource, install_nflog_rules, remove_nflog_rules
 from ipfixer.sources.packets import parse_ip
@@ -25,14 +24,12 @@ IP_UDP = 20 + 8
 
 @pytest.fixture
 def netns() -> Iterator[str]:
-    ns = unique("l")
-    sh("ip", "netns", "add", ns)
-    try:
-        sh("ip", "link", "set", "lo", "up", netns=ns)
-        yield ns
-    finally:
-        remove_nflog_rules(ns)
-        sh("ip", "netns", "del", ns, check=False)
+    with Namespaces() as spaces:
+        ns = spaces.add(tag="l")
+        try:
+            yield ns
+        finally:
+            remove_nflog_rules(ns)
 
 
 def send_and_collect(ns: str, src: NflogSource, expect: int) -> list[RawPacket]:

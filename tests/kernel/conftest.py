@@ -7,17 +7,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from ipfx_net import NetPair, _make_pair, delete_netns, unique
+
+from ipfixer.lab import Lab
 
 
 @pytest.fixture
-def netpair() -> Iterator[NetPair]:
-    """Two namespaces joined by a veth pair, removed afterwards."""
-    ns_a, ns_b = unique("ipfxA"), unique("ipfxB")
-    try:
-        yield _make_pair(ns_a, ns_b)
-    finally:
-        delete_netns(ns_a, ns_b)
+def netpair() -> Iterator[Lab]:
+    """Two namespaces joined by a veth pair (ipfixer.lab.Lab), removed afterwards."""
+    with Lab() as lab:
+        yield lab
 
 
 @pytest.fixture

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from router_lab import Router
 
 from ipfixer.lab import netns_exec, start_ipfixer, stop_ipfixer
 from tests.cli.helpers import cli_env, write_config
 from tests.collectors import Nfcapd, free_udp_port
+from tests.labs import Router
 
 pytestmark = [pytest.mark.root, pytest.mark.interop]
 

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ipfx_net import delete_netns, run, unique
 
 from ipfixer.instance import InstanceLockError, LockDirError, NamespaceLock, Owner, process_start_ticks
+from ipfixer.lab import Namespaces
 from ipfixer.netns import in_netns
 
 pytestmark = pytest.mark.root
@@ -23,12 +23,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def netns() -> Iterator[str]:
-    name = unique("ipfxL")
-    run("ip", "netns", "add", name)
-    try:
-        yield name
-    finally:
-        delete_netns(name)
+    with Namespaces() as spaces:
+        yield spaces.add(tag="L")
 
 
 def lock_in(ns: str, lock_dir: Path | None) -> NamespaceLock:

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ipfx_net import NetPair, in_ns, unique, wait_until
 
 from ipfixer.errors import KernelError
+from ipfixer.lab import Lab, netns_exec, unique_name, wait_until
 from ipfixer.sources.kernel.attach import Attacher, InterfaceSelector, LinkWatcher
 from ipfixer.sources.kernel.program import libbpf
 
@@ -23,9 +23,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def tc_show(ns: str, dev: str) -> str:
-    out = [in_ns(ns, "tc", "qdisc", "show", "dev", dev).stdout]
+    out = [netns_exec(ns, "tc", "qdisc", "show", "dev", dev).stdout]
     for hook in ("ingress", "egress"):
-        out.append(in_ns(ns, "tc", "filter", "show", "dev", dev, hook, check=False).stdout)
+        out.append(netns_exec(ns, "tc", "filter", "show", "dev", dev, hook, check=False).stdout)
     return "".join(out)
 
 
@@ -60,7 +60,7 @@ def ipfixer_prog_ids() -> set[int]:
     return ids
 
 
-def test_attach_detach_leaves_nothing(program: Any, netpair: NetPair) -> None:
+def test_attach_detach_leaves_nothing(program: Any, netpair: Lab) -> None:
     net = netpair
     before = tc_show(net.ns_a, net.veth_a)
     att = Attacher(program.ingress_fd, program.egress_fd, "both", netns=net.ns_a)
@@ -77,7 +77,7 @@ def test_attach_detach_leaves_nothing(program: Any, netpair: NetPair) -> None:
     assert "clsact" not in before
 
 
-def test_program_unloads_after_detach_and_close(netpair: NetPair) -> None:
+def test_program_unloads_after_detach_and_close(netpair: Lab) -> None:
     from ipfixer.sources.kernel.program import load_program
 
     prog = load_program(map_entries=64)
@@ -92,11 +92,11 @@ def test_program_unloads_after_detach_and_close(netpair: NetPair) -> None:
     assert wait_until(lambda: not (ipfixer_prog_ids() & ours), timeout=5.0)
 
 
-def test_foreign_clsact_and_filter_untouched(program: Any, netpair: NetPair) -> None:
+def test_foreign_clsact_and_filter_untouched(program: Any, netpair: Lab) -> None:
     net = netpair
-    in_ns(net.ns_a, "tc", "qdisc", "add", "dev", net.veth_a, "clsact")
+    netns_exec(net.ns_a, "tc", "qdisc", "add", "dev", net.veth_a, "clsact")
     # u32 is the classifier this kernel has; prio 10000 runs after ours (0x0f1f)
-    in_ns(net.ns_a, "tc", "filter", "add", "dev", net.veth_a, "ingress", "prio", "10000", "protocol", "ip",
+    netns_exec(net.ns_a, "tc", "filter", "add", "dev", net.veth_a, "ingress", "prio", "10000", "protocol", "ip",
           "u32", "match", "u32", "0", "0", "flowid", "1:1")
     before = tc_show(net.ns_a, net.veth_a)
     att = Attacher(program.ingress_fd, program.egress_fd, "both", netns=net.ns_a)
@@ -127,7 +127,7 @@ time.sleep(60)
 """
 
 
-def test_sigkilled_run_is_cleaned_by_remove_stale(program: Any, netpair: NetPair) -> None:
+def test_sigkilled_run_is_cleaned_by_remove_stale(program: Any, netpair: Lab) -> None:
     net = netpair
     proc = subprocess.Popen([sys.executable, "-c", CRASHER, net.ns_a, net.veth_a, str(REPO)],
                             stdout=subprocess.PIPE, text=True)
@@ -147,7 +147,7 @@ def test_sigkilled_run_is_cleaned_by_remove_stale(program: Any, netpair: NetPair
         att.close()
 
 
-def test_live_owners_filters_are_never_stale(program: Any, netpair: NetPair) -> None:
+def test_live_owners_filters_are_never_stale(program: Any, netpair: Lab) -> None:
     """A filter is stale only when the process named in it is gone: a live instance's filters survive
     remove_stale() and block a second attach; once it is killed they go, with the clsact it created."""
     net = netpair
@@ -174,7 +174,7 @@ def test_live_owners_filters_are_never_stale(program: Any, netpair: NetPair) -> 
         att.close()
 
 
-def test_owner_in_another_pid_namespace(program: Any, netpair: NetPair) -> None:
+def test_owner_in_another_pid_namespace(program: Any, netpair: Lab) -> None:
     """A filter whose owner lives in another pid namespace (a container's ipfixer) cannot be judged by
     its pid: a plain Attacher leaves it alone; the meter's, which holds the namespace lock (so no other
     ipfixer runs in this network namespace), removes it as stale, with the clsact it created."""
@@ -204,7 +204,7 @@ def test_owner_in_another_pid_namespace(program: Any, netpair: NetPair) -> None:
             a.close()
 
 
-def test_crashed_runs_clsact_is_removed_by_the_next_run(program: Any, netpair: NetPair) -> None:
+def test_crashed_runs_clsact_is_removed_by_the_next_run(program: Any, netpair: Lab) -> None:
     """The next run takes over a clsact a killed run created and removes it at detach; one another
     tool created stays."""
     net = netpair
@@ -223,7 +223,7 @@ def test_crashed_runs_clsact_is_removed_by_the_next_run(program: Any, netpair: N
     finally:
         att.detach_all()
     assert tc_show(net.ns_a, net.veth_a) == before
-    in_ns(net.ns_a, "tc", "qdisc", "add", "dev", net.veth_a, "clsact")  # now another tool's clsact
+    netns_exec(net.ns_a, "tc", "qdisc", "add", "dev", net.veth_a, "clsact")  # now another tool's clsact
     foreign = tc_show(net.ns_a, net.veth_a)
     try:
         assert not att.attach(net.veth_a).created_qdisc
@@ -233,26 +233,26 @@ def test_crashed_runs_clsact_is_removed_by_the_next_run(program: Any, netpair: N
     assert tc_show(net.ns_a, net.veth_a) == foreign
 
 
-def test_selector_and_link_watcher(program: Any, netpair: NetPair) -> None:
+def test_selector_and_link_watcher(program: Any, netpair: Lab) -> None:
     net = netpair
     sel = InterfaceSelector(include=("ipfxw*", net.veth_a), exclude=("lo", "*x"))
     assert sel.matches(net.veth_a) and sel.matches("ipfxw1") and not sel.matches("ipfxw1x")
     assert not sel.matches("lo") and not sel.matches("eth0")
     att = Attacher(program.ingress_fd, program.egress_fd, "ingress", netns=net.ns_a)
     watcher = LinkWatcher(att, sel)
-    new_a, new_b = unique("ipfxw"), unique("ipfxv")
+    new_a, new_b = unique_name("w"), unique_name("v")
     try:
         watcher.start()
         assert set(att.attached) == {net.ifindex_a}
-        in_ns(net.ns_a, "ip", "link", "add", new_a, "type", "veth", "peer", "name", new_b)
-        idx = int(in_ns(net.ns_a, "cat", f"/sys/class/net/{new_a}/ifindex").stdout)
+        netns_exec(net.ns_a, "ip", "link", "add", new_a, "type", "veth", "peer", "name", new_b)
+        idx = int(netns_exec(net.ns_a, "cat", f"/sys/class/net/{new_a}/ifindex").stdout)
         assert wait_until(lambda: watcher.poll(0.05) >= 0 and idx in att.attached, timeout=5.0)
-        assert "ipfixer_ingress" in in_ns(net.ns_a, "tc", "filter", "show", "dev", new_a, "ingress").stdout
+        assert "ipfixer_ingress" in netns_exec(net.ns_a, "tc", "filter", "show", "dev", new_a, "ingress").stdout
         assert all(a.ifname != new_b for a in att.attached.values())  # excluded by the selector
-        in_ns(net.ns_a, "ip", "link", "del", new_a)
+        netns_exec(net.ns_a, "ip", "link", "del", new_a)
         assert wait_until(lambda: watcher.poll(0.05) >= 0 and idx not in att.attached, timeout=5.0)
     finally:
         watcher.stop()
         att.detach_all()
         att.close()
-        in_ns(net.ns_a, "ip", "link", "del", new_a, check=False)
+        netns_exec(net.ns_a, "ip", "link", "del", new_a, check=False)

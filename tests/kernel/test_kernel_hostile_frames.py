@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from ipfx_net import NetPair, in_ns
 
 from ipfixer.clock import SystemClock
+from ipfixer.lab import Lab, netns_exec
 from ipfixer.sources.kernel.attach import Attacher
 from ipfixer.sources.kernel.drain import Drainer
 
@@ -37,7 +37,7 @@ SEND_SPOOFED = (
 
 
 @pytest.fixture
-def metered(program: Any, netpair: NetPair) -> Iterator[tuple[Any, NetPair, Drainer]]:
+def metered(program: Any, netpair: Lab) -> Iterator[tuple[Any, Lab, Drainer]]:
     att = Attacher(program.ingress_fd, program.egress_fd, "ingress", netns=netpair.ns_a)
     try:
         att.attach(netpair.veth_a)
@@ -52,7 +52,7 @@ def metered(program: Any, netpair: NetPair) -> Iterator[tuple[Any, NetPair, Drai
 def test_spoofed_lengths_through_veth(metered: Any) -> None:
     prog, net, drainer = metered
     before = prog.counter_values()
-    out = in_ns(net.ns_b, sys.executable, "-c", SEND_SPOOFED, net.veth_b, net.mac_b, net.mac_a,
+    out = netns_exec(net.ns_b, sys.executable, "-c", SEND_SPOOFED, net.veth_b, net.mac_b, net.mac_a,
                 net.v4_b, net.v4_a, net.v6_b, net.v6_a, "41000").stdout
     sent = [int(n) for n in out.strip().split(",")]
     assert sent == [38] * 5 + [58] * 5 + [32] * 3

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from ipfx_net import NetPair, in_ns
 
 from ipfixer.clock import SystemClock
 from ipfixer.flows.accounter import Accounter
+from ipfixer.lab import Lab, netns_exec
 from ipfixer.model import ETH_P_IP, ETH_P_IPV6, Direction, to_addr16
 from ipfixer.sources.kernel.attach import Attacher
 from ipfixer.sources.kernel.drain import Drainer
@@ -28,7 +28,7 @@ MS = 1_000_000
 
 
 @pytest.fixture
-def metered(program: Any, netpair: NetPair) -> Iterator[tuple[Any, NetPair, Drainer]]:
+def metered(program: Any, netpair: Lab) -> Iterator[tuple[Any, Lab, Drainer]]:
     att = Attacher(program.ingress_fd, program.egress_fd, "both", netns=netpair.ns_a)
     try:
         att.attach(netpair.veth_a)
@@ -83,8 +83,8 @@ def test_udp_both_directions_exact(metered: Any, v6: bool) -> None:
 
 def test_ping_count_and_icmp_type_code(metered: Any) -> None:
     prog, net, drainer = metered
-    in_ns(net.ns_b, "ping", "-c", "5", "-i", "0.01", "-s", "56", "-W", "2", net.v4_a)
-    in_ns(net.ns_b, "ping", "-6", "-c", "3", "-i", "0.01", "-s", "56", "-W", "2", net.v6_a)
+    netns_exec(net.ns_b, "ping", "-c", "5", "-i", "0.01", "-s", "56", "-W", "2", net.v4_a)
+    netns_exec(net.ns_b, "ping", "-6", "-c", "3", "-i", "0.01", "-s", "56", "-W", "2", net.v6_a)
     batch = drainer.flush()
     req = one(batch, protocol=1, direction=0, dst_port=8 * 256)
     rep = one(batch, protocol=1, direction=1, dst_port=0)
@@ -114,12 +114,12 @@ CLIENT = (
 )
 
 
-def tcp_transfer(net: NetPair, nbytes: int, port: int) -> None:
+def tcp_transfer(net: Lab, nbytes: int, port: int) -> None:
     srv = subprocess.Popen(["ip", "netns", "exec", net.ns_a, sys.executable, "-c", SERVER, net.v4_a, str(port)],
                            stdout=subprocess.PIPE, text=True)
     try:
         assert srv.stdout is not None and srv.stdout.readline().strip() == "ready"
-        in_ns(net.ns_b, sys.executable, "-c", CLIENT, net.v4_a, str(port), str(nbytes))
+        netns_exec(net.ns_b, sys.executable, "-c", CLIENT, net.v4_a, str(port), str(nbytes))
         assert int(srv.stdout.readline()) == nbytes
         srv.wait(timeout=10)
     finally:
@@ -128,10 +128,10 @@ def tcp_transfer(net: NetPair, nbytes: int, port: int) -> None:
             srv.wait(timeout=10)
 
 
-def set_offloads(net: NetPair, on: bool) -> None:
+def set_offloads(net: Lab, on: bool) -> None:
     state = "on" if on else "off"
     for ns, dev in ((net.ns_a, net.veth_a), (net.ns_b, net.veth_b)):
-        in_ns(ns, "ethtool", "-K", dev, "tso", state, "gso", state, "gro", state, check=False)
+        netns_exec(ns, "ethtool", "-K", dev, "tso", state, "gso", state, "gro", state, check=False)
 
 
 def test_tcp_without_offloads_matches_tcpdump_exactly(metered: Any, tmp_path: Any) -> None:
@@ -198,9 +198,9 @@ def test_vlan_tagged_frames(metered: Any) -> None:
     # veth_b they reach veth_a's ingress (the receive path moves the tag to skb metadata), and sent
     # on veth_a they pass its tc egress with the tag in the frame.
     prog, net, drainer = metered
-    in_ns(net.ns_b, sys.executable, "-c", SENDP, net.veth_b, net.mac_b, net.mac_a, "123", "5101", "6101", "20,30,40")
-    in_ns(net.ns_b, sys.executable, "-c", SENDP, net.veth_b, net.mac_b, net.mac_a, "300.7", "5102", "6102", "10")
-    in_ns(net.ns_a, sys.executable, "-c", SENDP, net.veth_a, net.mac_a, net.mac_b, "124", "6101", "5101", "200")
+    netns_exec(net.ns_b, sys.executable, "-c", SENDP, net.veth_b, net.mac_b, net.mac_a, "123", "5101", "6101", "20,30,40")
+    netns_exec(net.ns_b, sys.executable, "-c", SENDP, net.veth_b, net.mac_b, net.mac_a, "300.7", "5102", "6102", "10")
+    netns_exec(net.ns_a, sys.executable, "-c", SENDP, net.veth_a, net.mac_a, net.mac_b, "124", "6101", "5101", "200")
     batch = drainer.flush()
     ing = one(batch, src_port=5101, dst_port=6101)
     assert (ing["vlan_id"], ing["ethertype"], ing["direction"]) == (123, ETH_P_IP, 0)
@@ -223,7 +223,7 @@ MANY = (
 
 
 @pytest.mark.parametrize("mmap_reader", [True, False], ids=["mmap-reader", "bcc-callback"])
-def test_tiny_map_spills_without_losing_packets(netpair: NetPair, mmap_reader: bool) -> None:
+def test_tiny_map_spills_without_losing_packets(netpair: Lab, mmap_reader: bool) -> None:
     """Both ring consumers (the mmap reader, and bcc's callback used where loads may be reordered)."""
     net = netpair
     prog = load_program(map_entries=8, ring_pages=64)
@@ -237,7 +237,7 @@ def test_tiny_map_spills_without_losing_packets(netpair: NetPair, mmap_reader: b
                                  mmap_reader=mmap_reader)
         drainer.flush()
         consumer.flush()
-        in_ns(net.ns_b, sys.executable, "-c", MANY, net.v4_a, "20000", "200", "3")
+        netns_exec(net.ns_b, sys.executable, "-c", MANY, net.v4_a, "20000", "200", "3")
         batches = [drainer.flush()]
         seen = [-1]
         for _ in range(50):  # bounded: at most 100 records per poll, stop when nothing new twice

@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from router_lab import Router, vrf_unsupported
 
 from ipfixer.lab import ip, start_ipfixer, stop_ipfixer
 from tests.cli.helpers import cli_env, write_config
 from tests.collectors import UTC_ENV, Nfcapd, _pairs_to_multidict, _walk_flows, free_udp_port
+from tests.labs import Router, vrf_unsupported
 
 pytestmark = [pytest.mark.root, pytest.mark.interop]
 

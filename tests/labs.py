@@ -1,0 +1,161 @@
+"""The tests' larger topologies, each built on ipfixer.lab's `Namespaces` (every namespace `ipfx` + a unique
+suffix, all deleted in close() even when building or the test failed; every command bounded in time).
+
+- `Router`: ns_r holds r1 and r2, each a veth to a host namespace (ns_1, ns_2), static neighbours both
+  ways; optional Linux VRFs on the router (issue 16's daemon tests).
+- `NatTopo`: client ns -- router ns (masquerade + DNAT, ct zone and mark) -- server ns (the conntrack tests).
+The two-namespace veth pair is `ipfixer.lab.Lab` itself (the kernel tests' `netpair` fixture)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+from ipfixer.lab import Namespaces, ip, netns_exec, read_sys, sh, static_neighbour, unique_name
+
+HOST_DEV = "ipfxh8h"  # each host namespace's end of its veth in Router
+SEND = (
+    "import socket,sys\n"
+    "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+    "s.bind(('',int(sys.argv[2])))\n"
+    "for _ in range(int(sys.argv[4])):\n"
+    "    s.sendto(b'v'*int(sys.argv[5]),(sys.argv[1],int(sys.argv[3])))\n"
+)
+
+
+def vrf_unsupported() -> str | None:
+    """Why this kernel cannot make a VRF device, or None."""
+    with Namespaces() as spaces:
+        ns = spaces.add(tag="h8c")
+        res = ip("-n", ns, "link", "add", "ipfxh8chk", "type", "vrf", "table", "1", check=False)
+        if res.returncode != 0:
+            return f"kernel cannot create a VRF device (CONFIG_NET_VRF): {res.stderr.strip()}"
+        return None
+
+
+@dataclass
+class Router:
+    """ns_r holds r1 (10.S.1.1, towards ns_1's h1 10.S.1.2) and r2 (10.S.2.1, towards ns_2's h2)."""
+
+    ns_r: str = field(default_factory=lambda: unique_name("h8R"))
+    ns_1: str = field(default_factory=lambda: unique_name("h8H"))
+    ns_2: str = field(default_factory=lambda: unique_name("h8H"))
+    r1: str = field(default_factory=lambda: unique_name("h8r"))
+    r2: str = field(default_factory=lambda: unique_name("h8r"))
+    subnet: int = field(default_factory=lambda: os.getpid() % 200 + 20)
+    spaces: Namespaces = field(default_factory=Namespaces)
+
+    def addr(self, side: int, host: int) -> str:
+        return f"10.{self.subnet}.{side}.{host}"
+
+    def build(self) -> Router:
+        try:
+            for ns in (self.ns_r, self.ns_1, self.ns_2):
+                self.spaces.add(ns)
+            for side, (rdev, hns) in enumerate(((self.r1, self.ns_1), (self.r2, self.ns_2)), start=1):
+                self.spaces.veth(self.ns_r, rdev, hns, HOST_DEV)
+                ip("-n", self.ns_r, "addr", "add", f"{self.addr(side, 1)}/24", "dev", rdev)
+                ip("-n", hns, "addr", "add", f"{self.addr(side, 2)}/24", "dev", HOST_DEV)
+                for ns, dev in ((self.ns_r, rdev), (hns, HOST_DEV)):
+                    ip("-n", ns, "link", "set", dev, "up")
+                self.neighbours(side)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def neighbours(self, side: int) -> None:
+        """Static neighbours both ways (again after a VRF move, which cycles the device): no ARP."""
+        rdev, hns = (self.r1, self.ns_1) if side == 1 else (self.r2, self.ns_2)
+        rmac = read_sys(self.ns_r, f"/sys/class/net/{rdev}/address")
+        hmac = read_sys(hns, f"/sys/class/net/{HOST_DEV}/address")
+        static_neighbour(hns, HOST_DEV, self.addr(side, 1), rmac)
+        static_neighbour(self.ns_r, rdev, self.addr(side, 2), hmac)
+
+    def ifindex(self, dev: str) -> int:
+        return int(read_sys(self.ns_r, f"/sys/class/net/{dev}/ifindex"))
+
+    def add_vrf(self, name: str, table: int) -> None:
+        ip("-n", self.ns_r, "link", "add", name, "type", "vrf", "table", str(table))
+        ip("-n", self.ns_r, "link", "set", name, "up")
+
+    def enslave(self, side: int, vrf: str | None) -> None:
+        """Release r<side> from its VRF, then enslave it to `vrf` (if any)."""
+        dev = self.r1 if side == 1 else self.r2
+        ip("-n", self.ns_r, "link", "set", dev, "nomaster")
+        if vrf is not None:
+            ip("-n", self.ns_r, "link", "set", dev, "master", vrf)
+        ip("-n", self.ns_r, "link", "set", dev, "up")
+        self.neighbours(side)
+
+    def send(self, side: int, sport: int, dport: int, count: int, size: int = 100) -> None:
+        """`count` UDP datagrams from h<side> to the router's address on that side."""
+        netns_exec(self.ns_1 if side == 1 else self.ns_2, sys.executable, "-c", SEND, self.addr(side, 1),
+                   str(sport), str(dport), str(count), str(size))
+
+    def close(self) -> None:
+        self.spaces.close()
+
+
+@dataclass
+class NatTopo:
+    """client 10.91.1.2 -- r_in 10.91.1.1 | router | r_out 10.91.2.1 -- server 10.91.2.2 (no route back)."""
+
+    client: str
+    router: str
+    server: str
+    r_in: str
+    r_out: str
+    spaces: Namespaces = field(default_factory=Namespaces)
+
+    CLIENT = "10.91.1.2"
+    ROUTER_IN = "10.91.1.1"
+    ROUTER_OUT = "10.91.2.1"
+    SERVER = "10.91.2.2"
+
+    def teardown(self) -> None:
+        self.spaces.close()
+
+
+def make_nat_topo(zone: int = 7, mark: int = 0x2A) -> NatTopo:
+    """Build the three namespaces, veths, addresses, and the router's nft table `ipfxnat`:
+    ct zone set <zone> (raw prerouting), ct mark set <mark> on traffic from the client,
+    DNAT r_in:8080 -> server:80, masquerade out of r_out. Caller must call teardown()."""
+    t = NatTopo(unique_name("c"), unique_name("r"), unique_name("s"), unique_name("ri"), unique_name("ro"))
+    try:
+        for ns in (t.client, t.router, t.server):
+            t.spaces.add(ns)
+        c0, s0 = unique_name("c0"), unique_name("s0")
+        t.spaces.veth(t.client, c0, t.router, t.r_in)
+        t.spaces.veth(t.server, s0, t.router, t.r_out)
+        sh("ip", "addr", "add", f"{t.CLIENT}/24", "dev", c0, netns=t.client)
+        sh("ip", "addr", "add", f"{t.ROUTER_IN}/24", "dev", t.r_in, netns=t.router)
+        sh("ip", "addr", "add", f"{t.ROUTER_OUT}/24", "dev", t.r_out, netns=t.router)
+        sh("ip", "addr", "add", f"{t.SERVER}/24", "dev", s0, netns=t.server)
+        for ns, dev in ((t.client, c0), (t.router, t.r_in), (t.router, t.r_out), (t.server, s0)):
+            sh("ip", "link", "set", dev, "up", netns=ns)
+        sh("ip", "route", "add", "default", "via", t.ROUTER_IN, netns=t.client)
+        sh("sysctl", "-qw", "net.ipv4.ip_forward=1", netns=t.router)
+        sh("sysctl", "-qw", "net.netfilter.nf_conntrack_acct=1", netns=t.router)
+        sh("sysctl", "-qw", "net.netfilter.nf_conntrack_timestamp=1", netns=t.router)
+        ruleset = f"""
+table ip ipfxnat {{
+    counter related_seen {{ }}
+    chain ipfxraw {{ type filter hook prerouting priority raw; ct zone set {zone}; }}
+    chain ipfxpre {{ type nat hook prerouting priority dstnat;
+        iifname "{t.r_in}" ip daddr {t.ROUTER_IN} tcp dport 8080 dnat to {t.SERVER}:80
+        iifname "{t.r_in}" ip daddr {t.ROUTER_IN} udp dport 8080 dnat to {t.SERVER}:80
+    }}
+    chain ipfxfwd {{ type filter hook forward priority filter;
+        iifname "{t.r_in}" ct mark set {mark:#x}
+        ct state related counter name "related_seen"
+    }}
+    chain ipfxpost {{ type nat hook postrouting priority srcnat; oifname "{t.r_out}" masquerade; }}
+}}
+"""
+        sh("nft", "-f", "-", netns=t.router, input=ruleset)
+    except BaseException:
+        t.teardown()
+        raise
+    return t
