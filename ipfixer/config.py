@@ -240,6 +240,30 @@ class TlsConfig(BaseModel):
         return self
 
 
+Rate = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class PacingConfig(BaseModel):
+    """UDP export pacing (export/pacing.py): messages over the rate wait in a bounded queue instead of
+    going out in one burst a small collector socket buffer drops."""
+
+    model_config = _MODEL
+
+    messages_per_s: Rate | None = Field(default=None, description="at most this many messages per second")
+    bytes_per_s: Rate | None = Field(default=None, description="at most this many UDP payload bytes per second")
+    burst: StrictInt = Field(default=64, ge=1, le=1 << 20, description="messages sent back to back at most "
+                             "(the byte budget holds burst * max_message_size)")
+    queue_messages: StrictInt = Field(default=65536, ge=0, le=1 << 22, description="messages kept waiting at "
+                                      "most (each up to max_message_size bytes); beyond, new ones are dropped "
+                                      "and counted")
+
+    @model_validator(mode="after")
+    def _some_rate(self) -> PacingConfig:
+        if self.messages_per_s is None and self.bytes_per_s is None:
+            raise ValueError("set messages_per_s or bytes_per_s (or both)")
+        return self
+
+
 class CollectorConfig(BaseModel):
     """One export destination: UDP, TCP or TLS to address:port, or RFC 5655 IPFIX files (transport: file)."""
 
@@ -268,6 +292,8 @@ class CollectorConfig(BaseModel):
         default=20, ge=0, description="...and every N messages (0 = off)"
     )
     max_message_size: StrictInt = Field(default=1452, ge=256, le=65507, description="bytes per UDP payload")
+    pacing: PacingConfig | None = Field(default=None, description="udp: spread messages at a rate instead of "
+                                        "bursts (null = off: every message sent at once)")
 
     @field_validator("address")
     @classmethod
@@ -293,6 +319,8 @@ class CollectorConfig(BaseModel):
             raise ValueError("address: required (an IP address or host name)")
         if self.path is not None or self.rotate_size or self.rotate_interval is not None:
             raise ValueError("path, rotate_size and rotate_interval are for transport: file only")
+        if self.pacing is not None and self.transport != "udp":
+            raise ValueError(f"pacing: only with transport: udp (got transport {self.transport!r})")
         if self.tls is not None and self.transport != "tls":
             raise ValueError(f"tls: only with transport: tls (got transport {self.transport!r})")
         if self.transport in ("tcp", "tls") and self.protocol != "ipfix":

@@ -317,7 +317,10 @@ def stats(daemon: Any) -> dict[str, Any]:
         st = c.stats
         collectors[c.name] = {"messages": st.messages, "records": st.records, "flow_records": st.flow_records,
                               "bytes": st.bytes, "not_sent_messages": st.not_sent_messages,
-                              "not_sent_records": st.not_sent_records, "errors": dict(st.errors)}
+                              "not_sent_records": st.not_sent_records, "errors": dict(st.errors),
+                              "paced": {"queued": getattr(c.transport, "backlog", 0), "delayed_messages":
+                                        st.delayed_messages, "dropped_messages": st.dropped_messages,
+                                        "dropped_records": st.dropped_records}}
         t = c.transport
         if hasattr(t, "queued"):  # tcp/tls (export/stream.py): the connection and what waits for it
             collectors[c.name]["stream"] = {
@@ -505,6 +508,10 @@ def format_result(command: str, result: dict[str, Any]) -> str:
             lines.append(f"collector {name}: {st['messages']} messages, {st['flow_records']} flow records, "
                          f"{st['bytes']} bytes; not sent {st['not_sent_messages']} messages / "
                          f"{st['not_sent_records']} records; errors {errors}")
+            if st.get("paced", {}).get("delayed_messages") or st.get("paced", {}).get("dropped_messages"):
+                p = st["paced"]
+                lines.append(f"  paced: {p['queued']} queued, {p['delayed_messages']} messages delayed, "
+                             f"{p['dropped_messages']} messages / {p['dropped_records']} records dropped")
             if "stream" in st:
                 s = st["stream"]
                 lines.append(f"  {'connected' if s['connected'] else 'DISCONNECTED'}, connection {s['connections']}, "

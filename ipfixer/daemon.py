@@ -8,6 +8,7 @@ so no lock is needed and SIGHUP/SIGTERM are acted on between two polls.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import socket
 import sys
@@ -27,6 +28,7 @@ from ipfixer.export.factory import build_exporter, load_config_templates, sampli
 from ipfixer.sources import FlowSource
 
 log = logging.getLogger("ipfixer")
+PACED_DRAIN_S = 5.0  # shutdown/reload: how long paced collectors' queues may still drain at their rate
 
 
 def collector_urls(cfg: Config) -> str:
@@ -159,6 +161,9 @@ class Daemon:
                 self.signals.reload = False
                 self._reload()
             wait_ms = max(0, min(250, (next_drain - self.clock.mono_ns()) // 1_000_000))
+            due = self._exporter.service()  # paced collectors: what their rate allows now, never waiting
+            if due is not None:  # a queue waits: wake when its next message is due
+                wait_ms = min(wait_ms, max(1, math.ceil(due * 1000)))  # 1 ms at least: never a busy loop
             self._src.poll(int(wait_ms))
             if self._enrichment is not None:
                 self._enrichment.poll()
@@ -263,6 +268,8 @@ class Daemon:
         self._cycle()  # what was due goes out on the old collectors before they change
         old_exporter, self._exporter = self._exporter, new_exporter
         old_exporter.flush(self.clock.wall_ns())  # uniflows waiting for their reverse (biflow collectors)
+        if old_exporter.backlog:  # paced collectors: what still waits goes out first (bounded)
+            old_exporter.drain(PACED_DRAIN_S)
         old_exporter.close()
         self._follow_vrfs()
         self.config = new
@@ -274,6 +281,15 @@ class Daemon:
         self._warn_if_nothing_metered("after the reload")
         self._send_options(force=True)
         log.info("reloaded config=%s collectors=%s", self.config_path, collector_urls(new))
+
+    def _drain_paced(self) -> None:
+        """Send what paced collectors still queue, at their rate, for at most PACED_DRAIN_S; close() counts
+        and logs what is left as dropped."""
+        if self._exporter.backlog:
+            left = self._exporter.drain(PACED_DRAIN_S)
+            if left:
+                log.warning("paced export: %d messages still queued after %.0f s: dropped", left, PACED_DRAIN_S)
+            self._metrics.update_exporter(self._exporter)
 
     def _shutdown(self) -> None:
         """Flush everything still in the kernel map and the Accounter, then detach."""
@@ -287,6 +303,7 @@ class Daemon:
                 self._export(batches)
                 self._exporter.flush(self.clock.wall_ns())  # biflow collectors: what still waits for a partner
                 self._send_options(force=True)
+                self._drain_paced()
                 counters = " ".join(f"{k}={v}" for k, v in sorted(self._meter.counters().items()))
                 log.info("flushed remaining flows; final counters %s", counters)
         finally:

@@ -80,6 +80,18 @@ class Metrics:
         self.collector_errors = Counter(
             "ipfixer_collector_errors", "Send or resolve failures for a collector", ["collector"], registry=r
         )
+        # pacing (export/pacing.py): messages that waited for the collector's rate, and what was dropped
+        self.collector_delayed_messages = Counter(
+            "ipfixer_collector_delayed_messages", "Messages paced: queued until the collector's rate allowed them",
+            ["collector"], registry=r,
+        )
+        self.collector_dropped_messages = Counter(
+            "ipfixer_collector_dropped_messages", "Paced messages dropped (pacing queue full, or left at shutdown)",
+            ["collector"], registry=r,
+        )
+        self.collector_dropped_records = Counter(
+            "ipfixer_collector_dropped_records", "Data records in paced messages dropped", ["collector"], registry=r,
+        )
         self.template_refreshes = Counter(
             "ipfixer_template_refreshes", "Template (re)sends to a collector", ["collector"], registry=r
         )
@@ -128,7 +140,8 @@ class Metrics:
         """Create a collector's series at zero, so a silent collector still shows up in a scrape."""
         for counter in (
             self.collector_records, self.collector_messages, self.collector_bytes, self.collector_errors,
-            self.template_refreshes,
+            self.template_refreshes, self.collector_delayed_messages, self.collector_dropped_messages,
+            self.collector_dropped_records,
         ):
             counter.labels(name)
 
@@ -182,12 +195,16 @@ class Metrics:
                 "bytes": st.bytes,
                 "errors": st.error_count,
                 "refreshes": getattr(session, "template_refreshes", 0),
+                "delayed": getattr(st, "delayed_messages", 0),
+                "dropped_messages": getattr(st, "dropped_messages", 0),
+                "dropped_records": getattr(st, "dropped_records", 0),
             }
             last = self._seen.get(c.name, {})
             counters = {
                 "records": self.collector_records, "messages": self.collector_messages,
                 "bytes": self.collector_bytes, "errors": self.collector_errors,
-                "refreshes": self.template_refreshes,
+                "refreshes": self.template_refreshes, "delayed": self.collector_delayed_messages,
+                "dropped_messages": self.collector_dropped_messages, "dropped_records": self.collector_dropped_records,
             }
             for key, counter in counters.items():
                 delta = now[key] - last.get(key, 0)

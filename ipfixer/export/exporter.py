@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from ipfixer.export.annotate import annotate, vrf_values
 from ipfixer.export.biflow import BiflowPairer
 from ipfixer.export.options import DEFAULT_ROLES, OptionsRole, interface_values, stats_values
 from ipfixer.export.session import ExportSession, Message
-from ipfixer.export.transport import UdpTransport
+from ipfixer.export.transport import CLOSED_UNSENT, QUEUE_FULL, SendResult, UdpTransport
 from ipfixer.model import VrfTable
 from ipfixer.templates import Template
 
@@ -43,7 +44,12 @@ class CollectorStats:
     flow_records: int = 0
     bytes: int = 0
     not_sent_messages: int = 0
-    not_sent_records: int = 0  # flow records in messages the kernel refused
+    not_sent_records: int = 0  # flow records in messages the kernel refused (or pacing dropped)
+    # pacing (export/pacing.py): messages that waited for the collector's rate; messages and records (flow +
+    # options) dropped because the pacing queue was full or still held them at close (also in not_sent_*)
+    delayed_messages: int = 0
+    dropped_messages: int = 0
+    dropped_records: int = 0
     errors: Counter[str] = field(default_factory=Counter)  # errno name (or "EncodeError") -> count
 
     @property
@@ -83,6 +89,9 @@ class Exporter:
         if len(set(names)) != len(names):
             raise EncodeError(f"collector names must be unique: {names}")
         self.collectors = [Collector(n, s, t, biflow=n in biflow) for n, s, t in collectors]
+        for c in self.collectors:
+            if getattr(c.transport, "pacer", None) is not None:  # paced UDP: results come as messages leave
+                c.transport.on_result = partial(self._account, c)
         # biflow collectors: uniflows joined with their reverse, held up to biflow_hold_ns for it
         self.pairer = (BiflowPairer(biflow_hold_ns, biflow_max_held) if any(c.biflow for c in self.collectors)
                        else None)
@@ -108,24 +117,67 @@ class Exporter:
         collector.  After a send the collector refused (UNREACHABLE_ERRORS) the session is reset, so the next
         message built carries the templates: that collector may be one that restarted without them."""
         st = c.stats
+        paced = getattr(c.transport, "pacer", None) is not None
         try:
             for m in build():
-                if c.transport.send(m.data):
-                    st.messages += 1
-                    st.records += m.records
-                    st.bytes += len(m.data)
-                    if flows:
-                        st.flow_records += m.records
+                fr = m.records if flows else 0
+                if paced:  # queued over the rate; _account runs when it leaves (or is dropped)
+                    c.transport.submit(m.data, m.records, fr)
+                elif c.transport.send(m.data):
+                    self._account(c, SendResult(len(m.data), m.records, fr))
                 else:
-                    st.errors[c.transport.last_error or "unknown"] += 1
-                    st.not_sent_messages += 1
-                    if flows:
-                        st.not_sent_records += m.records
-                    if c.transport.last_error in UNREACHABLE_ERRORS:
-                        c.session.reset()
+                    self._account(c, SendResult(len(m.data), m.records, fr, c.transport.last_error or "unknown"))
         except EncodeError as e:
             st.errors["EncodeError"] += 1
             log.warning("collector=%s encode failed: %s", c.name, e)
+
+    def _account(self, c: Collector, r: SendResult) -> None:
+        """Count one message's fate in the collector's stats."""
+        st = c.stats
+        if r.delayed:
+            st.delayed_messages += 1
+        if r.error is None:
+            st.messages += 1
+            st.records += r.records
+            st.bytes += r.size
+            st.flow_records += r.flow_records
+            return
+        st.errors[r.error] += 1
+        st.not_sent_messages += 1
+        st.not_sent_records += r.flow_records
+        if r.error in (QUEUE_FULL, CLOSED_UNSENT):
+            st.dropped_messages += 1
+            st.dropped_records += r.records
+        if r.error in UNREACHABLE_ERRORS:
+            c.session.reset()
+
+    # -- pacing (export/pacing.py) -------------------------------------------------------------
+    def service(self) -> float | None:
+        """Send what each paced collector's rate allows now (never waits); seconds until the next queued
+        message is due (None: nothing queued), so the daemon's loop wakes for it."""
+        due: float | None = None
+        for c in self.collectors:
+            if getattr(c.transport, "pacer", None) is None:
+                continue
+            c.transport.poll()
+            d = c.transport.next_due_s()
+            if d is not None:
+                due = d if due is None else min(due, d)
+        return due
+
+    @property
+    def backlog(self) -> int:
+        """Paced messages waiting, over every collector."""
+        return sum(getattr(c.transport, "backlog", 0) for c in self.collectors)
+
+    def drain(self, timeout_s: float) -> int:
+        """Send what paced collectors still queue, for at most `timeout_s` in all; how many are left (close()
+        counts them as dropped and logs them)."""
+        deadline = time.monotonic() + timeout_s
+        for c in self.collectors:
+            if getattr(c.transport, "pacer", None) is not None:
+                c.transport.drain(max(0.0, deadline - time.monotonic()))
+        return self.backlog
 
     def export(self, batch: np.ndarray, now_wall_ns: int, interface_names: Mapping[int, str] | None = None) -> None:
         """Encode a FLOW_DTYPE batch once per collector (its own protocol/sequence) and send it.

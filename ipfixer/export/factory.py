@@ -14,6 +14,7 @@ from ipfixer.errors import ConfigError
 from ipfixer.export.annotate import templates_use_vrf
 from ipfixer.export.exporter import Exporter
 from ipfixer.export.options import OptionsRole, interface_values, sampling_values as _sampling_values
+from ipfixer.export.pacing import PacingParams
 from ipfixer.export.session import ExportSession
 from ipfixer.export.transport import UdpTransport
 from ipfixer.model import ETH_P_IP, ETH_P_IPV6
@@ -80,7 +81,10 @@ def build_exporter(config: Config, boot_wall_ns: int) -> Exporter:
 
                 transport = from_config(c, session)  # RFC 7011 10.4 / 11
             else:
-                transport = UdpTransport(c.address, c.port)
+                pacing = None if c.pacing is None else PacingParams(
+                    c.pacing.messages_per_s, c.pacing.bytes_per_s, c.pacing.burst, c.pacing.queue_messages,
+                    c.max_message_size)
+                transport = UdpTransport(c.address, c.port, pacing=pacing)
             collectors.append((c.name, session, transport))
     except BaseException:
         for _, _, transport in collectors:
