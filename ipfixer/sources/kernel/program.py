@@ -265,6 +265,8 @@ def libbpf() -> ctypes.CDLL:
             fn.restype = ctypes.c_int
         lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.POINTER(_TestRunOpts)]
         lib.bpf_prog_test_run_opts.restype = ctypes.c_int
+        lib.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, vp, u32p]
+        lib.bpf_obj_get_info_by_fd.restype = ctypes.c_int
         _LIB = lib
     return _LIB
 
@@ -340,3 +342,36 @@ def prog_test_run(prog_fd: int, frame: bytes, ctx: bytes | None = None, repeat: 
         raise KernelError(f"BPF_PROG_TEST_RUN failed: {os.strerror(-ret)}")
     # retval is the program's int return (TC_ACT_UNSPEC = -1 shows as 0xffffffff).
     return ctypes.c_int32(opts.retval).value, int(opts.duration)
+
+
+@dataclass(frozen=True, slots=True)
+class ProgSize:
+    """What the kernel says of one loaded program's size: the verifier's budget and what runs."""
+
+    xlated_insns: int  # instructions after the verifier's rewrites (bpftool's "xlated" / 8 bytes each)
+    jited_bytes: int  # machine code bytes (0 without the JIT)
+    verified_insns: int  # instructions the verifier processed (its 1M budget is spent on these)
+
+    def as_dict(self) -> dict[str, int]:
+        """The JSON form bpf/insn_counts.json stores."""
+        return {"xlated_insns": self.xlated_insns, "jited_bytes": self.jited_bytes,
+                "verified_insns": self.verified_insns}
+
+
+# Offsets in struct bpf_prog_info (include/uapi/linux/bpf.h): jited_prog_len, xlated_prog_len, and
+# verified_insns (Linux 5.16+; a shorter struct from an older kernel leaves it 0).
+_INFO_JITED_LEN, _INFO_XLATED_LEN, _INFO_VERIFIED_INSNS, _INFO_SIZE = 16, 20, 216, 256
+
+
+def prog_size(prog_fd: int) -> ProgSize:
+    """BPF_OBJ_GET_INFO_BY_FD on a program: its translated/JITed size and the verifier's count."""
+    buf = ctypes.create_string_buffer(_INFO_SIZE)
+    size = ctypes.c_uint32(_INFO_SIZE)
+    if libbpf().bpf_obj_get_info_by_fd(prog_fd, buf, ctypes.byref(size)) != 0:
+        raise KernelError(f"BPF_OBJ_GET_INFO_BY_FD on program fd {prog_fd}: {os.strerror(ctypes.get_errno())}")
+    raw = buf.raw
+
+    def u32(off: int) -> int:
+        return int.from_bytes(raw[off:off + 4], sys.byteorder) if off + 4 <= size.value else 0
+
+    return ProgSize(u32(_INFO_XLATED_LEN) // 8, u32(_INFO_JITED_LEN), u32(_INFO_VERIFIED_INSNS))
