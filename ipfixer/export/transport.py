@@ -104,13 +104,6 @@ class UdpTransport:
         """Total failed sends."""
         return sum(self.errors.values())
 
-    def local_address(self) -> tuple[str, int]:
-        """The socket's own address (the exporter address a collector sees)."""
-        if self._sock is None:
-            raise TransportError(f"collector {self.name}: transport is closed")
-        addr = self._sock.getsockname()
-        return str(addr[0]), int(addr[1])
-
     def send(self, datagram: bytes) -> bool:
         """Send one message; False (and counted by errno name) when the kernel refused it."""
         if self._sock is None:

@@ -121,12 +121,6 @@ def _flowset(flowset_id: int, body: bytes) -> bytes:
     return _FLOWSET_HEADER.pack(flowset_id, length) + body
 
 
-def template_flowset_length(templates: Sequence[Template]) -> int:
-    """Encoded size of encode_template_flowset(templates) (for MTU packing)."""
-    n = FLOWSET_HEADER_LEN + sum(4 + 4 * len(t.fields) for t in templates)
-    return n + (-n % 4)
-
-
 def options_template_flowset_length(templates: Sequence[Template]) -> int:
     """Encoded size of encode_options_template_flowset(templates)."""
     return sum((n := FLOWSET_HEADER_LEN + 6 + 4 * len(t.fields)) + (-n % 4) for t in templates)

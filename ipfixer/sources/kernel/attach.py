@@ -357,11 +357,6 @@ class LinkWatcher:
                     self.handle(msg)
         return applied
 
-    def run(self, stop: threading.Event, poll_s: float = 0.2) -> None:
-        """Poll until stop is set (for a thread that also created the Attacher)."""
-        while not stop.is_set():
-            self.poll(poll_s)
-
     def stop(self) -> None:
         """Close the monitor socket."""
         if not self._closed:
