@@ -331,5 +331,12 @@ def test_direct_access_matches_load_bytes_fallback(program: Any, max_off: int) -
         c = program.counter_values()
         assert min(c["trunc_l2"], c["trunc_l3"], c["trunc_l4"], c["malformed"], c["fragment"], c["non_ip"],
                    c["bad_length"]) > 0
+        # every frame that ran was seen once and accounted, anomalies included (they are flows too): the
+        # map holds exactly the observed packets (GSO expanded), the same both ways, and nothing was lost
+        assert c["packets"] == ran
+        observed = c["observed_packets_ingress"] + c["observed_packets_egress"]
+        assert c["observed_packets_ingress"] == c["observed_packets_egress"] >= ran // 2
+        assert sum(m["packets"] for _, m in entries(program)) == observed
+        assert c["map_full"] == c["insert_other"] == c["spilled"] == c["ringbuf_fail"] == 0
     finally:
         other.close()

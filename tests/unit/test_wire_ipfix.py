@@ -147,9 +147,21 @@ def test_round_trip(src, dst, sport, octets, ms, mac, name, raw, ns, small, flag
 
 @given(st.integers(0, 2**64 - 1), st.sampled_from(["unsigned64", "signed64", "float64"]))
 def test_decode_value_is_total(v: int, dtype: str) -> None:
+    """Any length decodes to the value RFC 7011 6.2 gives it (integers at any reduced size, float64 in 4
+    or 8 bytes) and any other length gives the bytes back as they came: never an exception."""
     raw = v.to_bytes(8, "big")
     for n in range(9):
-        decode_value(dtype, raw[:n])
+        got = decode_value(dtype, raw[:n])
+        if dtype == "float64":
+            if n in (4, 8):
+                want = struct.unpack(">f" if n == 4 else ">d", raw[:n])[0]
+                assert isinstance(got, float) and (got == want or (got != got and want != want))
+            else:
+                assert got == raw[:n]
+        elif n == 0:
+            assert got == b""
+        else:
+            assert got == int.from_bytes(raw[:n], "big", signed=dtype == "signed64")
 
 
 def test_options_template_sets_hold_one_record_each() -> None:
