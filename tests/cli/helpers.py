@@ -28,6 +28,7 @@ class UdpCollector:
         self.port = self.sock.getsockname()[1]
         self.decoder = Decoder()
         self.messages: list[Any] = []
+        self.sizes: list[int] = []  # each datagram's length, as received
 
     def receive(self, seconds: float, until_idle: float | None = None) -> None:
         """Collect for up to `seconds`; with `until_idle`, stop once nothing came for that long."""
@@ -41,6 +42,7 @@ class UdpCollector:
                     return
                 continue
             last = time.monotonic()
+            self.sizes.append(len(data))
             self.messages.append(self.decoder.feed(data, source=peer[0]))
 
     def flow_records(self) -> list[dict[str, Any]]:

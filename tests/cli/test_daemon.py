@@ -229,6 +229,7 @@ def test_stats_reads_running_daemon_metrics(tmp_path: Path, lab: Lab) -> None:
     try:
         lab.send_udp(lab.ns_b, lab.v4_a, 40031, 9031, [100] * 4)
         coll.receive(10, until_idle=2.5)  # the flow goes out after its 1 s idle timeout
+        msgs_before, bytes_before = len(coll.sizes), sum(coll.sizes)
         res = subprocess.run(["ip", "netns", "exec", lab.ns_a, *IPFIXER, "stats", "--config", str(cfg), "--json"],
                              capture_output=True, text=True, timeout=60, env=cli_env())
         assert res.returncode == 0, res.stderr
@@ -253,7 +254,11 @@ def test_stats_reads_running_daemon_metrics(tmp_path: Path, lab: Lab) -> None:
             assert ingress(before, field) <= value <= ingress(after, field)
         assert len(before) <= values["ipfixer_flows_exported_total"] <= len(after)
         name = f"127.0.0.1:{coll.port}"
-        assert values[f'ipfixer_collector_messages_total{{collector="{name}"}}'] >= 1  # options + templates
+        # what the daemon counted as sent at the scrape is what arrived around it (loopback loses nothing)
+        assert msgs_before <= values[f'ipfixer_collector_messages_total{{collector="{name}"}}'] <= len(coll.sizes)
+        assert bytes_before <= values[f'ipfixer_collector_bytes_total{{collector="{name}"}}'] <= sum(coll.sizes)
+        assert msgs_before >= 2  # the options/templates message and the flow's
+        assert values.get(f'ipfixer_collector_errors_total{{collector="{name}"}}', 0) == 0
     finally:
         stop_daemon(proc, log)
         coll.close()
