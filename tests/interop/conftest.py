@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import pytest
 
@@ -19,64 +19,20 @@ from tests.collectors import (
 )
 
 
-@pytest.fixture
-def nfcapd(tmp_path: Path) -> Iterator[Any]:
-    """Factory: nfcapd(port=None) starts a collector; all of them are stopped at teardown."""
-    started: list[Nfcapd] = []
-
-    def start(port: int | None = None) -> Nfcapd:
-        n = Nfcapd(tmp_path / f"nfcapd{len(started)}", port or free_udp_port())
-        started.append(n)
-        return n
-
-    try:
-        yield start
-    finally:
-        for n in started:
-            n.kill()
+class _Killable(Protocol):
+    def kill(self) -> None: ...
 
 
-@pytest.fixture
-def tshark(tmp_path: Path) -> Iterator[Any]:
-    """Factory: tshark(count) starts a capture on a free port; killed at teardown."""
-    started: list[TsharkCapture] = []
-
-    def start(count: int) -> TsharkCapture:
-        t = TsharkCapture(tmp_path, count)
-        started.append(t)
-        return t
-
-    try:
-        yield start
-    finally:
-        for t in started:
-            t.kill()
+K = TypeVar("K", bound=_Killable)
 
 
-@pytest.fixture
-def nfacctd(tmp_path: Path) -> Iterator[Any]:
-    """Factory: nfacctd(port=None) starts pmacct's nfacctd; all of them are killed at teardown."""
-    started: list[Nfacctd] = []
+def _started(make: Callable[..., K]) -> Iterator[Callable[..., K]]:
+    """A factory fixture's body: start(...) calls make(n, ...) (n: how many came before, for a distinct
+    directory); every collector it started is killed at teardown, even when the test failed."""
+    started: list[K] = []
 
-    def start(port: int | None = None) -> Nfacctd:
-        n = Nfacctd(tmp_path / f"nfacctd{len(started)}", port or free_udp_port())
-        started.append(n)
-        return n
-
-    try:
-        yield start
-    finally:
-        for n in started:
-            n.kill()
-
-
-@pytest.fixture
-def pynetflow(tmp_path: Path) -> Iterator[Any]:
-    """Factory: pynetflow(port=None) starts python-netflow's collector; killed at teardown."""
-    started: list[PyNetflowCollector] = []
-
-    def start(port: int | None = None) -> PyNetflowCollector:
-        c = PyNetflowCollector(tmp_path / f"pynetflow{len(started)}", port or free_udp_port())
+    def start(*args: Any, **kwargs: Any) -> K:
+        c = make(len(started), *args, **kwargs)
         started.append(c)
         return c
 
@@ -85,6 +41,31 @@ def pynetflow(tmp_path: Path) -> Iterator[Any]:
     finally:
         for c in started:
             c.kill()
+
+
+@pytest.fixture
+def nfcapd(tmp_path: Path) -> Iterator[Any]:
+    """Factory: nfcapd(port=None) starts a collector; all of them are stopped at teardown."""
+    yield from _started(lambda n, port=None: Nfcapd(tmp_path / f"nfcapd{n}", port or free_udp_port()))
+
+
+@pytest.fixture
+def tshark(tmp_path: Path) -> Iterator[Any]:
+    """Factory: tshark(count) starts a capture on a free port; killed at teardown."""
+    yield from _started(lambda n, count: TsharkCapture(tmp_path, count))
+
+
+@pytest.fixture
+def nfacctd(tmp_path: Path) -> Iterator[Any]:
+    """Factory: nfacctd(port=None) starts pmacct's nfacctd; all of them are killed at teardown."""
+    yield from _started(lambda n, port=None: Nfacctd(tmp_path / f"nfacctd{n}", port or free_udp_port()))
+
+
+@pytest.fixture
+def pynetflow(tmp_path: Path) -> Iterator[Any]:
+    """Factory: pynetflow(port=None) starts python-netflow's collector; killed at teardown."""
+    yield from _started(lambda n, port=None: PyNetflowCollector(tmp_path / f"pynetflow{n}",
+                                                                port or free_udp_port()))
 
 
 @pytest.fixture

@@ -6,12 +6,13 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from ipfixer.export import Exporter, ExportSession, UdpTransport
 from ipfixer.model import ETH_P_IP, ETH_P_IPV6, FlowRecord, records_to_batch
 from ipfixer.templates import load_templates
 
+C = TypeVar("C")
 RESTART_TRIES = 20  # batches sent to the stopped collector until the kernel reports ECONNREFUSED
 
 
@@ -68,3 +69,25 @@ def restart_round(
     collector = start()
     exporter.export(records_to_batch(tagged(records, 900)), now_ns)
     return collector
+
+
+def restart_scenario(
+    protocol: str, records: list[FlowRecord], base_ms: int, start: Callable[..., C],
+    read: Callable[[C, int], list[int]], first_extra: int = 0,
+) -> tuple[list[int], list[int], C]:
+    """The whole restart test for a collector that reads while running: start(port=None) one, export the
+    refresh and flows tagged 100.., restart it on its port (restart_round), export flows tagged 900...
+    read(collector, n) gives the packet counts of the first n data records it decoded (`first_extra`: more
+    to wait for in the first round, e.g. options records). Returns (first round, second round, second)."""
+    first = start()
+    port = first.port
+    exporter = make_exporter(protocol, base_ms - 60_000, port, template_refresh_s=3600, template_refresh_messages=0)
+    now_ns = base_ms * 1_000_000
+    try:
+        send_refresh_then_flows(exporter, tagged(records, 100), now_ns)
+        before = read(first, 5 + first_extra)
+        second = restart_round(exporter, records, now_ns, first.kill, lambda: start(port=port))
+        after = read(second, 5)
+    finally:
+        exporter.close()
+    return before, after, second

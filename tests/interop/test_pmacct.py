@@ -23,7 +23,7 @@ from ipfixer.model import FlowRecord, addr16_to_str
 from ipfixer.templates import load_templates
 from ipfixer.wire import ipfix
 from tests.collectors import wire
-from tests.interop.scenarios import make_exporter, restart_round, send_refresh_then_flows, tagged
+from tests.interop.scenarios import make_exporter, restart_scenario, send_refresh_then_flows
 
 pytestmark = pytest.mark.interop
 
@@ -111,16 +111,7 @@ def test_nfacctd_1_7_7_misreads_a_set_of_several_options_templates(nfacctd: Any,
 def test_restarted_nfacctd_decodes_the_next_message(
     nfacctd: Any, known_flows: list[FlowRecord], base_ms: int, protocol: str
 ) -> None:
-    boot_ms = base_ms - 60_000
-    first = nfacctd()
-    port = first.port
-    exporter = make_exporter(protocol, boot_ms, port, template_refresh_s=3600, template_refresh_messages=0)
-    now_ns = base_ms * 1_000_000
-    try:
-        send_refresh_then_flows(exporter, tagged(known_flows, 100), now_ns)
-        assert sorted(r["packets"] for r in first.flows(5)) == [100, 101, 102, 103, 104]
-        second = restart_round(exporter, known_flows, now_ns, first.kill, lambda: nfacctd(port=port))
-        rows = second.flows(5)
-    finally:
-        exporter.close()
-    assert sorted(r["packets"] for r in rows) == [900, 901, 902, 903, 904], second.log_text()
+    before, rows, second = restart_scenario(protocol, known_flows, base_ms, nfacctd,
+                                            lambda c, n: [r["packets"] for r in c.flows(n)])
+    assert sorted(before) == [100, 101, 102, 103, 104]
+    assert sorted(rows) == [900, 901, 902, 903, 904], second.log_text()

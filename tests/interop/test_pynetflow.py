@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from ipfixer.model import ETH_P_IP, FlowRecord, addr16_to_str
-from tests.interop.scenarios import INTERFACES, SAMPLING, make_exporter, restart_round, send_refresh_then_flows, tagged
+from tests.interop.scenarios import INTERFACES, SAMPLING, make_exporter, restart_scenario, send_refresh_then_flows
 
 pytestmark = pytest.mark.interop
 
@@ -102,20 +102,12 @@ def test_every_record_and_field_at_python_netflow(
 def test_restarted_python_netflow_decodes_the_next_message(
     pynetflow: Any, known_flows: list[FlowRecord], base_ms: int, protocol: str
 ) -> None:
-    boot_ms = base_ms - 60_000
-    first = pynetflow()
-    port = first.port
-    exporter = make_exporter(protocol, boot_ms, port, template_refresh_s=3600, template_refresh_messages=0)
-    now_ns = base_ms * 1_000_000
     key = "packetDeltaCount" if protocol == "ipfix" else "IN_PKTS"
-    try:
-        send_refresh_then_flows(exporter, tagged(known_flows, 100), now_ns)
-        n_options = 3 + len(INTERFACES) if protocol == "ipfix" else 0  # v9 options are not written
-        got = [f[key] for p in first.packets(5 + n_options) for f in p["flows"] if key in f]
-        assert sorted(got) == [100, 101, 102, 103, 104]
-        second = restart_round(exporter, known_flows, now_ns, first.kill, lambda: pynetflow(port=port))
-        rows = [f[key] for p in second.packets(5) for f in p["flows"] if key in f]
-    finally:
-        exporter.close()
+    n_options = 3 + len(INTERFACES) if protocol == "ipfix" else 0  # v9 options are not written
+    def read(c: Any, n: int) -> list[int]:
+        return [f[key] for p in c.packets(n) for f in p["flows"] if key in f]
+
+    got, rows, second = restart_scenario(protocol, known_flows, base_ms, pynetflow, read, first_extra=n_options)
+    assert sorted(got) == [100, 101, 102, 103, 104]
     assert sorted(rows) == [900, 901, 902, 903, 904], second.log_text()
     assert clean_log(second.log_text()), second.log_text()
