@@ -169,8 +169,9 @@ class UdpTransport:
         if self.pacer is not None and len(self.pacer):
             left = self.pacer.take_all()
             self.errors[CLOSED_UNSENT] += len(left)
-            log.warning("collector=%s closing with %d paced messages (%d records) unsent: dropped", self.name,
-                        len(left), sum(q.records for q in left))
+            log.warning("collector=%s closing with %d paced messages (%d records, %d of them flow records) unsent: "
+                        "dropped", self.name, len(left), sum(q.records for q in left),
+                        sum(q.flow_records for q in left))
             for q in left:
                 self.on_result(SendResult(len(q.data), q.records, q.flow_records, CLOSED_UNSENT, True))
         if self._sock is not None:
