@@ -124,31 +124,36 @@ class Exporter:
                 if paced:  # queued over the rate; _account runs when it leaves (or is dropped)
                     c.transport.submit(m.data, m.records, fr)
                 elif c.transport.send(m.data):
-                    self._account(c, SendResult(len(m.data), m.records, fr))
+                    self._count(c, len(m.data), m.records, fr, None, False)
                 else:
-                    self._account(c, SendResult(len(m.data), m.records, fr, c.transport.last_error or "unknown"))
+                    self._count(c, len(m.data), m.records, fr, c.transport.last_error or "unknown", False)
         except EncodeError as e:
             st.errors["EncodeError"] += 1
             log.warning("collector=%s encode failed: %s", c.name, e)
 
     def _account(self, c: Collector, r: SendResult) -> None:
-        """Count one message's fate in the collector's stats."""
+        """A paced message's fate, reported by its transport when it left (or was dropped)."""
+        self._count(c, r.size, r.records, r.flow_records, r.error, r.delayed)
+
+    @staticmethod
+    def _count(c: Collector, size: int, records: int, flow_records: int, error: str | None, delayed: bool) -> None:
+        """Count one message's fate in the collector's stats (plain arguments: ~53,000 calls per 1M-flow drain)."""
         st = c.stats
-        if r.delayed:
+        if delayed:
             st.delayed_messages += 1
-        if r.error is None:
+        if error is None:
             st.messages += 1
-            st.records += r.records
-            st.bytes += r.size
-            st.flow_records += r.flow_records
+            st.records += records
+            st.bytes += size
+            st.flow_records += flow_records
             return
-        st.errors[r.error] += 1
+        st.errors[error] += 1
         st.not_sent_messages += 1
-        st.not_sent_records += r.flow_records
-        if r.error in (QUEUE_FULL, CLOSED_UNSENT):
+        st.not_sent_records += flow_records
+        if error in (QUEUE_FULL, CLOSED_UNSENT):
             st.dropped_messages += 1
-            st.dropped_records += r.records
-        if r.error in UNREACHABLE_ERRORS:
+            st.dropped_records += records
+        if error in UNREACHABLE_ERRORS:
             c.session.reset()
 
     # -- pacing (export/pacing.py) -------------------------------------------------------------

@@ -14,6 +14,7 @@ import pytest
 
 from ipfixer.export import Exporter, ExportSession, UdpTransport
 from ipfixer.export.pacing import PacingParams
+from ipfixer.metrics import Metrics
 from ipfixer.model import ETH_P_IP, FlowRecord, records_to_batch, to_addr16
 from ipfixer.templates import load_templates
 from ipfixer.wire.decode import Decoder
@@ -138,6 +139,13 @@ def test_paced_queue_full_drops_are_counted_as_records(collector: SlowCollector)
     assert st.dropped_messages > 0 and st.errors["EQUEUEFULL"] == st.dropped_messages
     assert len(got) == st.flow_records and len(set(got)) == len(got)
     assert st.dropped_records == st.not_sent_records == N - len(got)
+    metrics = Metrics(["slow"])  # the daemon's metrics follow the same counts
+    metrics.update_exporter(exporter)
+    sample = metrics.registry.get_sample_value
+    assert sample("ipfixer_collector_dropped_records_total", {"collector": "slow"}) == st.dropped_records
+    assert sample("ipfixer_collector_dropped_messages_total", {"collector": "slow"}) == st.dropped_messages
+    assert sample("ipfixer_collector_delayed_messages_total", {"collector": "slow"}) == st.delayed_messages
+    assert sample("ipfixer_collector_records_total", {"collector": "slow"}) == len(got)
     exporter.close()
 
 
