@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
-from ipfixer.lab import Namespaces, ip, netns_exec, read_sys, sh, static_neighbour, unique_name
+from ipfixer.lab import Lab, Namespaces, ip, netns_exec, read_sys, sh, static_neighbour, unique_name
 
 HOST_DEV = "ipfxh8h"  # each host namespace's end of its veth in Router
 SEND = (
@@ -159,3 +162,23 @@ table ip ipfxnat {{
         t.teardown()
         raise
     return t
+
+
+@contextmanager
+def metered(program: Any, lab: Lab, hooks: str) -> Iterator[tuple[Any, Lab, Any]]:
+    """(program, lab, drainer): the loaded classifier attached to lab.veth_a on `hooks` ("ingress",
+    "egress", "both") with a Drainer on its map, flushed of what the link-up produced; detached after."""
+    from ipfixer.clock import SystemClock
+    from ipfixer.sources.kernel.attach import Attacher
+    from ipfixer.sources.kernel.drain import Drainer
+
+    hour_ns = 3600 * 10**9
+    att = Attacher(program.ingress_fd, program.egress_fd, hooks, netns=lab.ns_a)
+    try:
+        att.attach(lab.veth_a)
+        drainer = Drainer(program.flows, SystemClock(), hour_ns, hour_ns)
+        drainer.flush()  # whatever the link-up produced
+        yield program, lab, drainer
+    finally:
+        att.detach_all()
+        att.close()

@@ -127,8 +127,8 @@ time.sleep(60)
 """
 
 
-def test_sigkilled_run_is_cleaned_by_remove_stale(program: Any, netpair: Lab) -> None:
-    net = netpair
+def crashed_run(net: Lab) -> int:
+    """A process that attached ipfixer's filters to net.veth_a and was SIGKILLed (no detach): its pid."""
     proc = subprocess.Popen([sys.executable, "-c", CRASHER, net.ns_a, net.veth_a, str(REPO)],
                             stdout=subprocess.PIPE, text=True)
     try:
@@ -136,6 +136,12 @@ def test_sigkilled_run_is_cleaned_by_remove_stale(program: Any, netpair: Lab) ->
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
+    return proc.pid
+
+
+def test_sigkilled_run_is_cleaned_by_remove_stale(program: Any, netpair: Lab) -> None:
+    net = netpair
+    crashed_run(net)
     assert "ipfixer_ingress" in tc_show(net.ns_a, net.veth_a)  # the filter outlives its process
     att = Attacher(program.ingress_fd, program.egress_fd, "both", netns=net.ns_a)
     try:
@@ -209,17 +215,11 @@ def test_crashed_runs_clsact_is_removed_by_the_next_run(program: Any, netpair: L
     tool created stays."""
     net = netpair
     before = tc_show(net.ns_a, net.veth_a)
-    proc = subprocess.Popen([sys.executable, "-c", CRASHER, net.ns_a, net.veth_a, str(REPO)],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "attached"
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
+    pid = crashed_run(net)
     att = Attacher(program.ingress_fd, program.egress_fd, "both", netns=net.ns_a)
     try:
         assert att.attach(net.veth_a).created_qdisc
-        assert f".{proc.pid}." not in tc_show(net.ns_a, net.veth_a)
+        assert f".{pid}." not in tc_show(net.ns_a, net.veth_a)
     finally:
         att.detach_all()
     assert tc_show(net.ns_a, net.veth_a) == before

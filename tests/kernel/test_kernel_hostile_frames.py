@@ -10,10 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ipfixer.clock import SystemClock
 from ipfixer.lab import Lab, netns_exec
-from ipfixer.sources.kernel.attach import Attacher
 from ipfixer.sources.kernel.drain import Drainer
+from tests.labs import metered as metered_on
 
 pytestmark = pytest.mark.root
 MS = 1_000_000
@@ -38,15 +37,8 @@ SEND_SPOOFED = (
 
 @pytest.fixture
 def metered(program: Any, netpair: Lab) -> Iterator[tuple[Any, Lab, Drainer]]:
-    att = Attacher(program.ingress_fd, program.egress_fd, "ingress", netns=netpair.ns_a)
-    try:
-        att.attach(netpair.veth_a)
-        drainer = Drainer(program.flows, SystemClock(), 3600_000 * MS, 3600_000 * MS)
-        drainer.flush()
-        yield program, netpair, drainer
-    finally:
-        att.detach_all()
-        att.close()
+    with metered_on(program, netpair, "ingress") as m:
+        yield m
 
 
 def test_spoofed_lengths_through_veth(metered: Any) -> None:

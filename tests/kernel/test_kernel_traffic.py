@@ -22,6 +22,7 @@ from ipfixer.sources.kernel.attach import Attacher
 from ipfixer.sources.kernel.drain import Drainer
 from ipfixer.sources.kernel.program import load_program
 from ipfixer.sources.kernel.spill import SpillConsumer
+from tests.labs import metered as metered_on
 
 pytestmark = pytest.mark.root
 MS = 1_000_000
@@ -29,15 +30,8 @@ MS = 1_000_000
 
 @pytest.fixture
 def metered(program: Any, netpair: Lab) -> Iterator[tuple[Any, Lab, Drainer]]:
-    att = Attacher(program.ingress_fd, program.egress_fd, "both", netns=netpair.ns_a)
-    try:
-        att.attach(netpair.veth_a)
-        drainer = Drainer(program.flows, SystemClock(), 3600_000 * MS, 3600_000 * MS)
-        drainer.flush()  # whatever the link-up produced
-        yield program, netpair, drainer
-    finally:
-        att.detach_all()
-        att.close()
+    with metered_on(program, netpair, "both") as m:
+        yield m
 
 
 def rows(batch: np.ndarray, **match: Any) -> np.ndarray:
