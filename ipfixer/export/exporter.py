@@ -179,9 +179,11 @@ class Exporter:
         """Send what paced collectors still queue, for at most `timeout_s` in all; how many are left (close()
         counts them as dropped and logs them)."""
         deadline = time.monotonic() + timeout_s
-        for c in self.collectors:
-            if getattr(c.transport, "pacer", None) is not None:
-                c.transport.drain(max(0.0, deadline - time.monotonic()))
+        while self.backlog and (left := deadline - time.monotonic()) > 0:  # every collector at once, each at its rate
+            due = self.service()
+            if not self.backlog:
+                break
+            time.sleep(min(max(due or 0.0, 0.0005), left, 0.05))
         return self.backlog
 
     def export(self, batch: np.ndarray, now_wall_ns: int, interface_names: Mapping[int, str] | None = None) -> None:

@@ -162,3 +162,24 @@ def test_close_counts_what_is_still_queued_as_dropped(collector: SlowCollector) 
     st = exporter.stats["slow"]
     assert st.messages == 2 and st.dropped_messages == queued and st.errors["ECLOSED"] == queued
     assert st.flow_records + st.dropped_records == N == len(collector.flow_ids()) + st.not_sent_records
+
+
+def test_drain_serves_every_paced_collector_at_once() -> None:
+    """Shutdown's bounded drain shares its time: each collector goes on at its own rate, none waits for
+    another's queue to empty."""
+    receivers = [SlowCollector(pause_s=0.0) for _ in range(2)]
+    try:
+        exporter = Exporter([(f"c{i}", ExportSession("ipfix", 7, DATA, [], boot_wall_ns=WALL - 10**12),
+                              UdpTransport("127.0.0.1", r.port, pacing=PacingParams(messages_per_s=40, burst=1)))
+                             for i, r in enumerate(receivers)], metering_process_id=1)
+        exporter.export(batch(), WALL)  # type: ignore[arg-type]
+        exporter.drain(0.5)  # ~20 messages each at 40/s: neither queue empties
+        sent = [exporter.stats[f"c{i}"].messages for i in range(2)]
+        assert all(n >= 5 for n in sent), sent
+        exporter.close()
+        for r in receivers:
+            r.settle()
+        assert [len(r.datagrams) for r in receivers] == sent
+    finally:
+        for r in receivers:
+            r.close()
