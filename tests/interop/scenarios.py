@@ -10,19 +10,20 @@ from typing import Any, TypeVar
 
 from ipfixer.export import Exporter, ExportSession, UdpTransport
 from ipfixer.model import ETH_P_IP, ETH_P_IPV6, FlowRecord, records_to_batch
-from ipfixer.templates import load_templates
+from ipfixer.templates import Template, load_templates
 
 C = TypeVar("C")
 RESTART_TRIES = 20  # batches sent to the stopped collector until the kernel reports ECONNREFUSED
 
 
-def make_session(protocol: str, boot_ms: int, **kw: Any) -> ExportSession:
-    """The shipped templates: IPv4/IPv6 flows, statistics, sampling, interface table."""
+def make_session(protocol: str, boot_ms: int, data: dict[int, Template] | None = None, **kw: Any) -> ExportSession:
+    """The shipped templates: IPv4/IPv6 flows (unless `data` gives others), statistics, sampling, interface
+    table; observation domain 7."""
     ts = load_templates()
     return ExportSession(
         protocol,  # type: ignore[arg-type]
         7,
-        {ETH_P_IP: ts["ipv4_flow"], ETH_P_IPV6: ts["ipv6_flow"]},
+        data if data is not None else {ETH_P_IP: ts["ipv4_flow"], ETH_P_IPV6: ts["ipv6_flow"]},
         [ts["options_exporter_stats"], ts["options_sampling"], ts["options_interfaces"]],
         boot_wall_ns=boot_ms * 1_000_000,
         **kw,

@@ -15,6 +15,7 @@ from ipfixer.export import Exporter, ExportSession, UdpTransport
 from ipfixer.model import ETH_P_IP, ETH_P_IPV6, FlowRecord, addr16_to_str, records_to_batch
 from ipfixer.templates import load_templates
 from tests.collectors import wire
+from tests.interop.scenarios import make_session as shipped_session
 
 pytestmark = pytest.mark.interop
 
@@ -182,13 +183,8 @@ def test_interface_name_in_data_records_decodes_in_tshark(
     """templates/examples/ipv*_flow_ifname.yaml through the Exporter as the daemon drives it: the names of
     its interface table fill each record's interfaceName from the record's observation ifindex."""
     ex = load_templates(EXAMPLES)
-    ts = load_templates()
-    session = ExportSession(
-        protocol,  # type: ignore[arg-type]
-        7, {ETH_P_IP: ex["ipv4_flow_ifname"], ETH_P_IPV6: ex["ipv6_flow_ifname"]},
-        [ts["options_exporter_stats"], ts["options_sampling"], ts["options_interfaces"]],
-        boot_wall_ns=(base_ms - 60_000) * 1_000_000,
-    )  # fmt: skip
+    session = shipped_session(protocol, base_ms - 60_000,
+                              data={ETH_P_IP: ex["ipv4_flow_ifname"], ETH_P_IPV6: ex["ipv6_flow_ifname"]})
     names = {2: "lo-ipfx-h1", 3: "eth0", 4: "veth0ipfxh1"}
     records = [dataclasses.replace(r, ifindex=2 + i % 3) for i, r in enumerate(known_flows)]
     cap = tshark(2)  # the options refresh, then one flow message
@@ -207,13 +203,7 @@ def test_interface_name_in_data_records_decodes_in_tshark(
 def test_one_refresh_in_one_message_decodes_in_tshark(tshark: Any, base_ms: int, protocol: str) -> None:
     """The daemon's options refresh (statistics, sampling, interface table) is one message holding one
     Options Template Set per template and the three kinds of records, each field as sent."""
-    ts = load_templates()
-    session = ExportSession(
-        protocol,  # type: ignore[arg-type]
-        7, {ETH_P_IP: ts["ipv4_flow"], ETH_P_IPV6: ts["ipv6_flow"]},
-        [ts["options_exporter_stats"], ts["options_sampling"], ts["options_interfaces"]],
-        boot_wall_ns=(base_ms - 60_000) * 1_000_000,
-    )  # fmt: skip
+    session = shipped_session(protocol, base_ms - 60_000)
     cap = tshark(1)
     exporter = Exporter([("t", session, UdpTransport("127.0.0.1", cap.port))], metering_process_id=4242)
     names = {3: "eth0", 17: "veth-ipfx-h1"}
