@@ -152,11 +152,31 @@ def test_split_host_port() -> None:
 # ---------------------------------------------------------------------------------------------- errors
 
 
-def test_unknown_top_level_key(tmp_path: Path) -> None:
+BAD_VALUES = [  # (key path, value) -> the message after "<path>: "
+    pytest.param(("colectors",), "x", "colectors: unknown key (got 'x')", id="unknown_top_level_key"),
+    pytest.param(("timeouts", "idle"), "fast", "timeouts.idle: invalid duration 'fast' (got 'fast')",
+                 id="bad_duration"),
+    pytest.param(("collectors", 0, "protocol"), "sflow",
+                 "collectors[0].protocol: must be one of ipfix, netflow9 (got 'sflow')", id="bad_protocol"),
+    pytest.param(("collectors",), [], "collectors: must have at least 1 entry (got [])", id="empty_collectors"),
+    pytest.param(("timeouts", "idle"), "2m", "timeouts.idle: must be <= timeouts.active (1m) (got '2m')",
+                 id="idle_greater_than_active"),
+    pytest.param(("timeouts", "drain_interval"), 20,
+                 "timeouts.drain_interval: must be <= timeouts.idle (15s) (got 20)",
+                 id="drain_interval_greater_than_idle"),
+]
+
+
+@pytest.mark.parametrize(("keys", "value", "message"), BAD_VALUES)
+def test_a_bad_value_is_named_with_its_key_path(tmp_path: Path, keys: tuple[Any, ...], value: Any,
+                                                message: str) -> None:
     data = base()
-    data["colectors"] = "x"
+    node: Any = data
+    for k in keys[:-1]:
+        node = node[k]
+    node[keys[-1]] = value
     path = write(tmp_path, data)
-    assert f"{path}: colectors: unknown key (got 'x')" in error_of(path)
+    assert f"{path}: {message}" in error_of(path)
 
 
 def test_unknown_nested_key(tmp_path: Path) -> None:
@@ -169,20 +189,6 @@ def test_unknown_nested_key(tmp_path: Path) -> None:
     assert f"{path}: collectors[0].prot: unknown key (got 'ipfix')" in msg
 
 
-def test_bad_duration(tmp_path: Path) -> None:
-    data = base()
-    data["timeouts"]["idle"] = "fast"
-    path = write(tmp_path, data)
-    assert f"{path}: timeouts.idle: invalid duration 'fast' (got 'fast')" in error_of(path)
-
-
-def test_bad_protocol(tmp_path: Path) -> None:
-    data = base()
-    data["collectors"][0]["protocol"] = "sflow"
-    path = write(tmp_path, data)
-    assert f"{path}: collectors[0].protocol: must be one of ipfix, netflow9 (got 'sflow')" in error_of(path)
-
-
 @pytest.mark.parametrize("port,problem", [(0, "must be >= 1"), (65536, "must be <= 65535"),
                                           ("4739", "must be an integer"), (True, "must be an integer")])
 def test_port_out_of_range(tmp_path: Path, port: Any, problem: str) -> None:
@@ -190,13 +196,6 @@ def test_port_out_of_range(tmp_path: Path, port: Any, problem: str) -> None:
     data["collectors"][0]["port"] = port
     path = write(tmp_path, data)
     assert f"{path}: collectors[0].port: {problem} (got {port!r})" in error_of(path)
-
-
-def test_empty_collectors(tmp_path: Path) -> None:
-    data = base()
-    data["collectors"] = []
-    path = write(tmp_path, data)
-    assert f"{path}: collectors: must have at least 1 entry (got [])" in error_of(path)
 
 
 def test_missing_collectors(tmp_path: Path) -> None:
@@ -211,20 +210,6 @@ def test_duplicate_collectors(tmp_path: Path) -> None:
     data["collectors"].append({"address": "127.0.0.1", "port": 4739, "name": "again"})
     path = write(tmp_path, data)
     assert "collectors: collectors 0 and 1 are both" in error_of(path)
-
-
-def test_idle_greater_than_active(tmp_path: Path) -> None:
-    data = base()
-    data["timeouts"]["idle"] = "2m"
-    path = write(tmp_path, data)
-    assert f"{path}: timeouts.idle: must be <= timeouts.active (1m) (got '2m')" in error_of(path)
-
-
-def test_drain_interval_greater_than_idle(tmp_path: Path) -> None:
-    data = base()
-    data["timeouts"]["drain_interval"] = 20
-    path = write(tmp_path, data)
-    assert f"{path}: timeouts.drain_interval: must be <= timeouts.idle (15s) (got 20)" in error_of(path)
 
 
 @pytest.mark.parametrize(
