@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,6 +40,13 @@ def stop_daemon(proc: subprocess.Popen[bytes], log: Path) -> None:
     assert stop_ipfixer(proc) == 0, log.read_text()
 
 
+def exported_totals(coll: UdpCollector) -> dict[tuple[Any, ...], list[int]]:
+    """After the daemon stopped: what its shutdown flush still sends, then [packets, octets] by flow."""
+    coll.receive(5, until_idle=1.0)
+    coll.close()
+    return totals_by_flow(coll.flow_records())
+
+
 def base_config(tmp_path: Path, lab: Lab, port: int, **extra: object) -> Path:
     return write_config(tmp_path / "ipfixer.yaml", [{"address": "127.0.0.1", "port": port}],
                         interfaces={"include": [lab.veth_a], "exclude": []}, lock_dir=str(tmp_path / "lock"),
@@ -54,9 +62,7 @@ def test_sigterm_flushes_exact_counts(tmp_path: Path, lab: Lab) -> None:
         lab.send_udp(lab.ns_b, lab.v6_a, 40002, 9002, [50] * 4)
     finally:
         stop_daemon(proc, log)
-    coll.receive(5, until_idle=1.0)
-    coll.close()
-    totals = totals_by_flow(coll.flow_records())
+    totals = exported_totals(coll)
     assert totals[(lab.v4_b, lab.v4_a, 40001, 9001, 17)] == [10, 7 * 128 + 3 * 328]
     assert totals[(lab.v6_b, lab.v6_a, 40002, 9002, 17)] == [4, 4 * (40 + 8 + 50)]
     recs = [r for r in coll.flow_records() if r.get("destinationTransportPort") == 9001]
@@ -117,9 +123,7 @@ def test_invalid_reload_keeps_running(tmp_path: Path, lab: Lab) -> None:
         lab.send_udp(lab.ns_b, lab.v4_a, 40021, 9021, [10] * 3)
     finally:
         stop_daemon(proc, log)
-    coll.receive(5, until_idle=1.0)
-    coll.close()
-    assert totals_by_flow(coll.flow_records())[(lab.v4_b, lab.v4_a, 40021, 9021, 17)] == [3, 3 * 38]
+    assert exported_totals(coll)[(lab.v4_b, lab.v4_a, 40021, 9021, 17)] == [3, 3 * 38]
 
 
 def test_reload_to_no_interface_warns_and_ipv6_collector_is_bracketed(tmp_path: Path, lab: Lab) -> None:
@@ -168,9 +172,7 @@ def test_restart_after_sigkill_leaves_no_qdisc_at_sigterm(tmp_path: Path, lab: L
         lab.send_udp(lab.ns_b, lab.v4_a, 40081, 9081, [20] * 4)
     finally:
         stop_daemon(second, log2)
-    coll.receive(5, until_idle=1.0)
-    coll.close()
-    assert totals_by_flow(coll.flow_records())[(lab.v4_b, lab.v4_a, 40081, 9081, 17)] == [4, 4 * 48]
+    assert exported_totals(coll)[(lab.v4_b, lab.v4_a, 40081, 9081, 17)] == [4, 4 * 48]
     assert "clsact" not in netns_exec(lab.ns_a, "tc", "qdisc", "show", "dev", lab.veth_a).stdout
     for hook in ("ingress", "egress"):
         assert "ipfixer" not in netns_exec(lab.ns_a, "tc", "filter", "show", "dev", lab.veth_a, hook).stdout
@@ -210,9 +212,7 @@ def test_second_instance_with_other_lock_dir_is_refused_and_first_keeps_counting
         lab.send_udp(lab.ns_b, lab.v4_a, 40051, 9051, [100] * 30)
     finally:
         stop_daemon(proc, log)
-    coll.receive(5, until_idle=1.0)
-    coll.close()
-    assert totals_by_flow(coll.flow_records())[(lab.v4_b, lab.v4_a, 40051, 9051, 17)] == [60, 60 * 128]
+    assert exported_totals(coll)[(lab.v4_b, lab.v4_a, 40051, 9051, 17)] == [60, 60 * 128]
 
 
 def test_stats_reads_running_daemon_metrics(tmp_path: Path, lab: Lab) -> None:
