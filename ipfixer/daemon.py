@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,6 +26,13 @@ from ipfixer.config import Config, load_config
 from ipfixer.errors import ConfigError, IpfixerError
 from ipfixer.export.factory import build_exporter, load_config_templates, sampling_values
 from ipfixer.sources import FlowSource
+
+if TYPE_CHECKING:  # imported where they are built: each pulls in what only its feature needs
+    from ipfixer.control import ControlServer
+    from ipfixer.enrich.pipeline import Enrichment
+    from ipfixer.export.exporter import Exporter
+    from ipfixer.metrics import Metrics
+    from ipfixer.sources.kernel.vrf import VrfWatcher
 
 log = logging.getLogger("ipfixer")
 PACED_DRAIN_S = 5.0  # shutdown/reload: how long paced collectors' queues may still drain at their rate
@@ -70,14 +77,14 @@ class Daemon:
         self.clock = clock or SystemClock()
         self.signals = _Signals()
         self.boot_wall_ns = self.clock.wall_ns()
-        self._metrics: Any = None
+        self._metrics: Metrics | None = None
         self._meter: FlowSource | None = None
-        self._exporter: Any = None
-        self._enrichment: Any = None
+        self._exporter: Exporter | None = None
+        self._enrichment: Enrichment | None = None
         self._next_stats_ns = 0
         self._interface_table: dict[int, str] = {}
-        self._control: Any = None  # ipfixer.control.ControlServer: `ipfixer ctl` commands, run by the loop
-        self._vrfs: Any = None  # ipfixer.sources.kernel.vrf.VrfWatcher while a data template carries VRF ids
+        self._control: ControlServer | None = None  # `ipfixer ctl` commands, run by the loop
+        self._vrfs: VrfWatcher | None = None  # while a data template carries VRF ids
         self._vrf_names: dict[int, str] = {}
 
     @property
@@ -86,6 +93,20 @@ class Daemon:
         if self._meter is None:
             raise IpfixerError("the daemon has no flow source: it was not started")
         return self._meter
+
+    @property
+    def _out(self) -> Exporter:
+        """The running exporter (set by _start before the loop, replaced by a reload)."""
+        if self._exporter is None:
+            raise IpfixerError("the daemon has no exporter: it was not started")
+        return self._exporter
+
+    @property
+    def _m(self) -> Metrics:
+        """The daemon's metrics (set first thing in _start)."""
+        if self._metrics is None:
+            raise IpfixerError("the daemon has no metrics: it was not started")
+        return self._metrics
 
     # -- lifecycle -------------------------------------------------------------------------------
     def run(self, duration_s: float | None = None) -> int:
@@ -161,7 +182,7 @@ class Daemon:
                 self.signals.reload = False
                 self._reload()
             wait_ms = max(0, min(250, (next_drain - self.clock.mono_ns()) // 1_000_000))
-            due = self._exporter.service()  # paced collectors: what their rate allows now, never waiting
+            due = self._out.service()  # paced collectors: what their rate allows now, never waiting
             if due is not None:  # a queue waits: wake when its next message is due
                 wait_ms = min(wait_ms, max(1, math.ceil(due * 1000)))  # 1 ms at least: never a busy loop
             self._src.poll(int(wait_ms))
@@ -175,30 +196,30 @@ class Daemon:
         started = time.perf_counter()
         ended = {k.packed() for k in self._enrichment.destroyed_keys()} if self._enrichment else set()
         batches = self._src.drain(end_keys=ended)
-        self._metrics.update_source(self._src.source_counters())
+        self._m.update_source(self._src.source_counters())
         if self._enrichment is not None:
             batches.append(self._enrichment.nat_event_batch())
         self._export(batches)
-        self._metrics.observe_drain(time.perf_counter() - started)
+        self._m.observe_drain(time.perf_counter() - started)
         self._send_options(force=False)
 
     def _export(self, batches: list[np.ndarray]) -> None:
         batches = [b for b in batches if len(b)]
         if not batches:
-            self._exporter.refresh_templates(self.clock.wall_ns())  # idle: templates still go out on time
+            self._out.refresh_templates(self.clock.wall_ns())  # idle: templates still go out on time
             return
         batch = np.concatenate(batches) if len(batches) > 1 else batches[0]
         if self._enrichment is not None:
             try:
-                self._metrics.count_enriched(self._enrichment.enrich(batch))
-                self._metrics.update_enrichment(self._enrichment.counters())
+                self._m.count_enriched(self._enrichment.enrich(batch))
+                self._m.update_enrichment(self._enrichment.counters())
             except IpfixerError as exc:
                 log.warning("enrichment failed: %s", exc)
         self._poll_vrfs()  # VRF ids are looked up at export time (export/annotate.py)
         now = self.clock.wall_ns()
-        self._exporter.export(batch, now)
-        self._metrics.count_flows(batch)
-        self._metrics.update_exporter(self._exporter)
+        self._out.export(batch, now)
+        self._m.count_flows(batch)
+        self._m.update_exporter(self._exporter)
 
     def _send_options(self, force: bool) -> None:
         """Statistics, sampling and interface-table options records: every stats_interval, and the
@@ -217,7 +238,7 @@ class Daemon:
             return
         self._next_stats_ns = now + int(self.config.templates.stats_interval * 1e9)
         # One refresh, one message per collector (statistics + sampling + interface table together).
-        self._exporter.export_options_refresh(now, sampling=sampling_values(self.config), interfaces=table,
+        self._out.export_options_refresh(now, sampling=sampling_values(self.config), interfaces=table,
                                               vrfs=vrf_names,
                                               ignored_packets=self._meter.ignored_packets() if self._meter else 0)
 
@@ -225,7 +246,7 @@ class Daemon:
         """Follow the VRF table (kernel/vrf.py) while some collector's data template carries VRF ids."""
         from ipfixer.export.annotate import templates_use_vrf
 
-        wanted = any(templates_use_vrf(c.session.data_templates.values()) for c in self._exporter.collectors)
+        wanted = any(templates_use_vrf(c.session.data_templates.values()) for c in self._out.collectors)
         if wanted and self._vrfs is None:
             from ipfixer.sources.kernel.vrf import VrfWatcher
 
@@ -233,13 +254,13 @@ class Daemon:
         elif not wanted and self._vrfs is not None:
             self._vrfs.close()
             self._vrfs = None
-        self._exporter.vrfs = self._vrfs.table if self._vrfs is not None else None
+        self._out.vrfs = self._vrfs.table if self._vrfs is not None else None
 
     def _poll_vrfs(self) -> None:
         """Apply VRF enslave/release events seen since the last poll (never waits)."""
         if self._vrfs is not None:
             self._vrfs.poll()
-            self._exporter.vrfs = self._vrfs.table
+            self._out.vrfs = self._vrfs.table
 
     def _current_interfaces(self) -> dict[int, str]:
         table = {}
@@ -266,7 +287,7 @@ class Daemon:
         if new.source != self.config.source or new.enrichment != self.config.enrichment:
             log.warning("source and enrichment change only at restart; keeping source=%s", self.config.source)
         self._cycle()  # what was due goes out on the old collectors before they change
-        old_exporter, self._exporter = self._exporter, new_exporter
+        old_exporter, self._exporter = self._out, new_exporter
         old_exporter.flush(self.clock.wall_ns())  # uniflows waiting for their reverse (biflow collectors)
         if old_exporter.backlog:  # paced collectors: what still waits goes out first (bounded)
             old_exporter.drain(PACED_DRAIN_S)
@@ -285,18 +306,18 @@ class Daemon:
     def _drain_paced(self) -> None:
         """Send what paced collectors still queue, at their rate, for at most PACED_DRAIN_S; close() counts
         and logs what is left as dropped."""
-        if self._exporter.backlog:
-            left = self._exporter.drain(PACED_DRAIN_S)
+        if self._out.backlog:
+            left = self._out.drain(PACED_DRAIN_S)
             if left:
                 log.warning("paced export: %d messages still queued after %.0f s: dropped", left, PACED_DRAIN_S)
-            self._metrics.update_exporter(self._exporter)
+            self._m.update_exporter(self._exporter)
 
     def _shutdown(self) -> None:
         """Flush everything still in the kernel map and the Accounter, then detach."""
         try:
             if self._meter is not None and self._exporter is not None:
                 batches = self._meter.flush()
-                self._metrics.update_source(self._meter.source_counters())
+                self._m.update_source(self._meter.source_counters())
                 if self._enrichment is not None:
                     self._enrichment.poll()
                     batches.append(self._enrichment.nat_event_batch())
