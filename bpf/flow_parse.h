@@ -47,6 +47,12 @@
 #define IPV6_NH_FRAGMENT 44
 #define IPV6_NH_AH 51                /* length in 4-octet units minus 2 (RFC 4302 2.2) */
 #define IPV6_NH_DSTOPTS 60           /* destination options */
+#define ENCAP_IPIP 4                 /* IPv4 in IP (RFC 2003) */
+#define ENCAP_IPV6 41                /* IPv6 in IP: SIT (RFC 4213), IPv6-in-IPv6 (RFC 2473) */
+#define ENCAP_GRE 47
+#define UDP_PORT_VXLAN 4789          /* IANA, RFC 7348 */
+#define UDP_PORT_GENEVE 6081         /* IANA, RFC 8926 */
+#define ETHP_TEB 0x6558              /* Transparent Ethernet Bridging: an Ethernet frame follows */
 
 struct pkt_info {
     __u64 octets;                    /* IP-layer octets as the wire carries them (GSO expanded) */
@@ -55,6 +61,7 @@ struct pkt_info {
     __u8  tos;
     __u8  anomaly;                   /* CNT_* index of a truncation/malformation, 0 if none */
     __u8  fragment;                  /* non-first fragment: no ports */
+    __u32 l4_off;                    /* offset of the transport header (the tunnel parser starts there) */
 };
 
 /* Where the headers come from: the linear area, or bpf_skb_load_bytes. */
@@ -206,6 +213,7 @@ static __always_inline void parse_ipv4(const struct pkt_src *s, const int direct
         info->fragment = 1;
         return;
     }
+    info->l4_off = off + ihl;
     __u32 l4 = parse_l4(s, direct, off + ihl, key, info);
     gso_expand(s->skb, off, ihl + l4, info);
 }
@@ -303,9 +311,139 @@ static __always_inline void parse_ipv6(const struct pkt_src *s, const int direct
         info->anomaly = CNT_IPV6_EXT_LIMIT;
         return;
     }
+    info->l4_off = off;
     __u32 l4 = parse_l4(s, direct, off, key, info);
     gso_expand(s->skb, l3_off, off - l3_off + l4, info);
 }
+
+#if TUNNEL_DECAP
+static __always_inline int tunnel_candidate(const struct flow_key *key)
+{
+    __u8 p = key->protocol;
+    return (p == PROTO_UDP && (key->dst_port == UDP_PORT_VXLAN || key->dst_port == UDP_PORT_GENEVE)) ||
+           p == ENCAP_GRE || p == ENCAP_IPIP || p == ENCAP_IPV6;
+}
+
+/* One level of encapsulation (TUNNEL_DECAP builds): when the outer packet is VXLAN, Geneve, GRE or
+ * IP-in-IP, the flow becomes the inner packet's (key, octets, flags) plus the tunnel: type, VNI or GRE
+ * key and the outer addresses. Called only for a first fragment parsed without anomaly. Every header
+ * is at an offset bounded by constants (Geneve options <= 252 bytes, GRE <= 16), and the inner IP
+ * header is parsed by the same parse_ipv4/parse_ipv6 as the outer one, never a further tunnel.
+ * A tunnel header or inner IP header cut short keeps the outer flow (counted trunc_l4); a payload that is not
+ * IPv4/IPv6 (ARP in VXLAN, MPLS in GRE) keeps the outer flow too. */
+static __always_inline void parse_tunnel(const struct pkt_src *s, const int direct,
+                                         struct flow_key *key, struct pkt_info *info)
+{
+    __u8 buf[40];                    /* load_bytes pass: the largest header read here (inner IPv6) */
+    const __u8 *b;
+    __u32 off = info->l4_off;
+    __u32 id = 0;
+    __u8 type;
+    __u16 inner;
+    if (!tunnel_candidate(key))
+        return;
+    if (direct) {
+        /* Decapsulated in the load_bytes pass only: the inner headers parsed in place as well would make
+         * the verifier walk outer x inner paths twice (past its 1M-instruction budget). */
+        info->anomaly = PARSE_RETRY;
+        return;
+    }
+    if (key->protocol == PROTO_UDP && key->dst_port == UDP_PORT_VXLAN) {
+        b = hdr(s, direct, off + 8, buf, 8);          /* RFC 7348 5: flags, reserved, VNI, reserved */
+        if (!b) {
+            info->anomaly = SHORT(direct, CNT_TRUNC_L4);
+            return;
+        }
+        if (!(b[0] & 0x08))                           /* I flag: the VNI is valid */
+            return;
+        type = TUNNEL_VXLAN;
+        id = ((__u32)b[4] << 16) | ((__u32)b[5] << 8) | b[6];
+        inner = ETHP_TEB;
+        off += 16;
+    } else if (key->protocol == PROTO_UDP && key->dst_port == UDP_PORT_GENEVE) {
+        b = hdr(s, direct, off + 8, buf, 8);          /* RFC 8926 3.4: ver, opt len, flags, type, VNI */
+        if (!b) {
+            info->anomaly = SHORT(direct, CNT_TRUNC_L4);
+            return;
+        }
+        if (b[0] >> 6)                                /* version 0 only */
+            return;
+        type = TUNNEL_GENEVE;
+        id = ((__u32)b[4] << 16) | ((__u32)b[5] << 8) | b[6];
+        inner = ((__u16)b[2] << 8) | b[3];
+        off += 16 + (__u32)(b[0] & 0x3f) * 4;          /* options skipped by length: at most 252 bytes */
+    } else if (key->protocol == ENCAP_GRE) {
+        b = hdr(s, direct, off, buf, 4);              /* RFC 2784 2.1 / RFC 2890 2: C, K, S, version */
+        if (!b) {
+            info->anomaly = SHORT(direct, CNT_TRUNC_L4);
+            return;
+        }
+        __u8 flags = b[0];
+        if ((flags & 0x40) || (b[1] & 0x07))          /* RFC 1701 routing, or not version 0 (PPTP) */
+            return;
+        type = TUNNEL_GRE;
+        inner = ((__u16)b[2] << 8) | b[3];
+        __u32 glen = 4;
+        if (flags & 0x80)                             /* checksum + reserved1 */
+            glen += 4;
+        if (flags & 0x20) {                           /* key */
+            b = hdr(s, direct, off + glen, buf, 4);
+            if (!b) {
+                info->anomaly = SHORT(direct, CNT_TRUNC_L4);
+                return;
+            }
+            id = ((__u32)b[0] << 24) | ((__u32)b[1] << 16) | ((__u32)b[2] << 8) | b[3];
+            glen += 4;
+        }
+        if (flags & 0x10)                             /* sequence number */
+            glen += 4;
+        off += glen;
+    } else if (key->protocol == ENCAP_IPIP) {
+        type = TUNNEL_IPIP;
+        inner = ETHP_IP;
+    } else if (key->protocol == ENCAP_IPV6) {
+        type = TUNNEL_IPIP;
+        inner = ETHP_IPV6;
+    } else {
+        return;
+    }
+    if (inner == ETHP_TEB) {                          /* VXLAN, Geneve or GRETAP: an Ethernet frame */
+        b = hdr(s, direct, off, buf, ETH_HLEN_);
+        if (!b) {
+            info->anomaly = SHORT(direct, CNT_TRUNC_L4);
+            return;
+        }
+        inner = ((__u16)b[12] << 8) | b[13];
+        off += ETH_HLEN_;
+    }
+    if (inner != ETHP_IP && inner != ETHP_IPV6)
+        return;
+    /* the inner IP header wholly there, or the outer flow stays (options/headers past the end) */
+    if (inner == ETHP_IP ? !hdr(s, direct, off, buf, 20) : !hdr(s, direct, off, buf, 40)) {
+        info->anomaly = SHORT(direct, CNT_TRUNC_L4);
+        return;
+    }
+    /* the flow is the inner packet's from here: the outer key fields are replaced, MACs/VLAN stay
+     * those seen on the observation interface */
+    __builtin_memcpy(key->outer_src_addr, key->src_addr, 16);
+    __builtin_memcpy(key->outer_dst_addr, key->dst_addr, 16);
+    key->tunnel_type = type;
+    key->tunnel_id = id;
+    key->ethertype = inner;
+    key->protocol = 0;
+    key->src_port = 0;
+    key->dst_port = 0;
+    __builtin_memset(key->src_addr, 0, 16);
+    __builtin_memset(key->dst_addr, 0, 16);
+    info->packets = 1;
+    info->tcp_flags = 0;
+    info->tos = 0;
+    if (inner == ETHP_IP)
+        parse_ipv4(s, direct, off, key, info);
+    else
+        parse_ipv6(s, direct, off, key, info);
+}
+#endif
 
 /* One pass over the frame (see the top of this file). Every anomaly ends the pass, except an IP
  * length larger than the packet (CNT_BAD_LENGTH, octets = bytes held): the headers present are still
@@ -357,7 +495,12 @@ static __always_inline void parse_frame(const struct pkt_src *s, const int direc
     } else {
         info->anomaly = CNT_NON_IP;
         info->octets = len > off ? len - off : 0;
+        return;
     }
+#if TUNNEL_DECAP
+    if (!info->anomaly && !info->fragment)
+        parse_tunnel(s, direct, key, info);
+#endif
 }
 
 /* Fill key (zeroed by the caller) and info from the frame. Never fails: whatever could be parsed is

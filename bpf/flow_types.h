@@ -18,10 +18,22 @@
 #define SAMPLING_INTERVAL 1          /* meter 1 in N packets, chosen at random (samplingAlgorithm 2) */
 #endif
 
+#ifndef TUNNEL_DECAP
+#define TUNNEL_DECAP 0               /* 1: meter the inner flow of one level of encapsulation (config tunnels.decap) */
+#endif
+
+/* flow_key.tunnel_type (TUNNEL_DECAP builds): how the metered inner packet was carried. ipfixer's own
+ * codes (exported as the enterprise element tunnelType, ipfixer/infomodel/data/ipfixer.csv), 0 = none. */
+#define TUNNEL_NONE 0
+#define TUNNEL_VXLAN 1               /* UDP 4789, RFC 7348; tunnel_id = VNI */
+#define TUNNEL_GENEVE 2              /* UDP 6081, RFC 8926; tunnel_id = VNI */
+#define TUNNEL_GRE 3                 /* IP protocol 47, RFC 2784/2890; tunnel_id = key (0 without one) */
+#define TUNNEL_IPIP 4                /* IP protocol 4 or 41: IPIP, SIT, IPv6-in-IPv6 (RFC 2003, 4213, 2473) */
+
 #define FLOW_DIR_INGRESS 0           /* IPFIX IE 61 flowDirection */
 #define FLOW_DIR_EGRESS 1
 
-/* One flow (60 bytes, 4-aligned). IPv4 addresses are ::ffff:a.b.c.d (RFC 4038). */
+/* One flow (60 bytes, 4-aligned; 100 with TUNNEL_DECAP). IPv4 addresses are ::ffff:a.b.c.d (RFC 4038). */
 struct flow_key {
     __u16 ethertype;                 /* payload ethertype after VLAN tags, host order */
     __u8  direction;                 /* FLOW_DIR_* */
@@ -35,6 +47,14 @@ struct flow_key {
     __u32 ifindex;                   /* observation interface */
     __u8  src_addr[16];
     __u8  dst_addr[16];
+#if TUNNEL_DECAP
+    /* The tunnel of an inner flow (all zero for a packet that was not decapsulated): 100 bytes in all. */
+    __u32 tunnel_id;                 /* VNI (VXLAN/Geneve) or GRE key, host order */
+    __u8  tunnel_type;               /* TUNNEL_* */
+    __u8  pad1[3];                   /* zero */
+    __u8  outer_src_addr[16];        /* outer IP header's addresses, IPv4 as ::ffff:a.b.c.d */
+    __u8  outer_dst_addr[16];
+#endif
 };
 
 /* Counters of one flow (48 bytes). The map is a shared BPF_HASH updated with atomic adds, not a

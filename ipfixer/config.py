@@ -384,6 +384,17 @@ class SamplingConfig(BaseModel):
     interval: StrictInt = Field(default=1, ge=1, le=U32_MAX, description="1 in N packets; 1 = unsampled")
 
 
+class TunnelsConfig(BaseModel):
+    """Tunnelled traffic on underlay interfaces (VXLAN, Geneve, GRE/GRETAP, IPIP/SIT/IPv6-in-IPv6)."""
+
+    model_config = _MODEL
+
+    decap: StrictBool = Field(
+        default=False,
+        description="meter the inner flow of one level of encapsulation, keyed also by the tunnel (VNI or "
+                    "GRE key, outer addresses); false = the outer flow only. A compile-time flag: restart to change")
+
+
 class TemplatesConfig(BaseModel):
     """Which template files describe the exported records."""
 
@@ -446,6 +457,7 @@ class Config(BaseModel):
     cache: CacheConfig = CacheConfig()  # frozen: one shared default is safe
     sampling: SamplingConfig = SamplingConfig()  # frozen: one shared default is safe
     templates: TemplatesConfig = TemplatesConfig()  # frozen: one shared default is safe
+    tunnels: TunnelsConfig = TunnelsConfig()  # frozen: one shared default is safe
     enrichment: EnrichmentConfig = EnrichmentConfig()  # frozen: one shared default is safe
     metrics: MetricsConfig = MetricsConfig()  # frozen: one shared default is safe
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -101,10 +101,17 @@ FLOW_DTYPE = np.dtype(
         ("rev_tcp_flags", "u1"),
         ("rev_tos", "u1"),
         ("biflow_direction", "u1"),
+        # the tunnel of an inner flow (tunnels.decap; bpf/flow_types.h TUNNEL_*), zero otherwise:
+        # its type, VNI (VXLAN/Geneve) or GRE key, and the outer IP header's addresses
+        ("tunnel_type", "u1"),
+        ("tunnel_id", "u4"),
+        ("outer_src_addr", "u1", (16,)),
+        ("outer_dst_addr", "u1", (16,)),
     ]
 )
 
-_BYTES_FIELDS = {"src_mac", "dst_mac", "src_addr", "dst_addr", "post_src_addr", "post_dst_addr"}
+_BYTES_FIELDS = {"src_mac", "dst_mac", "src_addr", "dst_addr", "post_src_addr", "post_dst_addr",
+                 "outer_src_addr", "outer_dst_addr"}
 
 
 def empty_batch(n: int = 0) -> np.ndarray:
@@ -176,6 +183,10 @@ class FlowRecord:
     rev_tcp_flags: int = 0
     rev_tos: int = 0
     biflow_direction: int = 0
+    tunnel_type: int = 0
+    tunnel_id: int = 0
+    outer_src_addr: bytes = b"\x00" * 16
+    outer_dst_addr: bytes = b"\x00" * 16
     interface: str = field(default="", compare=False)
 
 

@@ -3,7 +3,8 @@
     sudo .venv/bin/python tools/record_insn_counts.py          # measure this kernel, update its entry
     sudo .venv/bin/python tools/record_insn_counts.py --check  # compare only (exit 1 on a change)
 
-For each program (the tc classifier's two entry points, as built by default and with sampling, and the
+For each program (the tc classifier's two entry points, as built by default, with sampling and with tunnel
+decapsulation, and the
 cgroup_skb pair) the kernel's own figures after loading it, from BPF_OBJ_GET_INFO_BY_FD: translated
 instructions (what runs, bpftool's "xlated"), JITed bytes, and the instructions the verifier processed
 (its budget is 1M per program). tests/kernel/test_insn_counts.py compares the running kernel's figures
@@ -56,6 +57,7 @@ def _cgroup() -> dict[str, ProgSize]:
 BUILDS: dict[str, Callable[[], dict[str, ProgSize]]] = {
     "flow_tc.c": _classifier(()),
     f"flow_tc.c -DSAMPLING_INTERVAL={SAMPLED}": _classifier((f"-DSAMPLING_INTERVAL={SAMPLED}",)),
+    "flow_tc.c -DTUNNEL_DECAP=1": _classifier(("-DTUNNEL_DECAP=1",)),  # tunnels.decap: true
     "cgroup_skb.c": _cgroup,
 }
 

@@ -21,6 +21,7 @@ from ipfixer.model import ETH_P_IP, ETH_P_IPV6
 from ipfixer.templates import DEFAULT_TEMPLATES_DIR, Template, load_templates
 
 BIFLOW_TEMPLATES = {ETH_P_IP: "ipv4_biflow", ETH_P_IPV6: "ipv6_biflow"}  # for collectors with biflow: true
+TUNNEL_TEMPLATES = {"ipv4_flow": "ipv4_tunnel_flow", "ipv6_flow": "ipv6_tunnel_flow"}  # tunnels.decap: true
 VRF_OPTIONS_TEMPLATE = "options_vrfs"  # VRF id -> name, sent when a data template carries VRF ids
 __all__ = ["build_exporter", "config_roles", "interface_values", "load_config_templates", "sampling_values"]
 
@@ -37,13 +38,16 @@ def load_config_templates(config: Config) -> tuple[dict[int, Template], list[Tem
     tdir = Path(config.templates.directory) if config.templates.directory else DEFAULT_TEMPLATES_DIR
     templates = load_templates(tdir)
     t = config.templates
-    chosen = {"ipv4": t.ipv4, "ipv6": t.ipv6, "exporter_stats": t.exporter_stats, "sampling": t.sampling,
+    ipv4, ipv6 = t.ipv4, t.ipv6
+    if config.tunnels.decap:  # the default templates carry no tunnel: the tunnel pair instead (272/273)
+        ipv4, ipv6 = TUNNEL_TEMPLATES.get(ipv4, ipv4), TUNNEL_TEMPLATES.get(ipv6, ipv6)
+    chosen = {"ipv4": ipv4, "ipv6": ipv6, "exporter_stats": t.exporter_stats, "sampling": t.sampling,
               "interfaces": t.interfaces}
     missing = [f"templates.{key}: no template named {name!r} in {tdir} (got {name!r})"
                for key, name in chosen.items() if name not in templates]
     if missing:
         raise ConfigError("\n".join(missing))
-    data = {ETH_P_IP: templates[t.ipv4], ETH_P_IPV6: templates[t.ipv6]}
+    data = {ETH_P_IP: templates[ipv4], ETH_P_IPV6: templates[ipv6]}
     options = [templates[t.exporter_stats], templates[t.sampling], templates[t.interfaces]]
     if templates_use_vrf(data.values()) and VRF_OPTIONS_TEMPLATE in templates:  # VRF ids: names go with them
         options.append(templates[VRF_OPTIONS_TEMPLATE])

@@ -25,6 +25,16 @@ if TYPE_CHECKING:
 IPPROTO_ICMP = 1
 IPPROTO_ICMPV6 = 58
 UINT32_MOD = 1 << 32
+# flow_key.tunnel_type codes (bpf/flow_types.h TUNNEL_*), exported as ipfixer's tunnelType
+TUNNEL_VXLAN = 1
+TUNNEL_GENEVE = 2
+TUNNEL_GRE = 3
+TUNNEL_IPIP = 4
+# layer2SegmentId (IE 351) segment types, the registry's description of the element: 0x01 VxLAN
+# (RFC 7348), 0x02 NVGRE (RFC 7637). Geneve has none, so a Geneve row's layer2SegmentId is 0 and its
+# VNI is in tunnelVirtualNetworkId only.
+L2_SEGMENT_VXLAN = 0x01
+_V4_PREFIX = np.array([0] * 10 + [0xFF, 0xFF], dtype=np.uint8)
 
 
 class Transform(Enum):
@@ -39,6 +49,11 @@ class Transform(Enum):
     SYS_UPTIME = "sys_uptime"  # wall-clock ms column -> ms since exporter boot, mod 2^32 (RFC 3954 8)
     SYS_UPTIME_START = "sys_uptime_start"  # the same for the start, never after the end (min(start, end))
     RECORD_ATTR = "record_attr"  # FlowRecord attribute with no batch column (per-record path only)
+    OUTER_IPV4 = "outer_ipv4"  # 16-byte outer address -> its last 4 bytes when IPv4-mapped, else 0.0.0.0
+    OUTER_IPV6 = "outer_ipv6"  # 16-byte outer address as is when IPv6, else :: (an IPv4 outer header)
+    L2_SEGMENT = "l2_segment"  # layer2SegmentId (IE 351): segment type in the top byte, VNI below
+    VNI = "vni"  # tunnel_id of a VXLAN/Geneve row, else 0
+    GRE_KEY = "gre_key"  # tunnel_id of a GRE row, else 0 (greKey, IE 296)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +132,15 @@ ELEMENT_COLUMNS: Mapping[str, ColumnMapping] = MappingProxyType(
             _m("reverseTcpControlBits", "rev_tcp_flags"),
             _m("reverseIpClassOfService", "rev_tos"),
             _m("biflowDirection", "biflow_direction"),
+            # tunnels.decap: the tunnel of an inner flow (IANA has no outer-address elements: ipfixer's)
+            _m("layer2SegmentId", "tunnel_id", T.L2_SEGMENT),
+            _m("greKey", "tunnel_id", T.GRE_KEY),
+            _m("tunnelType", "tunnel_type"),
+            _m("tunnelVirtualNetworkId", "tunnel_id", T.VNI),
+            _m("tunnelSourceIPv4Address", "outer_src_addr", T.OUTER_IPV4),
+            _m("tunnelDestinationIPv4Address", "outer_dst_addr", T.OUTER_IPV4),
+            _m("tunnelSourceIPv6Address", "outer_src_addr", T.OUTER_IPV6),
+            _m("tunnelDestinationIPv6Address", "outer_dst_addr", T.OUTER_IPV6),
             # variable-length string, per-record path only (RFC 7011 7)
             _m("interfaceName", "interface", T.RECORD_ATTR),
         ]
@@ -172,6 +196,21 @@ def _column(batch: np.ndarray, m: ColumnMapping, sys_boot_ms: int | None, sys_no
         return np.where(icmp, batch[m.column], 0).astype(np.uint16)
     if t is Transform.IP_VERSION:
         return np.where(batch[m.column] == ETH_P_IPV6, 6, 4).astype(np.uint8)
+    if t is Transform.OUTER_IPV4 or t is Transform.OUTER_IPV6:
+        addr = batch[m.column]
+        v4 = (addr[:, :12] == _V4_PREFIX).all(axis=1)
+        if t is Transform.OUTER_IPV4:
+            return np.where(v4[:, None], addr[:, 12:16], 0).astype(np.uint8)
+        return np.where(v4[:, None], 0, addr).astype(np.uint8)
+    if t is Transform.L2_SEGMENT:
+        vxlan = batch["tunnel_type"] == TUNNEL_VXLAN
+        seg = (np.uint64(L2_SEGMENT_VXLAN) << np.uint64(56)) | (batch[m.column].astype(np.uint64) & np.uint64(0xFFFFFF))
+        return np.where(vxlan, seg, np.uint64(0)).astype(np.uint64)
+    if t is Transform.VNI:
+        vni = np.isin(batch["tunnel_type"], (TUNNEL_VXLAN, TUNNEL_GENEVE))
+        return np.where(vni, batch[m.column], 0).astype(np.uint32)
+    if t is Transform.GRE_KEY:
+        return np.where(batch["tunnel_type"] == TUNNEL_GRE, batch[m.column], 0).astype(np.uint32)
     if t is Transform.SECONDS:
         return (batch[m.column] // 1000).astype(np.uint32)
     if t is Transform.SYS_UPTIME or t is Transform.SYS_UPTIME_START:

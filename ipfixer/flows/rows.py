@@ -19,6 +19,8 @@ from ipfixer.model import FLOW_DTYPE, Direction, FlowKey, empty_batch
 KEY_FIELDS: tuple[str, ...] = ("ethertype", "direction", "vlan_id", "src_mac", "dst_mac", "src_addr", "dst_addr",
                                "src_port", "dst_port", "protocol", "ifindex")
 _FLOW_FIELDS: Any = FLOW_DTYPE.fields
+# Key fields only a TUNNEL_DECAP build of the classifier has (bpf/flow_types.h): copied when present.
+TUNNEL_FIELDS: tuple[str, ...] = ("tunnel_id", "tunnel_type", "outer_src_addr", "outer_dst_addr")
 
 # The userspace flow key: FLOW_DTYPE's key columns, packed (58 bytes), hashed as raw bytes.
 KEY_DTYPE = np.dtype([(n, _FLOW_FIELDS[n][0]) for n in KEY_FIELDS])
@@ -97,6 +99,8 @@ def build_rows(keys: np.ndarray, leaves: np.ndarray, reasons: np.ndarray | int, 
     if len(keys) == 0:
         return out
     copy_fields(keys, out)
+    if "tunnel_type" in (keys.dtype.names or ()):
+        copy_fields(keys, out, TUNNEL_FIELDS)
     out["packets"] = leaves["packets"]
     out["octets"] = leaves["octets"]
     out["start_ms"] = wall_ms(leaves["first_ns"], now_wall_ns, now_mono_ns)

@@ -20,7 +20,7 @@ from ipfixer.config import Config
 from ipfixer.instance import NamespaceLock
 from ipfixer.sources import SourceCounters
 
-__all__ = ["Meter", "NamespaceLock", "interface_name", "sampling_cflags"]  # NamespaceLock: the NFLOG meter's too
+__all__ = ["Meter", "NamespaceLock", "interface_name", "sampling_cflags", "tunnel_cflags"]  # NamespaceLock: the NFLOG meter's too
 
 log = logging.getLogger("ipfixer.sources.ebpf")
 # Kernel counters of packets the classifier could not parse as they claim to be (malformed_packets).
@@ -63,7 +63,7 @@ class Meter:
         self._lock.acquire()
         try:
             self._prog = load_program(cfg.cache.kernel_map_entries, cfg.cache.ring_buffer_pages,
-                                      sampling_cflags(cfg.sampling.interval))
+                                      sampling_cflags(cfg.sampling.interval) + tunnel_cflags(cfg.tunnels.decap))
             self._attacher = Attacher(self._prog.ingress_fd, self._prog.egress_fd, cfg.interfaces.direction,
                                       namespace_locked=True)
             stale = self._attacher.remove_stale()
@@ -128,9 +128,10 @@ class Meter:
         self._drainer.sweep_drains = sweep_drains(config)
         self._spill.accounter.evict_timeout_ns = int(config.timeouts.idle * 1e9)
         self._spill.accounter.active_timeout_ns = int(config.timeouts.active * 1e9)
-        if (config.cache.kernel_map_entries, config.cache.ring_buffer_pages, config.sampling.interval) != (
-                old.cache.kernel_map_entries, old.cache.ring_buffer_pages, old.sampling.interval):
-            log.warning("cache sizes and sampling change only at restart; keeping the running ones")
+        if (config.cache.kernel_map_entries, config.cache.ring_buffer_pages, config.sampling.interval,
+                config.tunnels.decap) != (old.cache.kernel_map_entries, old.cache.ring_buffer_pages,
+                                          old.sampling.interval, old.tunnels.decap):
+            log.warning("cache sizes, sampling and tunnels.decap change only at restart; keeping the running ones")
         selector = InterfaceSelector(tuple(config.interfaces.include), tuple(config.interfaces.exclude))
         hooks = directions(config.interfaces.direction)
         for att in list(self._attacher.attached.values()):
@@ -195,3 +196,9 @@ def sweep_drains(cfg: Config) -> int:
 def sampling_cflags(interval: int) -> tuple[str, ...]:
     """The classifier meters 1 in `interval` packets (random), a compile-time constant."""
     return (f"-DSAMPLING_INTERVAL={int(interval)}",) if interval > 1 else ()
+
+
+def tunnel_cflags(decap: bool) -> tuple[str, ...]:
+    """The classifier meters the inner flow of one level of encapsulation (bpf/flow_parse.h
+    parse_tunnel), a compile-time constant: builds without it carry no tunnel fields in the key."""
+    return ("-DTUNNEL_DECAP=1",) if decap else ()

@@ -38,7 +38,7 @@ def test_default_is_cached_and_dated() -> None:
     m = InfoModel.load_default()
     assert m is InfoModel.load_default()
     assert m.registry_date == "2026-07-22"
-    assert len(m) == 502 + 5 + 6  # IANA's assigned, named elements + ipfixer's enterprise ones + RFC 5103 reverse
+    assert len(m) == 502 + 11 + 6  # IANA's assigned, named elements + ipfixer's enterprise ones + RFC 5103 reverse
     assert m.by_id(1, 29305) is not None and m.by_id(1, 29305).name == "reverseOctetDeltaCount"  # type: ignore[union-attr]
     e = m.by_id(533)
     assert e is not None and (e.name, e.data_type, e.semantics) == (

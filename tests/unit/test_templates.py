@@ -21,7 +21,7 @@ FLOW_FIELDS = [
 
 def test_shipped_templates() -> None:
     ts = load_templates()
-    assert {t.template_id for t in ts.values()} == {256, 257, 258, 259, 260, 261, 262, 263, 264, 265, 266, 267, 268, 269}
+    assert {t.template_id for t in ts.values()} == {256, 257, 258, 259, 260, 261, 262, 263, 264, 265, 266, 267, 268, 269, 272, 273}
     v4, v6 = ts["ipv4_flow"], ts["ipv6_flow"]
     assert v4.fields[4].name == "icmpTypeCodeIPv4" and v6.fields[4].name == "icmpTypeCodeIPv6"
     without_icmp = [f.name for i, f in enumerate(v4.fields) if i >= 2 and i != 4]
