@@ -10,9 +10,9 @@ from __future__ import annotations
 import struct
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
+
+from timing import best
 
 from ipfixer.config import load_config
 from ipfixer.errors import ConfigLimitError
@@ -31,13 +31,6 @@ def write_pcap(path: Path, packets: int) -> None:
     path.write_bytes(bytes(out))
 
 
-def best(fn: Callable[[], object], repeat: int = 3) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> None:

@@ -21,10 +21,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from timing import best
 
 from ipfixer.config import Config
 from ipfixer.enrich.conntrack import ConntrackTable, CtIndex
@@ -44,14 +44,6 @@ from ipfixer.model import ETH_P_IP, empty_batch
 MAX_SYSCTL = "/proc/sys/net/netfilter/nf_conntrack_max"
 
 
-def best(fn: Callable[[], object], runs: int = 3) -> float:
-    """Best wall time of `runs` calls (the machine is shared: the minimum is the least disturbed)."""
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def tuples(n: int, base: int = 0) -> list[tuple[int, bytes, bytes, int, int, int]]:

@@ -7,10 +7,9 @@ Run: .venv/bin/python benchmarks/export_extras.py [uniflows]
 from __future__ import annotations
 
 import sys
-import time
-from collections.abc import Callable
 
 import numpy as np
+from timing import best
 
 from ipfixer.export.annotate import annotate
 from ipfixer.export.biflow import BiflowPairer
@@ -42,13 +41,6 @@ def uniflows(n: int) -> np.ndarray:
     return b
 
 
-def best(fn: Callable[[], object], runs: int = 3) -> float:
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def main() -> None:
