@@ -253,12 +253,17 @@ def check(t: NatTopo, got: dict[str, Any], count: int) -> None:
     nf_creates = [f for f in got["nf"] if f.get("nat_event_id") == "4" and f.get("dst_port") == ECHO_PORT]
     assert len(nf_creates) == count and all(f["t_event"].startswith(time.strftime("%Y-", time.gmtime()))
                                             for f in nf_creates)  # nfdump shows the event time, not 1970
-    # drains kept their interval: the loop starts a drain every max(interval, previous cycle), so no
-    # cycle over 2x the interval (the daemon's drain-duration histogram) means no interval over 2x
+    # drains kept their interval: the loop starts a drain every max(interval, previous cycle), so a
+    # cycle over 2x the interval (the daemon's drain-duration histogram) is an interval over 2x. A
+    # conntrack dump or resync on the loop stalled every cycle it overlapped by 5 s or more (the bug this
+    # guards against); a 2-core machine under other load can still delay one cycle now and then (seen
+    # once in CI: one of 13 between 2.5 and 5 s), so: every cycle under 5 s, all but one under 2x.
     m = got["metrics"]
     total = m["ipfixer_drain_duration_seconds_count"]
     within = m[f'ipfixer_drain_duration_seconds_bucket{{le="{2 * DRAIN_S}"}}']
-    assert total >= 5 and within == total, str({k: v for k, v in m.items() if "drain_duration" in k})
+    under_5s = m['ipfixer_drain_duration_seconds_bucket{le="5.0"}']
+    assert total >= 5 and under_5s == total and within >= total - 1, str(
+        {k: v for k, v in m.items() if "drain_duration" in k})
 
 
 def test_50k_connections_at_5k_per_s_over_100k_table(tmp_path: Path, topo: NatTopo) -> None:
