@@ -20,7 +20,7 @@ import numpy as np
 
 from ipfixer.clock import Clock
 from ipfixer.flows.expiry import ends_flow, expiry_reasons, flow_deadlines
-from ipfixer.flows.rows import KEY_DTYPE, LEAF_DTYPE, build_rows, pack_key, to_keys, unpack_key
+from ipfixer.flows.rows import KEY_DTYPE, LEAF_DTYPE, build_rows, merge_leaves, pack_key, to_keys, unpack_key
 from ipfixer.model import EndReason, FlowKey, RawPacket, empty_batch, five_tuple_keys
 
 _SCALAR_BUFFER = 256
@@ -151,14 +151,7 @@ class Accounter:
         if old.any():
             s = slot[old]
             cur = self._leaves[s]
-            add = agg[old]
-            cur["packets"] += add["packets"]
-            cur["octets"] += add["octets"]
-            cur["first_ns"] = np.minimum(cur["first_ns"], add["first_ns"])
-            newer = add["last_ns"] >= cur["last_ns"]
-            cur["tos"] = np.where(newer, add["tos"], cur["tos"])
-            cur["last_ns"] = np.maximum(cur["last_ns"], add["last_ns"])
-            cur["tcp_flags"] |= add["tcp_flags"]
+            merge_leaves(cur, agg[old])
             self._leaves[s] = cur
         new = np.flatnonzero(~old)
         if len(new):

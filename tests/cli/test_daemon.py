@@ -215,13 +215,17 @@ def test_second_instance_with_other_lock_dir_is_refused_and_first_keeps_counting
     assert exported_totals(coll)[(lab.v4_b, lab.v4_a, 40051, 9051, 17)] == [60, 60 * 128]
 
 
+def metrics_port(lab: Lab) -> int:
+    """A free TCP port on 127.0.0.1 in the lab's first namespace, for the daemon's metrics endpoint."""
+    with in_netns(lab.ns_a, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def test_stats_reads_running_daemon_metrics(tmp_path: Path, lab: Lab) -> None:
     """`ipfixer stats` against the daemon's Prometheus endpoint (bound to localhost in its namespace)."""
     coll = collector_in(lab.ns_a)
-    probe = in_netns(lab.ns_a, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
+    port = metrics_port(lab)
     log = tmp_path / "ipfixer.log"
     cfg = base_config(tmp_path, lab, coll.port, metrics={"listen": f"127.0.0.1:{port}"})
     cfg.write_text(cfg.read_text().replace("idle: 30s", "idle: 1s"))
@@ -290,10 +294,7 @@ def test_metrics_follow_the_kernel_before_any_export(tmp_path: Path, lab: Lab) -
     from ipfixer.metrics import scrape
 
     coll = collector_in(lab.ns_a)
-    probe = in_netns(lab.ns_a, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
+    port = metrics_port(lab)
     log = tmp_path / "ipfixer.log"
     cfg = base_config(tmp_path, lab, coll.port, metrics={"listen": f"127.0.0.1:{port}"})
     proc = start_daemon(lab, cfg, log)  # active 60 s, idle 30 s: nothing is exported during the test
