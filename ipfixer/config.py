@@ -9,6 +9,7 @@ Regenerate the checked-in schema with `python -m ipfixer.config --schema > confi
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import ipaddress
 import json
 import math
@@ -393,6 +394,19 @@ class TunnelsConfig(BaseModel):
         default=False,
         description="meter the inner flow of one level of encapsulation, keyed also by the tunnel (VNI or "
                     "GRE key, outer addresses); false = the outer flow only. A compile-time flag: restart to change")
+    interfaces: tuple[NonEmptyStr, ...] = Field(
+        default=("*",), json_schema_extra={"minItems": 1},
+        description="globs of the metered interfaces whose tunnels are decapsulated (the underlay); the others "
+                    "meter outer flows only. Follows reloads and interfaces that come and go")
+
+    @field_validator("interfaces")
+    @classmethod
+    def _not_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return _non_empty(value)
+
+    def decapsulates(self, name: str) -> bool:
+        """Whether packets seen on interface `name` are decapsulated."""
+        return self.decap and any(fnmatch.fnmatchcase(name, g) for g in self.interfaces)
 
 
 class TemplatesConfig(BaseModel):

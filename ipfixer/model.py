@@ -105,6 +105,7 @@ FLOW_DTYPE = np.dtype(
         # its type, VNI (VXLAN/Geneve) or GRE key, and the outer IP header's addresses
         ("tunnel_type", "u1"),
         ("tunnel_id", "u4"),
+        ("inner_vlan_id", "u2"),  # the VLAN tag of the inner Ethernet frame (VXLAN, Geneve, GRETAP), 0 = none
         ("outer_src_addr", "u1", (16,)),
         ("outer_dst_addr", "u1", (16,)),
     ]
@@ -185,6 +186,7 @@ class FlowRecord:
     biflow_direction: int = 0
     tunnel_type: int = 0
     tunnel_id: int = 0
+    inner_vlan_id: int = 0
     outer_src_addr: bytes = b"\x00" * 16
     outer_dst_addr: bytes = b"\x00" * 16
     interface: str = field(default="", compare=False)
@@ -205,6 +207,12 @@ class FlowKey:
     protocol: int
     ifindex: int
     vlan_id: int = 0
+    # the tunnel of a decapsulated packet (tunnels.decap), as in struct flow_key; zero otherwise
+    tunnel_type: int = 0
+    tunnel_id: int = 0
+    inner_vlan_id: int = 0
+    outer_src_addr: bytes = b"\x00" * 16
+    outer_dst_addr: bytes = b"\x00" * 16
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ import numpy as np
 
 from ipfixer.clock import Clock
 from ipfixer.flows.expiry import ends_flow, expiry_reasons, flow_deadlines
-from ipfixer.flows.rows import KEY_DTYPE, LEAF_DTYPE, build_rows, merge_leaves, pack_key, to_keys, unpack_key
+from ipfixer.flows.rows import LEAF_DTYPE, build_rows, key_dtype, merge_leaves, pack_key, to_keys, unpack_key
 from ipfixer.model import EndReason, FlowKey, RawPacket, empty_batch, five_tuple_keys
 
 _SCALAR_BUFFER = 256
@@ -38,6 +38,7 @@ class Accounter:
         clock: Clock,
         interface_namer: Callable[[int], str] | None = None,
         active_timeout_ns: int = DEFAULT_ACTIVE_TIMEOUT_NS,
+        tunnels: bool = False,
     ) -> None:
         if max_entries < 1:
             raise ValueError(f"max_entries must be >= 1, got {max_entries}")
@@ -46,8 +47,11 @@ class Accounter:
         self.active_timeout_ns = active_timeout_ns
         self.clock = clock
         self.interface_namer = interface_namer
+        # tunnels.decap: flows are keyed by their tunnel too, and the rows carry it (rows.TUNNEL_FIELDS)
+        self.tunnels = tunnels
+        self.key_dtype = key_dtype(tunnels)
         cap = min(max_entries, 1024)
-        self._keys = np.zeros(cap, dtype=KEY_DTYPE)
+        self._keys = np.zeros(cap, dtype=self.key_dtype)
         self._leaves = np.zeros(cap, dtype=LEAF_DTYPE)
         self._used = np.zeros(cap, dtype=bool)
         self._slots: dict[bytes, int] = {}
@@ -68,7 +72,7 @@ class Accounter:
     # -- adding packets ---------------------------------------------------------------------------
     def account(self, pkt: RawPacket) -> np.ndarray | None:
         """Add one packet (buffered); returns flows a full cache evicted meanwhile, else None."""
-        self._buffer.append((pack_key(pkt.key), pkt.packets, pkt.octets, pkt.mono_ns, pkt.tcp_flags, pkt.tos))
+        self._buffer.append((pack_key(pkt.key, self.tunnels), pkt.packets, pkt.octets, pkt.mono_ns, pkt.tcp_flags, pkt.tos))
         if pkt.mono_ns < self._buffer_first:
             self._buffer_first = pkt.mono_ns
         if ends_flow(pkt.tcp_flags, pkt.key.protocol):
@@ -80,7 +84,7 @@ class Accounter:
     def account_all(self, pkts: Iterable[RawPacket]) -> list[np.ndarray]:
         """Account many packets; returns the batches evicted along the way (possibly none)."""
         for pkt in pkts:
-            self._buffer.append((pack_key(pkt.key), pkt.packets, pkt.octets, pkt.mono_ns, pkt.tcp_flags, pkt.tos))
+            self._buffer.append((pack_key(pkt.key, self.tunnels), pkt.packets, pkt.octets, pkt.mono_ns, pkt.tcp_flags, pkt.tos))
         self._apply_buffer()
         out = self._take_evicted()
         return [] if out is None else [out]
@@ -90,7 +94,7 @@ class Accounter:
         """Account n packets given as arrays (keys: any flow-key dtype, e.g. the kernel's spill record
         key); returns the batches a full cache evicted (possibly none)."""
         self._apply_buffer()
-        self._apply(to_keys(keys), packets, octets, ts_ns, tcp_flags, tos)
+        self._apply(to_keys(keys, self.key_dtype), packets, octets, ts_ns, tcp_flags, tos)
         out = self._take_evicted()
         return [] if out is None else [out]
 
@@ -99,7 +103,7 @@ class Accounter:
             return
         buf, self._buffer = self._buffer, []
         self._buffer_first = _NEVER
-        keys = np.frombuffer(b"".join(b[0] for b in buf), dtype=KEY_DTYPE)
+        keys = np.frombuffer(b"".join(b[0] for b in buf), dtype=self.key_dtype)
         cols = np.array([b[1:] for b in buf], dtype=np.uint64)
         self._apply(keys, cols[:, 0], cols[:, 1], cols[:, 2], cols[:, 3], cols[:, 4])
 
@@ -118,7 +122,7 @@ class Accounter:
         if n == 0:
             return
         # 1. aggregate the chunk per key (sorting raw key bytes)
-        size = KEY_DTYPE.itemsize
+        size = self.key_dtype.itemsize
         raw = np.ascontiguousarray(keys).view(f"V{size}").reshape(n)
         uniq, inv = np.unique(raw, return_inverse=True)
         m = len(uniq)
@@ -157,13 +161,13 @@ class Accounter:
         if len(new):
             self._make_room(len(new))
             slots = self._alloc(len(new))
-            self._keys[slots] = uniq[new].view(KEY_DTYPE).reshape(len(new))
+            self._keys[slots] = uniq[new].view(self.key_dtype).reshape(len(new))
             self._leaves[slots] = agg[new]
             self._used[slots] = True
             for j, sl in zip(new.tolist(), slots.tolist(), strict=True):
                 self._slots[kb[j]] = sl
         # 3. the earliest time any of these flows can expire
-        d = flow_deadlines(agg["first_ns"], agg["last_ns"], agg["tcp_flags"], uniq.view(KEY_DTYPE)["protocol"],
+        d = flow_deadlines(agg["first_ns"], agg["last_ns"], agg["tcp_flags"], uniq.view(self.key_dtype)["protocol"],
                            self.evict_timeout_ns, self.active_timeout_ns)
         self._next_due = min(self._next_due, int(d.min()))
 
@@ -181,7 +185,7 @@ class Accounter:
         if len(self._free) < n:
             cap = len(self._keys)
             grow = max(cap, n - len(self._free))
-            self._keys = np.concatenate([self._keys, np.zeros(grow, KEY_DTYPE)])
+            self._keys = np.concatenate([self._keys, np.zeros(grow, self.key_dtype)])
             self._leaves = np.concatenate([self._leaves, np.zeros(grow, LEAF_DTYPE)])
             self._used = np.concatenate([self._used, np.zeros(grow, bool)])
             self._free[:0] = range(cap + grow - 1, cap - 1, -1)
@@ -234,7 +238,7 @@ class Accounter:
         self._apply_buffer()
         used = np.flatnonzero(self._used)
         raw = self._keys[used].tobytes()
-        size = KEY_DTYPE.itemsize
+        size = self.key_dtype.itemsize
         flags = self._leaves["tcp_flags"][used].tolist()
         hit = [i for i in range(len(used)) if pred(unpack_key(raw[i * size:(i + 1) * size]), flags[i])]
         if not hit:
@@ -264,7 +268,7 @@ class Accounter:
         keys = self._keys[slots]
         batch = build_rows(keys, self._leaves[slots], reasons, now_wall, now_mono)
         raw = keys.tobytes()
-        size = KEY_DTYPE.itemsize
+        size = self.key_dtype.itemsize
         for i in range(len(slots)):
             del self._slots[raw[i * size:(i + 1) * size]]
         self._used[slots] = False

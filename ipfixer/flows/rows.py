@@ -20,27 +20,44 @@ KEY_FIELDS: tuple[str, ...] = ("ethertype", "direction", "vlan_id", "src_mac", "
                                "src_port", "dst_port", "protocol", "ifindex")
 _FLOW_FIELDS: Any = FLOW_DTYPE.fields
 # Key fields only a TUNNEL_DECAP build of the classifier has (bpf/flow_types.h): copied when present.
-TUNNEL_FIELDS: tuple[str, ...] = ("tunnel_id", "tunnel_type", "outer_src_addr", "outer_dst_addr")
+TUNNEL_FIELDS: tuple[str, ...] = ("tunnel_id", "tunnel_type", "inner_vlan_id", "outer_src_addr", "outer_dst_addr")
 
 # The userspace flow key: FLOW_DTYPE's key columns, packed (58 bytes), hashed as raw bytes.
 KEY_DTYPE = np.dtype([(n, _FLOW_FIELDS[n][0]) for n in KEY_FIELDS])
-# The same layout for one FlowKey ('=' native order, no alignment, as numpy's packed dtype).
+# With tunnels.decap the key holds the tunnel too (the spill of a decap build, NFLOG/pcap decap): 97 bytes.
+TUNNEL_KEY_DTYPE = np.dtype([(n, _FLOW_FIELDS[n][0]) for n in KEY_FIELDS + TUNNEL_FIELDS])
+# The same layouts for one FlowKey ('=' native order, no alignment, as numpy's packed dtype).
 KEY_STRUCT = struct.Struct("=HBH6s6s16s16sHHBI")
-assert KEY_STRUCT.size == KEY_DTYPE.itemsize
+TUNNEL_KEY_STRUCT = struct.Struct("=HBH6s6s16s16sHHBIIBH16s16s")
+assert KEY_STRUCT.size == KEY_DTYPE.itemsize and TUNNEL_KEY_STRUCT.size == TUNNEL_KEY_DTYPE.itemsize
 
 # The userspace leaf (same names as the kernel's struct flow_metrics; tcp_flags is u64 there).
 LEAF_DTYPE = np.dtype([("packets", "u8"), ("octets", "u8"), ("first_ns", "u8"), ("last_ns", "u8"),
                        ("tcp_flags", "u8"), ("tos", "u1")])
 
 
-def pack_key(k: FlowKey) -> bytes:
-    """One FlowKey as the bytes of a KEY_DTYPE row."""
+def key_dtype(tunnels: bool) -> np.dtype:
+    """The userspace key layout: with the tunnel columns when tunnels are decapsulated."""
+    return TUNNEL_KEY_DTYPE if tunnels else KEY_DTYPE
+
+
+def pack_key(k: FlowKey, tunnels: bool = False) -> bytes:
+    """One FlowKey as the bytes of a key_dtype(tunnels) row."""
+    if tunnels:
+        return TUNNEL_KEY_STRUCT.pack(k.ethertype, k.direction, k.vlan_id, k.src_mac, k.dst_mac, k.src_addr,
+                                      k.dst_addr, k.src_port, k.dst_port, k.protocol, k.ifindex, k.tunnel_id,
+                                      k.tunnel_type, k.inner_vlan_id, k.outer_src_addr, k.outer_dst_addr)
     return KEY_STRUCT.pack(k.ethertype, k.direction, k.vlan_id, k.src_mac, k.dst_mac, k.src_addr, k.dst_addr,
                            k.src_port, k.dst_port, k.protocol, k.ifindex)
 
 
 def unpack_key(raw: bytes) -> FlowKey:
-    """The bytes of a KEY_DTYPE row as a FlowKey."""
+    """The bytes of a KEY_DTYPE or TUNNEL_KEY_DTYPE row (told apart by length) as a FlowKey."""
+    if len(raw) == TUNNEL_KEY_STRUCT.size:
+        (ethertype, direction, vlan_id, src_mac, dst_mac, src_addr, dst_addr, src_port, dst_port, protocol,
+         ifindex, tunnel_id, tunnel_type, inner_vlan, outer_src, outer_dst) = TUNNEL_KEY_STRUCT.unpack(raw)
+        return FlowKey(ethertype, direction, src_mac, dst_mac, src_addr, dst_addr, src_port, dst_port, protocol,
+                       ifindex, vlan_id, tunnel_type, tunnel_id, inner_vlan, outer_src, outer_dst)
     (ethertype, direction, vlan_id, src_mac, dst_mac, src_addr, dst_addr, src_port, dst_port, protocol,
      ifindex) = KEY_STRUCT.unpack(raw)
     return FlowKey(ethertype, direction, src_mac, dst_mac, src_addr, dst_addr, src_port, dst_port, protocol,
@@ -75,14 +92,17 @@ def copy_fields(src: np.ndarray, dst: np.ndarray, names: tuple[str, ...] = KEY_F
     dst.view(views[1])[...] = np.ascontiguousarray(src).view(views[0])
 
 
-def to_keys(keys: np.ndarray) -> np.ndarray:
-    """Any array of flow keys (the kernel's struct flow_key, a FLOW_DTYPE batch) as KEY_DTYPE."""
-    if keys.dtype == KEY_DTYPE:
+def to_keys(keys: np.ndarray, layout: np.dtype = KEY_DTYPE) -> np.ndarray:
+    """Any array of flow keys (the kernel's struct flow_key, a FLOW_DTYPE batch) in a userspace key
+    layout (KEY_DTYPE, or TUNNEL_KEY_DTYPE: tunnel columns a source lacks are zero)."""
+    if keys.dtype == layout:
         return keys
-    if not set(KEY_FIELDS) <= set(keys.dtype.names or ()):
+    names = keys.dtype.names or ()
+    if not set(KEY_FIELDS) <= set(names):
         raise ValueError(f"not an array of flow keys: {keys.dtype}")
-    out = np.empty(len(keys), dtype=KEY_DTYPE)
-    copy_fields(keys, out)
+    wanted = layout.names or ()
+    out = np.empty(len(keys), dtype=layout) if set(wanted) <= set(names) else np.zeros(len(keys), dtype=layout)
+    copy_fields(keys, out, tuple(n for n in wanted if n in names))
     return out
 
 
@@ -100,7 +120,7 @@ def build_rows(keys: np.ndarray, leaves: np.ndarray, reasons: np.ndarray | int, 
         return out
     copy_fields(keys, out)
     if "tunnel_type" in (keys.dtype.names or ()):
-        copy_fields(keys, out, TUNNEL_FIELDS)
+        copy_fields(keys, out, tuple(n for n in TUNNEL_FIELDS if n in (keys.dtype.names or ())))
     out["packets"] = leaves["packets"]
     out["octets"] = leaves["octets"]
     out["start_ms"] = wall_ms(leaves["first_ns"], now_wall_ns, now_mono_ns)

@@ -73,7 +73,8 @@ class Meter:
             self._watcher = LinkWatcher(self._attacher, selector)
             self._watcher.start()
             accounter = Accounter(cfg.cache.accounter_max_entries, int(cfg.timeouts.idle * 1e9), self.clock,
-                                  interface_name, active_timeout_ns=int(cfg.timeouts.active * 1e9))
+                                  interface_name, active_timeout_ns=int(cfg.timeouts.active * 1e9),
+                                  tunnels=cfg.tunnels.decap)
             self._spill = SpillConsumer(self._prog.bpf, self._prog.spill, self._prog.spill_dtype, accounter)
             self._drainer = Drainer(self._prog.flows, self.clock, int(cfg.timeouts.active * 1e9),
                                     int(cfg.timeouts.idle * 1e9), interface_name, sweep_drains=sweep_drains(cfg))
