@@ -62,7 +62,14 @@ struct pkt_info {
     __u8  anomaly;                   /* CNT_* index of a truncation/malformation, 0 if none */
     __u8  fragment;                  /* non-first fragment: no ports */
     __u32 l4_off;                    /* offset of the transport header (the tunnel parser starts there) */
+    __u8  tunnel;                    /* TUNNEL_* the packet was decapsulated from, 0 if not */
+    __u8  kept_outer;                /* a tunnel packet metered as its outer flow (CNT_DECAP_KEPT_OUTER) */
 };
+
+#ifndef DECAP_WANTED
+/* Whether this packet's interface decapsulates (the includer may define it: flow_tc.c asks its map). */
+#define DECAP_WANTED(skb) 1
+#endif
 
 /* Where the headers come from: the linear area, or bpf_skb_load_bytes. */
 struct pkt_src {
@@ -329,8 +336,10 @@ static __always_inline int tunnel_candidate(const struct flow_key *key)
  * key and the outer addresses. Called only for a first fragment parsed without anomaly. Every header
  * is at an offset bounded by constants (Geneve options <= 252 bytes, GRE <= 16), and the inner IP
  * header is parsed by the same parse_ipv4/parse_ipv6 as the outer one, never a further tunnel.
- * A tunnel header or inner IP header cut short keeps the outer flow (counted trunc_l4); a payload that is not
- * IPv4/IPv6 (ARP in VXLAN, MPLS in GRE) keeps the outer flow too. */
+ * The inner Ethernet frame may carry one VLAN tag (inner_vlan_id). A tunnel header or inner IP header cut
+ * short keeps the outer flow (counted trunc_l4); a payload that is not IPv4/IPv6 (ARP in VXLAN, MPLS in
+ * GRE) keeps the outer flow too; both are counted decap_kept_outer. Only interfaces DECAP_WANTED names
+ * are decapsulated (a tunnel_candidate packet elsewhere is its outer flow, uncounted). */
 static __always_inline void parse_tunnel(const struct pkt_src *s, const int direct,
                                          struct flow_key *key, struct pkt_info *info)
 {
@@ -340,8 +349,10 @@ static __always_inline void parse_tunnel(const struct pkt_src *s, const int dire
     __u32 id = 0;
     __u8 type;
     __u16 inner;
-    if (!tunnel_candidate(key))
+    __u16 vlan = 0;
+    if (!tunnel_candidate(key) || !DECAP_WANTED(s->skb))
         return;
+    info->kept_outer = 1;                             /* until the inner packet is found */
     if (direct) {
         /* Decapsulated in the load_bytes pass only: the inner headers parsed in place as well would make
          * the verifier walk outer x inner paths twice (past its 1M-instruction budget). */
@@ -415,6 +426,16 @@ static __always_inline void parse_tunnel(const struct pkt_src *s, const int dire
         }
         inner = ((__u16)b[12] << 8) | b[13];
         off += ETH_HLEN_;
+        if (inner == ETHP_8021Q || inner == ETHP_8021AD) {  /* one tag in the inner frame (the tenant's) */
+            b = hdr(s, direct, off, buf, 4);
+            if (!b) {
+                info->anomaly = SHORT(direct, CNT_TRUNC_L4);
+                return;
+            }
+            vlan = (((__u16)b[0] << 8) | b[1]) & 0x0fff;
+            inner = ((__u16)b[2] << 8) | b[3];
+            off += 4;
+        }
     }
     if (inner != ETHP_IP && inner != ETHP_IPV6)
         return;
@@ -429,6 +450,9 @@ static __always_inline void parse_tunnel(const struct pkt_src *s, const int dire
     __builtin_memcpy(key->outer_dst_addr, key->dst_addr, 16);
     key->tunnel_type = type;
     key->tunnel_id = id;
+    key->inner_vlan_id = vlan;
+    info->tunnel = type;
+    info->kept_outer = 0;
     key->ethertype = inner;
     key->protocol = 0;
     key->src_port = 0;

@@ -8,6 +8,19 @@
 #include <uapi/linux/pkt_cls.h>
 #include <uapi/asm-generic/errno-base.h>
 #include "flow_types.h"
+
+#if TUNNEL_DECAP
+/* The interfaces whose tunnels are decapsulated (config tunnels.interfaces): ifindex -> 1, kept by
+ * ipfixer/sources/ebpf.py as interfaces are attached. Looked up only for tunnel packets. */
+BPF_HASH(decap_ifaces, __u32, __u8, DECAP_IFACES_MAX);
+
+static __always_inline int decap_wanted(struct __sk_buff *skb)
+{
+    __u32 ifindex = skb->ifindex;
+    return decap_ifaces.lookup(&ifindex) != 0;
+}
+#define DECAP_WANTED(skb) decap_wanted(skb)
+#endif
 #include "flow_parse.h"
 
 BPF_HASH(flows, struct flow_key, struct flow_metrics, FLOW_MAP_ENTRIES);
@@ -79,6 +92,12 @@ static __always_inline int account(struct __sk_buff *skb, __u8 direction)
         count(info.anomaly);
     if (info.fragment)
         count(CNT_FRAGMENT);
+#if TUNNEL_DECAP
+    if (info.tunnel)
+        count(CNT_DECAP_VXLAN + info.tunnel - 1);
+    else if (info.kept_outer)
+        count(CNT_DECAP_KEPT_OUTER);
+#endif
     key.direction = direction;
     key.ifindex = skb->ifindex;
     count_observed(direction, &info);

@@ -21,6 +21,9 @@
 #ifndef TUNNEL_DECAP
 #define TUNNEL_DECAP 0               /* 1: meter the inner flow of one level of encapsulation (config tunnels.decap) */
 #endif
+#ifndef DECAP_IFACES_MAX
+#define DECAP_IFACES_MAX 4096        /* interfaces whose tunnels are decapsulated (config tunnels.interfaces) */
+#endif
 
 /* flow_key.tunnel_type (TUNNEL_DECAP builds): how the metered inner packet was carried. ipfixer's own
  * codes (exported as the enterprise element tunnelType, ipfixer/infomodel/data/ipfixer.csv), 0 = none. */
@@ -51,7 +54,8 @@ struct flow_key {
     /* The tunnel of an inner flow (all zero for a packet that was not decapsulated): 100 bytes in all. */
     __u32 tunnel_id;                 /* VNI (VXLAN/Geneve) or GRE key, host order */
     __u8  tunnel_type;               /* TUNNEL_* */
-    __u8  pad1[3];                   /* zero */
+    __u8  pad1;                      /* zero */
+    __u16 inner_vlan_id;             /* VLAN tag of the inner Ethernet frame (VXLAN, Geneve, GRETAP), 0 = none */
     __u8  outer_src_addr[16];        /* outer IP header's addresses, IPv4 as ::ffff:a.b.c.d */
     __u8  outer_dst_addr[16];
 #endif
@@ -127,6 +131,12 @@ enum ipfixer_counter {
     CNT_OBSERVED_PACKETS_EGRESS,
     CNT_OBSERVED_OCTETS_INGRESS,     /* their IP-layer octets, by direction */
     CNT_OBSERVED_OCTETS_EGRESS,
+    CNT_DECAP_VXLAN,                 /* TUNNEL_DECAP builds: packets metered as their inner flow, by tunnel: */
+    CNT_DECAP_GENEVE,                /*   CNT_DECAP_VXLAN + TUNNEL_* - 1 */
+    CNT_DECAP_GRE,
+    CNT_DECAP_IPIP,
+    CNT_DECAP_KEPT_OUTER,            /* a tunnel packet on a decap interface metered as its outer flow: tunnel
+                                        header not understood or cut, or a payload that is not IP */
     CNT_MAX
 };
 

@@ -135,6 +135,7 @@ ELEMENT_COLUMNS: Mapping[str, ColumnMapping] = MappingProxyType(
             # tunnels.decap: the tunnel of an inner flow (IANA has no outer-address elements: ipfixer's)
             _m("layer2SegmentId", "tunnel_id", T.L2_SEGMENT),
             _m("greKey", "tunnel_id", T.GRE_KEY),
+            _m("dot1qCustomerVlanId", "inner_vlan_id"),  # the inner frame's VLAN tag: the tenant's C-TAG
             _m("tunnelType", "tunnel_type"),
             _m("tunnelVirtualNetworkId", "tunnel_id", T.VNI),
             _m("tunnelSourceIPv4Address", "outer_src_addr", T.OUTER_IPV4),

@@ -49,6 +49,7 @@ class Meter:
         self._spill: Any = None
         self._pending: list[np.ndarray] = []
         self._last_counters: dict[str, int] = {}
+        self._decap_ifindexes: set[int] = set()  # what the classifier's decap_ifaces map holds
 
     def start(self) -> None:
         """Everything needed before the first packet is counted; undone on failure."""
@@ -72,6 +73,7 @@ class Meter:
             selector = InterfaceSelector(tuple(cfg.interfaces.include), tuple(cfg.interfaces.exclude))
             self._watcher = LinkWatcher(self._attacher, selector)
             self._watcher.start()
+            self._sync_decap()
             accounter = Accounter(cfg.cache.accounter_max_entries, int(cfg.timeouts.idle * 1e9), self.clock,
                                   interface_name, active_timeout_ns=int(cfg.timeouts.active * 1e9),
                                   tunnels=cfg.tunnels.decap)
@@ -93,6 +95,7 @@ class Meter:
         """Wait up to timeout_ms for spilled packets and account them (the daemon's idle wait); apply
         link events (new interfaces that match are attached, vanished ones forgotten)."""
         self._watcher.poll(0.0)
+        self._sync_decap()
         self._lock.answer_probes()
         self._pending.extend(self._spill.poll(timeout_ms))
 
@@ -141,6 +144,21 @@ class Meter:
         self._attacher.hooks = hooks
         self._watcher.selector = selector
         self._attacher.attach_selected(selector)
+        self._sync_decap()
+
+    def _sync_decap(self) -> None:
+        """Tell the classifier which attached interfaces decapsulate tunnels (tunnels.interfaces); cheap when
+        nothing changed (every poll: link events attach and forget interfaces)."""
+        if self._prog.decap_ifaces is None:
+            return
+        want = {a.ifindex for a in self._attacher.attached.values() if self.config.tunnels.decapsulates(a.ifname)}
+        if want == self._decap_ifindexes:
+            return
+        refused = self._prog.set_decap_interfaces(want)
+        if refused:
+            log.warning("tunnels.interfaces: %d interface(s) beyond the classifier's limit meter outer flows only: "
+                        "%s", len(refused), ", ".join(interface_name(i) or str(i) for i in sorted(refused)))
+        self._decap_ifindexes = want
 
     def _read_counters(self) -> None:
         """Read the kernel's counters (summed over CPUs) once per drain; say so when the ring lost packets."""

@@ -5,6 +5,7 @@ outer flow (cut ones counted trunc_l4), never a lost packet."""
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
 from collections.abc import Iterator
 from typing import Any
@@ -15,12 +16,15 @@ from ipfixer.sources.kernel.program import load_program, prog_test_run
 
 pytestmark = pytest.mark.root
 ETH = b"\x02" * 6 + b"\x04" * 6
+LO = socket.if_nametoindex("lo")
 
 
 @pytest.fixture
 def decap() -> Iterator[Any]:
     prog = load_program(map_entries=1024, ring_pages=8, extra_cflags=("-DTUNNEL_DECAP=1",))
     try:
+        # BPF_PROG_TEST_RUN gives the skb the loopback device: the interface that decapsulates here
+        assert prog.set_decap_interfaces({LO}) == set()
         yield prog
     finally:
         prog.close()
@@ -94,7 +98,9 @@ def test_inner_flows_of_each_encapsulation(decap: Any) -> None:
         (*i4, 4, 0, m6("fd00::a"), m6("fd00::b")): (4, 4 * 78),
         (*i6, 4, 0, *o4): (5, 5 * 60),
     }
-    assert decap.counter_values()["trunc_l4"] == 0
+    c = decap.counter_values()
+    assert c["trunc_l4"] == 0
+    assert (c["decap_vxlan"], c["decap_geneve"], c["decap_gre"], c["decap_ipip"], c["decap_kept_outer"]) == (2, 3, 1, 9, 0)
 
 
 def test_bad_tunnel_headers_keep_the_outer_flow(decap: Any) -> None:
@@ -117,4 +123,41 @@ def test_bad_tunnel_headers_keep_the_outer_flow(decap: Any) -> None:
         assert got[key] == (1, len(frame) - 14), key
     assert got[(0x0800, 47, m4("10.0.0.1"), m4("10.0.0.2"), 0, 0, 0, 0, zero, zero)] == (1, len(routed_gre) - 14)
     assert len(got) == 5
-    assert decap.counter_values()["trunc_l4"] == 2  # the cut VXLAN header, the Geneve options past the end
+    c = decap.counter_values()
+    assert c["trunc_l4"] == 2  # the cut VXLAN header, the Geneve options past the end
+    assert c["decap_kept_outer"] == 5 and c["decap_vxlan"] + c["decap_geneve"] + c["decap_gre"] == 0
+
+
+def test_inner_vlan_tag_of_the_inner_frame(decap: Any) -> None:
+    """One 802.1Q or 802.1ad tag in the inner Ethernet frame: its VLAN id in the key, the IP packet after it
+    metered; a tag cut short keeps the outer flow."""
+    hdr = struct.pack("!BBHI", 0x08, 0, 0, 77 << 8)
+    tagged = ETH + b"\x08\x00" + v4(17, udp(5100, 4789, hdr + ETH + b"\x81\x00" + struct.pack("!HH", 0x2000 | 123, 0x0800)
+                                             + INNER4))
+    qinq = ETH + b"\x08\x00" + v4(47, struct.pack("!BBH", 0, 0, 0x6558) + ETH + b"\x88\xa8"
+                                   + struct.pack("!HH", 456, 0x86DD) + INNER6)
+    cut = ETH + b"\x08\x00" + v4(17, udp(5101, 4789, hdr + ETH + b"\x81\x00\x00"))
+    for frame in (tagged, tagged, qinq, cut):
+        run(decap, frame)
+    vlans = {(k.tunnel_type, k.tunnel_id, k.inner_vlan_id, k.protocol): (v.packets, v.octets)
+             for k, v in decap.flows.items()}
+    assert vlans == {(1, 77, 123, 17): (2, 2 * 78), (3, 0, 456, 6): (1, 60), (0, 0, 0, 17): (1, len(cut) - 14)}
+    c = decap.counter_values()
+    assert (c["decap_vxlan"], c["decap_gre"], c["decap_kept_outer"], c["trunc_l4"]) == (2, 1, 1, 1)
+
+
+def test_interfaces_that_do_not_decapsulate_meter_the_outer_flow(decap: Any) -> None:
+    """tunnels.interfaces: a tunnel packet on an interface missing from the classifier's decap_ifaces map
+    is its outer flow, as in a build without decap (and not counted as kept outer)."""
+    frame = ETH + b"\x08\x00" + v4(17, udp(5200, 4789, struct.pack("!BBHI", 0x08, 0, 0, 9 << 8) + ETH + b"\x08\x00"
+                                             + INNER4))
+    run(decap, frame)
+    assert decap.set_decap_interfaces(set()) == set()
+    run(decap, frame)
+    run(decap, frame)
+    got = flows(decap)
+    zero = b"\x00" * 16
+    assert got[(0x0800, 17, m4("10.0.0.1"), m4("10.0.0.2"), 5200, 4789, 0, 0, zero, zero)] == (2, 2 * (len(frame) - 14))
+    assert got[(0x0800, 17, m4("172.16.0.1"), m4("172.16.0.2"), 1111, 2222, 1, 9, m4("10.0.0.1"), m4("10.0.0.2"))] == (1, 78)
+    c = decap.counter_values()
+    assert (c["decap_vxlan"], c["decap_kept_outer"]) == (1, 0)

@@ -168,3 +168,98 @@ def test_decap_off_meters_the_outer_flow(tmp_path: Path, router: Router, kind: s
     assert sum(int(t["cflow.packets"]) for t in outer) == 2 * SENT
     assert sum(int(t["cflow.octets"]) for t in outer) == 2 * SENT * size
     assert "Traceback" not in res.log
+
+
+def final_counters(log: str) -> dict[str, int]:
+    """The kernel counters the daemon logs at shutdown ("final counters name=value ...")."""
+    line = next(ln for ln in log.splitlines() if "final counters" in ln)
+    return {k: int(v) for k, v in (kv.split("=") for kv in line.split("final counters", 1)[1].split())}
+
+
+def test_decap_on_the_chosen_interfaces_only(tmp_path: Path, router: Router) -> None:
+    """tunnels.interfaces: r1 (the underlay in) decapsulates, r2 does not: the same datagrams are the
+    inner flow at r1's ingress and the outer VXLAN flow at r2's egress, counts exact for both."""
+    r = router
+    res = run_router(tmp_path, r, sender(r, "vxlan"), tunnels={"decap": True, "interfaces": [r.r1]})
+    data = inner_udp(res)
+    assert {t["cflow.direction"] for t in data} == {"0"}
+    assert (sum(int(t["cflow.packets"]) for t in data), sum(int(t["cflow.octets"]) for t in data)) == (
+        SENT, SENT * (SIZE + 28))
+    outer = [t for t in res.tshark if t.get("cflow.protocol") == "17" and t.get("cflow.dstport") == "4789"
+             and t["cflow.srcaddr"] == r.addr(1, 2)]
+    assert {t["cflow.direction"] for t in outer} == {"1"}
+    assert sum(int(t["cflow.packets"]) for t in outer) == SENT
+    assert sum(int(t["cflow.octets"]) for t in outer) == SENT * (SIZE + 28 + 8 + 8 + 14 + 20)
+    # the counter counts every decapsulated packet: the datagrams and h2's answers in the tunnel (ICMP)
+    c = final_counters(res.log)
+    rows = [d for d in decoded(tmp_path) if d.get("tunnelType") == 1]
+    assert c["decap_vxlan"] == sum(d["packetDeltaCount"] for d in rows) >= SENT and c["decap_kept_outer"] == 0
+    assert {d["ingressInterface"] or d["egressInterface"] for d in rows} == {r.ifindex(r.r1)}
+
+
+FLOWS, EACH = 120, 3  # inner flows (source ports) and datagrams of each
+SEND_MANY = (
+    "import socket,sys\n"
+    "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+    "for port in range(int(sys.argv[3]),int(sys.argv[3])+int(sys.argv[4])):\n"
+    "    for _ in range(int(sys.argv[5])):\n"
+    "        s.sendto(b't'*64,(sys.argv[2],port))\n"
+)
+
+
+def test_spilled_tunnel_packets_keep_their_tunnel(tmp_path: Path, router: Router) -> None:
+    """A 16-entry kernel map and 2 x 120 inner flows: most packets spill through the ring buffer to the
+    Accounter, and every inner flow still arrives once per direction, with its VNI and outer addresses."""
+    r = router
+
+    def traffic() -> None:
+        vxlan(r)
+        netns_exec(r.ns_1, sys.executable, "-c", SEND_MANY, inner(r, 1), inner(r, 2), "20000", str(FLOWS), str(EACH))
+
+    res = run_router(tmp_path, r, traffic, tunnels={"decap": True}, cache={"kernel_map_entries": 16})
+    c = final_counters(res.log)
+    assert c["spilled"] > FLOWS and c["ringbuf_fail"] == 0, c
+    assert c["decap_vxlan"] >= 2 * FLOWS * EACH  # and h2's ICMP answers in the tunnel
+    rows = [d for d in decoded(tmp_path) if d.get("protocolIdentifier") == 17
+            and 20000 <= d.get("destinationTransportPort", 0) < 20000 + FLOWS]
+    got: dict[tuple[int, int], int] = {}
+    for d in rows:
+        assert (d["tunnelType"], d["tunnelVirtualNetworkId"], d["tunnelSourceIPv4Address"],
+                d["tunnelDestinationIPv4Address"]) == (1, 42, r.addr(1, 2), r.addr(2, 2)), d
+        assert d["sourceIPv4Address"] == inner(r, 1) and d["octetDeltaCount"] == d["packetDeltaCount"] * (64 + 28)
+        key = (d["destinationTransportPort"], d["flowDirection"])
+        got[key] = got.get(key, 0) + d["packetDeltaCount"]
+    assert got == {(p, d): EACH for p in range(20000, 20000 + FLOWS) for d in (0, 1)}
+
+
+# Sends SENT Ethernet frames tagged VLAN 5 into the VXLAN device (AF_PACKET): the device encapsulates them
+# as they are, so the underlay carries VXLAN with a tagged inner frame. argv = device, dst MAC, inner src, dst.
+SEND_TAGGED = (
+    "import socket,struct,sys\n"
+    "dev,dmac,isrc,idst=sys.argv[1],bytes.fromhex(sys.argv[2].replace(':','')),sys.argv[3],sys.argv[4]\n"
+    f"udp=struct.pack('!HHHH',{SPORT},{DPORT},8+{SIZE},0)+b't'*{SIZE}\n"
+    "h=struct.pack('!BBHHHBBH4s4s',0x45,0,20+len(udp),1,0,64,17,0,socket.inet_aton(isrc),socket.inet_aton(idst))\n"
+    "s=socket.socket(socket.AF_PACKET,socket.SOCK_RAW); s.bind((dev,0))\n"
+    "smac=s.getsockname()[4]\n"
+    "frame=dmac+smac+struct.pack('!HHH',0x8100,0x2005,0x0800)+h+udp\n"
+    f"for _ in range({SENT}):\n"
+    "    s.send(frame)\n"
+)
+
+
+def test_inner_vlan_tag_through_a_real_vxlan(tmp_path: Path, router: Router) -> None:
+    """A VLAN-tagged frame inside VXLAN: the inner IPv4 flow is metered with its tag in dot1qCustomerVlanId."""
+    r = router
+
+    def traffic() -> None:
+        vxlan(r)
+        dmac = read_sys(r.ns_2, f"/sys/class/net/{TUN}/address")
+        netns_exec(r.ns_1, sys.executable, "-c", SEND_TAGGED, TUN, dmac, inner(r, 1), inner(r, 2))
+
+    res = run_router(tmp_path, r, traffic, tunnels={"decap": True})
+    rows = [d for d in decoded(tmp_path) if d.get("sourceTransportPort") == SPORT and d.get("protocolIdentifier") == 17]
+    assert {(d["dot1qCustomerVlanId"], d["tunnelVirtualNetworkId"], d["sourceIPv4Address"]) for d in rows} == {
+        (5, 42, inner(r, 1))}
+    assert sum(d["packetDeltaCount"] for d in rows) == 2 * SENT  # r1 ingress and r2 egress
+    assert sum(d["octetDeltaCount"] for d in rows) == 2 * SENT * (SIZE + 28)
+    assert final_counters(res.log)["decap_kept_outer"] == 0

@@ -80,7 +80,25 @@ class LoadedProgram:
     spill_dtype: np.dtype
     map_entries: int
     ring_pages: int
+    decap_ifaces: Any = None  # TUNNEL_DECAP builds: bcc HashTable of ifindex -> 1 (interfaces that decapsulate)
     _closed: bool = field(default=False, repr=False)
+
+    def set_decap_interfaces(self, ifindexes: set[int]) -> set[int]:
+        """Make the decapsulating interfaces exactly `ifindexes` (a TUNNEL_DECAP build; else a no-op);
+        returns those the map could not take (more than DECAP_IFACES_MAX)."""
+        table = self.decap_ifaces
+        if table is None:
+            return set()
+        have = {int(k.value) for k in table.keys()}
+        for gone in have - ifindexes:
+            del table[table.Key(gone)]
+        refused: set[int] = set()
+        for new in sorted(ifindexes - have):
+            try:
+                table[table.Key(new)] = table.Leaf(1)
+            except Exception:  # bcc raises plain Exception when the map is full (E2BIG)
+                refused.add(new)
+        return refused
 
     def counter_values(self) -> dict[str, int]:
         """Kernel counters summed over CPUs, by name."""
@@ -160,6 +178,7 @@ def load_program(
             spill_dtype=np.dtype(layout.Leaf),
             map_entries=map_entries,
             ring_pages=ring_pages,
+            decap_ifaces=bpf[b"decap_ifaces"] if "-DTUNNEL_DECAP=1" in extra_cflags else None,
         )
     except KernelError:
         bpf.cleanup()
