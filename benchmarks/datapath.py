@@ -4,7 +4,8 @@
    veth_b; they are received on veth_a (ns A) and dropped by IP (not for a local address). Measured
    with no monitor, with ipfixer on veth_a ingress+egress, and with softflowd (libpcap) on veth_a.
    Reported: wall ns/packet and CPU ns/packet (all CPUs' busy time from /proc/stat / packets).
-2. The classifier alone: BPF_PROG_TEST_RUN with repeat on an existing flow (kernel-measured ns/run).
+2. The classifier alone: BPF_PROG_TEST_RUN with repeat on an existing flow (kernel-measured ns/run),
+   and what tunnel decapsulation costs (plain and VXLAN frames, default and decap builds).
 3. Drain time for 100k and 1M flows filled with bpf_map_update_batch: flush (lookup_and_delete
    batch), a drain where every flow expires and one where none does, for the sweep and take_all
    strategies (kernel/drain.py). benchmarks/scale.py measures the issue-12 figures.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -324,6 +326,45 @@ def drains(sizes: list[int]) -> None:
             prog.close()
 
 
+def _v4(proto: int, payload: bytes, src: bytes, dst: bytes) -> bytes:
+    return (bytes.fromhex("4500") + (20 + len(payload)).to_bytes(2, "big") + bytes.fromhex("00004000")
+            + bytes([64, proto]) + b"\x00\x00" + src + dst + payload)
+
+
+def _udp(sport: int, dport: int, payload: bytes) -> bytes:
+    return sport.to_bytes(2, "big") + dport.to_bytes(2, "big") + (8 + len(payload)).to_bytes(2, "big") + b"\x00\x00" + payload
+
+
+def tunnel_cost(repeat: int = 1_000_000, rounds: int = 5) -> None:
+    """Issue 16: what decapsulation costs per packet, BPF_PROG_TEST_RUN on an existing flow (median of
+    `rounds` kernel-timed runs): a plain UDP frame and a VXLAN frame (inner UDP), through the default
+    build, the decap build on an interface that decapsulates, and the decap build on one that does not."""
+    eth = b"\x02" * 12 + b"\x08\x00"
+    a, b = bytes([10, 250, 0, 2]), bytes([10, 250, 0, 99])
+    plain = eth + _v4(17, _udp(4000, 5000, b"A" * 50), a, b)
+    inner = eth + _v4(17, _udp(4000, 5000, b"A" * 50), bytes([172, 16, 0, 1]), bytes([172, 16, 0, 2]))
+    vxlan = eth + _v4(17, _udp(40000, 4789, b"\x08\x00\x00\x00\x00\x00\x2a\x00" + inner), a, b)
+    lo = socket.if_nametoindex("lo")  # BPF_PROG_TEST_RUN's skb device
+    builds = (("default build", (), None), ("decap, interface decapsulates", ("-DTUNNEL_DECAP=1",), {lo}),
+              ("decap, interface does not", ("-DTUNNEL_DECAP=1",), set()))
+    print(f"tunnels: classifier cost per packet (BPF_PROG_TEST_RUN, existing flow, median of {rounds} x {repeat:,})")
+    print(f"  {'build':<32}{'plain UDP ns':>14}{'VXLAN ns':>10}")
+    base = 0.0
+    for name, flags, decap in builds:
+        p = load_program(map_entries=1024, extra_cflags=flags)
+        try:
+            if decap is not None:
+                p.set_decap_interfaces(decap)
+            med = []
+            for frame in (plain, vxlan):
+                prog_test_run(p.ingress_fd, frame)
+                med.append(sorted(prog_test_run(p.ingress_fd, frame, repeat=repeat)[1] for _ in range(rounds))[rounds // 2])
+        finally:
+            p.close()
+        base = base or med[0]
+        print(f"  {name:<32}{med[0]:>14}{med[1]:>10}   (x{med[0] / base:.2f} / x{med[1] / base:.2f} of default plain)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--packets", type=int, default=2_000_000)
@@ -331,9 +372,12 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--skip-datapath", action="store_true")
     ap.add_argument("--skip-drain", action="store_true")
+    ap.add_argument("--skip-tunnels", action="store_true")
     args = ap.parse_args()
     if not args.skip_datapath:
         datapath(args.packets, args.flows, args.runs)
+    if not args.skip_tunnels:
+        tunnel_cost()
     if not args.skip_drain:
         drains([100_000, 1_000_000])
 
