@@ -3,6 +3,12 @@
 Packets go through the same parser rules, the same Accounter and the same Exporter as live traffic;
 time is the capture's own (a clock driven by packet timestamps), so flowStart/End are when the
 packets were captured, not when the file was replayed.
+
+With `tunnels.decap: true` every tunnel packet of the file is decapsulated (VXLAN, Geneve, GRE/GRETAP,
+IPIP/SIT: ipfixer.sources.packets.decapsulate) and its flow is the inner one with the tunnel's identity.
+A capture holds no interface names, so `tunnels.interfaces` (which names the underlay interfaces of a
+live meter) does not apply here: the whole file is decapsulated, or none of it. The summary's "decap"
+counts what was done (decap_vxlan ... decap_kept_outer, the kernel's counter names).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from ipfixer.export.factory import build_exporter, sampling_values
 from ipfixer.flows.accounter import Accounter
 from ipfixer.model import Direction, RawPacket
 from ipfixer.sources.capture import CaptureFile, linktype_name
-from ipfixer.sources.packets import frame_key, parse_link
+from ipfixer.sources.packets import DecapCounts, frame_key, parse_link
 
 log = logging.getLogger("ipfixer.replay")
 
@@ -78,8 +84,9 @@ def replay_pcap(path: Path, config: Config, progress: bool = True, ifindex: int 
     capture = CaptureFile(path)
     clock = CaptureClock()
     exporter = None
+    decap = DecapCounts() if config.tunnels.decap else None  # every packet: no interface names in a capture
     accounter = Accounter(config.cache.accounter_max_entries, int(config.cache.accounter_evict_timeout * 1e9),
-                          clock)
+                          clock, tunnels=config.tunnels.decap)
     bar = _Progress(os.path.getsize(path), progress)
     packets = malformed = flows = 0
     try:
@@ -91,7 +98,7 @@ def replay_pcap(path: Path, config: Config, progress: bool = True, ifindex: int 
                     exporter = build_exporter(config, max(0, ts_ns - BOOT_BEFORE_FIRST_PACKET_NS))
                     exporter.export_sampling(ts_ns, sampling_values(config))
                 packets += 1
-                frame = parse_link(pkt.linktype, pkt.data)
+                frame = parse_link(pkt.linktype, pkt.data, decap)
                 if frame is None or (frame.ip is None and frame.ethertype in (0x0800, 0x86DD)):
                     malformed += 1
                     continue
@@ -112,7 +119,7 @@ def replay_pcap(path: Path, config: Config, progress: bool = True, ifindex: int 
         if exporter is not None:
             exporter.close()
     stats = exporter.stats if exporter is not None else {}
-    return {
+    summary: dict[str, Any] = {
         "file": str(path),
         "format": capture.format,
         "link_types": sorted(linktype_name(t) for t in capture.layout.linktypes),
@@ -122,6 +129,9 @@ def replay_pcap(path: Path, config: Config, progress: bool = True, ifindex: int 
         "collectors": {name: {"messages": s.messages, "records": s.records, "errors": s.error_count}
                        for name, s in stats.items()},
     }
+    if decap is not None:
+        summary["decap"] = decap.as_dict()
+    return summary
 
 
 def _export(exporter: Any, batch: np.ndarray, now_ns: int) -> int:
