@@ -31,6 +31,7 @@
 #define PKT_DIRECT_MAX_OFF 4096
 #endif
 #define PARSE_RETRY 0xff             /* pkt_info.anomaly of an aborted direct pass (never counted) */
+#define PARSE_TUNNEL 0xfe            /* the direct pass stopped at a tunnel header (never counted) */
 
 /* IP protocol / IPv6 Next Header numbers (IANA "Assigned Internet Protocol Numbers"); the extension
  * headers are those of RFC 8200 4.1 (and RFC 4302 AH) that the IPv6 walk below skips. Own names, not
@@ -354,9 +355,10 @@ static __always_inline void parse_tunnel(const struct pkt_src *s, const int dire
         return;
     info->kept_outer = 1;                             /* until the inner packet is found */
     if (direct) {
-        /* Decapsulated in the load_bytes pass only: the inner headers parsed in place as well would make
-         * the verifier walk outer x inner paths twice (past its 1M-instruction budget). */
-        info->anomaly = PARSE_RETRY;
+        /* Decapsulated with bpf_skb_load_bytes only: the inner headers parsed in place as well would make
+         * the verifier walk outer x inner paths twice (past its 1M-instruction budget). parse_packet goes
+         * on from here (the outer key stands), without parsing the outer headers again. */
+        info->anomaly = PARSE_TUNNEL;
         return;
     }
     if (key->protocol == PROTO_UDP && key->dst_port == UDP_PORT_VXLAN) {
@@ -538,6 +540,14 @@ static __always_inline void parse_packet(struct __sk_buff *skb, struct flow_key 
         .data_end = (void *)(long)skb->data_end,
     };
     parse_frame(&s, 1, key, info);
+#if TUNNEL_DECAP
+    if (info->anomaly == PARSE_TUNNEL) {
+        /* the outer headers were all read in place: the tunnel and inner headers through load_bytes */
+        info->anomaly = 0;
+        parse_tunnel(&s, 0, key, info);
+        return;
+    }
+#endif
     if (info->anomaly != PARSE_RETRY)
         return;
     /* from scratch: the aborted pass may have written part of the key (hashed byte for byte) */

@@ -84,12 +84,14 @@ def inner(r: Router, side: int) -> str:
 
 def vxlan(r: Router) -> None:
     """A VXLAN tunnel (VNI 42) between h1 and h2 over the router; inner 172.31.S.1 <-> .2, static
-    neighbours inside it (no ARP: only the counted datagrams cross it)."""
+    neighbours inside it and no IPv6 (no ARP, ND or MLD: only the counted datagrams cross it)."""
     for side, other in ((1, 2), (2, 1)):
         hns = r.ns_1 if side == 1 else r.ns_2
         ip("-n", hns, "link", "add", TUN, "type", "vxlan", "id", "42", "local", r.addr(side, 2),
            "remote", r.addr(other, 2), "dstport", "4789")
         ip("-n", hns, "addr", "add", f"{inner(r, side)}/24", "dev", TUN)
+        # no IPv6 in the tunnel: its neighbour discovery and MLD would be uncounted extra tunnel packets
+        netns_exec(hns, "sysctl", "-q", "-w", f"net.ipv6.conf.{TUN}.disable_ipv6=1")
         ip("-n", hns, "link", "set", TUN, "up")
     for side, other in ((1, 2), (2, 1)):
         hns, ons = (r.ns_1, r.ns_2) if side == 1 else (r.ns_2, r.ns_1)
