@@ -1,5 +1,6 @@
 /* flow_parse.h — packet parsing into a struct flow_key (no maps here: anomalies are reported in
- * struct pkt_info and counted by the caller).
+ * struct pkt_info and counted by the caller; whether an interface decapsulates is the includer's
+ * DECAP_WANTED).
  *
  * Two passes share one body (the `direct` argument is a compile-time constant after inlining):
  *  - direct: headers are read in place from the linear area (skb->data .. skb->data_end) with bounds
@@ -8,6 +9,8 @@
  *  - load_bytes: the original parser, every read through bpf_skb_load_bytes, which fails cleanly on
  *    short packets; run from scratch only when the direct pass aborted. It alone decides what is
  *    truncated (a header beyond skb->len), so anomaly counting is exactly that of bpf_skb_load_bytes.
+ *    (TUNNEL_DECAP: the direct pass stops at a tunnel header with PARSE_TUNNEL, and the tunnel and
+ *    inner headers are read by the load_bytes pass's parse_tunnel, the outer key kept.)
  * Both read the same bytes at the same offsets (data_end - data <= skb->len), so a packet gives the
  * same key and pkt_info whichever pass completes. */
 #ifndef IPFIXER_FLOW_PARSE_H
