@@ -12,6 +12,10 @@ several records (flowEndReason 2), like the eBPF path splits at the active timeo
 
 Flows also end early: TCP FIN/RST and, with `enrichment.conntrack`, a conntrack DESTROY of their
 connection evict that flow at the next drain with flowEndReason 3 (end of flow detected).
+
+With `tunnels.decap`, the packets of the interfaces `tunnels.interfaces` names are decapsulated in
+userspace (ipfixer.sources.packets.decapsulate, the kernel classifier's rules) and the Accounter keys
+flows by their tunnel too; the rules then copy SNAPLEN_DECAP bytes, room for the tunnel headers.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ log = logging.getLogger("ipfixer.nflog")
 
 TCP_FIN_RST = 0x01 | 0x04
 SNAPLEN = 128  # headers only: IPv6 + extension headers + TCP fit
+# tunnels.decap: outer IPv6 + UDP + VXLAN/Geneve (with up to 80 bytes of options) + inner Ethernet + tag +
+# inner IPv6 + TCP. A packet whose tunnel or inner IP header lies beyond it is its outer flow (decap_kept_outer).
+SNAPLEN_DECAP = 256
 _NFT_GLOB = re.compile(r"^[A-Za-z0-9_.:@-]+\*?$")  # what nft's iifname string matching can express
 
 
@@ -47,7 +54,8 @@ class EndingAccounter(Accounter):
     """An Accounter that can also evict chosen flows (ended ones): Accounter.evict_where."""
 
 
-def nft_ruleset(group: int, include: tuple[str, ...], exclude: tuple[str, ...], direction: str) -> str:
+def nft_ruleset(group: int, include: tuple[str, ...], exclude: tuple[str, ...], direction: str,
+                snaplen: int = SNAPLEN) -> str:
     """The `table inet ipfixer` script: one log rule per hook, include globs as a set, excludes as `!=`
     (nft matches a trailing `*` as a prefix, also inside anonymous sets).
 
@@ -60,7 +68,7 @@ def nft_ruleset(group: int, include: tuple[str, ...], exclude: tuple[str, ...], 
                                            ("postrouting", "nflog_out", PREFIX_OUT, "oifname", 400)):  # fmt: skip
         if direction != "both" and (direction == "ingress") != (hook == "prerouting"):
             continue
-        log_stmt = f'log prefix "{prefix}" group {group} snaplen {SNAPLEN}'
+        log_stmt = f'log prefix "{prefix}" group {group} snaplen {snaplen}'
         match = ""
         if exact:  # one rule, so a packet whose interface matches two globs is still logged once
             match = f"{dev} {_nft_set(include)} " + (f"{dev} != {_nft_set(exclude)} " if exclude else "")
@@ -100,9 +108,10 @@ class NflogMeter:
         self._lock.acquire()
         try:
             self._apply_selection(cfg)
-            self._source = NflogSource(cfg.enrichment.nflog_group, clock=self.clock, copy_range=SNAPLEN)
+            self._source = NflogSource(cfg.enrichment.nflog_group, clock=self.clock, copy_range=self._snaplen(),
+                                       decap=self._decapsulates if cfg.tunnels.decap else None)  # fmt: skip
             self._accounter = EndingAccounter(cfg.cache.accounter_max_entries, int(cfg.timeouts.idle * 1e9),
-                                              self.clock, interface_name)  # fmt: skip
+                                              self.clock, interface_name, tunnels=cfg.tunnels.decap)  # fmt: skip
         except BaseException:
             self.stop()
             raise
@@ -113,8 +122,12 @@ class NflogMeter:
         i = cfg.interfaces
         self._selector = InterfaceSelector(tuple(i.include), tuple(i.exclude))
         self._names.clear()
-        _nft(nft_ruleset(cfg.enrichment.nflog_group, tuple(i.include), tuple(i.exclude), i.direction))
+        _nft(nft_ruleset(cfg.enrichment.nflog_group, tuple(i.include), tuple(i.exclude), i.direction,
+                         self._snaplen()))  # fmt: skip
         self._installed = True
+
+    def _snaplen(self) -> int:
+        return SNAPLEN_DECAP if self.config.tunnels.decap else SNAPLEN
 
     def interfaces(self) -> list[str]:
         """Names of the interfaces of this namespace the rules select right now."""
@@ -122,14 +135,23 @@ class NflogMeter:
             return []
         return sorted(name for _, name in socket.if_nameindex() if self._selector.matches(name))
 
-    def _selected(self, ifindex: int) -> bool:
+    def _name(self, ifindex: int) -> str:
         name = self._names.get(ifindex)
         if name is None:
             name = interface_name(ifindex)
             if len(self._names) > 4096:
                 self._names.clear()
             self._names[ifindex] = name
+        return name
+
+    def _selected(self, ifindex: int) -> bool:
+        name = self._name(ifindex)
         return bool(name) and self._selector.matches(name)
+
+    def _decapsulates(self, ifindex: int) -> bool:
+        """tunnels.interfaces names this interface (the current config: it follows reloads)."""
+        name = self._name(ifindex)
+        return bool(name) and self.config.tunnels.decapsulates(name)
 
     def poll(self, timeout_ms: int) -> None:
         """Wait up to timeout_ms for logged packets and account them (the daemon's idle wait)."""
@@ -181,7 +203,13 @@ class NflogMeter:
         if self._source is None or self._accounter is None:
             return {}
         return {"accounted": self._accounter.accounted_packets, "unparsed": self._source.unparsed,
-                "evictions": self._accounter.evictions}
+                "evictions": self._accounter.evictions, **self._decap_counters()}
+
+    def _decap_counters(self) -> dict[str, int]:
+        """decap_* (the kernel's counter names) with tunnels.decap, else none."""
+        if self._source is None or self._source.decap is None:
+            return {}
+        return self._source.decap_counts.as_dict()
 
     def reconfigure(self, config: Config) -> None:
         """Apply a reloaded config: interface selection, direction and timeouts (group needs a restart)."""
@@ -189,16 +217,23 @@ class NflogMeter:
         if config.enrichment.nflog_group != old.enrichment.nflog_group:
             log.warning("enrichment.nflog_group changes only at restart; keeping %d", old.enrichment.nflog_group)
             config = config.model_copy(update={"enrichment": old.enrichment})
+        if config.tunnels.decap != old.tunnels.decap:  # the Accounter's key layout is chosen at start
+            log.warning("tunnels.decap changes only at restart; keeping %s", str(old.tunnels.decap).lower())
+            tunnels = config.tunnels.model_copy(update={"decap": old.tunnels.decap})
+            config = config.model_copy(update={"tunnels": tunnels})
+        self.config = config
         self._apply_selection(config)
         if self._accounter is not None:
             self._accounter.evict_timeout_ns = int(config.timeouts.idle * 1e9)
             self._accounter.max_entries = config.cache.accounter_max_entries
 
     def source_counters(self) -> SourceCounters:
-        """Unparsed packets count as malformed; no kernel counters on this path (observed follows export)."""
+        """Unparsed packets count as malformed; no kernel counters on this path (observed follows export)
+        except decap_* with tunnels.decap, named as the kernel's (ipfixer_classifier_packets_total)."""
         if self._source is None or self._accounter is None:
             return SourceCounters()
-        return SourceCounters(malformed=self._source.unparsed, accounter_evictions=self._accounter.evictions)
+        return SourceCounters(malformed=self._source.unparsed, accounter_evictions=self._accounter.evictions,
+                              classifier=self._decap_counters())
 
     def stop(self) -> None:
         """Remove table inet ipfixer, close the sockets, release the lock. Safe to call twice."""

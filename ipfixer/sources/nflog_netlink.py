@@ -14,12 +14,13 @@ import socket
 import struct
 import subprocess
 import time
+from collections.abc import Callable
 
 from ipfixer.clock import Clock, SystemClock
 from ipfixer.enrich.conntrack import NETLINK_NETFILTER
-from ipfixer.model import Direction, FlowKey, RawPacket
+from ipfixer.model import Direction, RawPacket
 from ipfixer.netns import socket_in_netns
-from ipfixer.sources.packets import parse_ip
+from ipfixer.sources.packets import DecapCounts, packet_key, parse_ip
 
 NFNL_SUBSYS_ULOG = 4
 NFULNL_MSG_PACKET = 0
@@ -73,6 +74,11 @@ def _attrs(data: bytes, off: int, end: int) -> dict[int, bytes]:
     return out
 
 
+def _u32(value: bytes) -> int:
+    """A big-endian u32 attribute, 0 if it is absent or not 4 bytes."""
+    return int.from_bytes(value, "big") if len(value) == 4 else 0
+
+
 class NflogSource:
     """Packets of one NFLOG group in one netns, as RawPackets.
 
@@ -80,11 +86,18 @@ class NflogSource:
     timestamped skbs; delivery is immediate with queue threshold 1). Direction comes from the rule
     prefix (PREFIX_IN / PREFIX_OUT) or else the hook; ifindex is the input device for ingress and the
     output device for egress; octets is the IP total length, not the copied length.
+
+    With `decap` (tunnels.decap), a packet whose interface index decap(ifindex) accepts is decapsulated
+    (ipfixer.sources.packets.decapsulate): its key is the inner packet's with the tunnel, counted in
+    `decap_counts`. The copy range must then hold the tunnel headers too (a cut one keeps the outer flow).
     """
 
     def __init__(self, group: int, netns: str | None = None, clock: Clock | None = None,
-                 copy_range: int = 128, timeout_s: float = 5.0) -> None:  # fmt: skip
+                 copy_range: int = 128, timeout_s: float = 5.0,
+                 decap: Callable[[int], bool] | None = None) -> None:  # fmt: skip
         self.group = group
+        self.decap = decap
+        self.decap_counts = DecapCounts()
         self.netns = netns
         self.clock: Clock = clock or SystemClock()
         self.received = 0
@@ -168,11 +181,8 @@ class NflogSource:
     def _packet(self, data: bytes, start: int, end: int, now: int) -> RawPacket | None:
         self.received += 1
         attrs = _attrs(data, start, end)
-        parsed = parse_ip(attrs.get(NFULA_PAYLOAD, b""))
-        if parsed is None:
-            self.unparsed += 1
-            return None
-        hook = attrs[NFULA_PACKET_HDR][2] if NFULA_PACKET_HDR in attrs else 0
+        pkt_hdr = attrs.get(NFULA_PACKET_HDR, b"")  # hw protocol (2 bytes), hook; short attributes read as absent
+        hook = pkt_hdr[2] if len(pkt_hdr) >= 3 else 0
         prefix = attrs.get(NFULA_PREFIX, b"").rstrip(b"\x00").decode("ascii", "replace")
         if prefix.startswith(PREFIX_OUT):
             direction = Direction.EGRESS
@@ -180,15 +190,19 @@ class NflogSource:
             direction = Direction.INGRESS
         else:
             direction = Direction.EGRESS if hook in _EGRESS_HOOKS else Direction.INGRESS
-        indev = struct.unpack("!I", attrs[NFULA_IFINDEX_INDEV])[0] if NFULA_IFINDEX_INDEV in attrs else 0
-        outdev = struct.unpack("!I", attrs[NFULA_IFINDEX_OUTDEV])[0] if NFULA_IFINDEX_OUTDEV in attrs else 0
+        indev = _u32(attrs.get(NFULA_IFINDEX_INDEV, b""))
+        outdev = _u32(attrs.get(NFULA_IFINDEX_OUTDEV, b""))
         ifindex = (outdev or indev) if direction == Direction.EGRESS else (indev or outdev)
+        decap = self.decap_counts if self.decap is not None and self.decap(ifindex) else None
+        parsed = parse_ip(attrs.get(NFULA_PAYLOAD, b""), decap)
+        if parsed is None:
+            self.unparsed += 1
+            return None
         src_mac = dst_mac = _ZERO_MAC
         hw = attrs.get(NFULA_HWHEADER, b"")
         if len(hw) >= 12:  # Ethernet header: only on ingress hooks
             dst_mac, src_mac = hw[0:6], hw[6:12]
-        key = FlowKey(parsed.ethertype, int(direction), src_mac, dst_mac, parsed.src_addr, parsed.dst_addr,
-                      parsed.src_port, parsed.dst_port, parsed.protocol, ifindex)  # fmt: skip
+        key = packet_key(parsed, int(direction), ifindex, src_mac, dst_mac)
         return RawPacket(
             key=key, octets=parsed.ip_octets, mono_ns=now, tcp_flags=parsed.tcp_flags, tos=parsed.tos
         )
