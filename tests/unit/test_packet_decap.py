@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from scapy.contrib.geneve import GENEVE, GeneveOptions
 from scapy.contrib.mpls import MPLS
-from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_RR
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
 from scapy.layers.l2 import ARP, GRE, Dot1AD, Dot1Q, Ether
 from scapy.layers.vxlan import VXLAN
 
@@ -274,7 +274,9 @@ def test_fragments_and_bad_lengths_are_not_decapsulated() -> None:
     short_total = bytearray(bytes(outer4() / inner))
     short_total[2:4] = (12).to_bytes(2, "big")  # IPv4 total length below its header: bad_length
     v6_later = IPv6(src=O6S, dst=O6D) / packets_fragment(100) / inner
-    for pkt, expect in ((later, {}), (first, {"decap_ipip": 1}), (short_total, {}), (v6_later, {})):
+    v6_first = IPv6(src=O6S, dst=O6D) / IPv6ExtHdrFragment(offset=0, m=1, nh=4) / inner
+    for pkt, expect in ((later, {}), (first, {"decap_ipip": 1}), (short_total, {}), (v6_later, {}),
+                        (v6_first, {"decap_ipip": 1})):
         decap = DecapCounts()
         ip = parse_ip(bytes(pkt), decap)
         assert ip is not None and counts(decap) == expect, pkt
@@ -343,3 +345,16 @@ def test_tunnel_headers_with_arbitrary_bytes_never_raise(prefix: bytes, tail: by
         key, octets, _, _ = frame_key(parsed, 0, 1)
         assert key.tunnel_type in (TUNNEL_VXLAN, TUNNEL_GENEVE, TUNNEL_GRE, TUNNEL_IPIP) and octets >= 0
         assert key.outer_src_addr in (to_addr16(O4S), to_addr16(O6S))
+
+
+def test_outer_ip_options_and_ipv6_extension_headers() -> None:
+    """The tunnel header is found after IPv4 options and IPv6 extension headers (the transport offset)."""
+    opts = IP(src=O4S, dst=O4D, options=[IPOption_RR(routers=["192.0.2.9"] * 3)])
+    ext = IPv6(src=O6S, dst=O6D) / IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt()
+    for outer, tunnel in ((opts / UDP(dport=4789) / VXLAN(vni=8) / INNER_ETH, TUNNEL_VXLAN),
+                          (ext / GRE(key_present=1, key=8), TUNNEL_GRE)):
+        decap = DecapCounts()
+        key, octets, flags, tos = key_of(ETH / outer / inner_tcp(), decap)
+        assert_inner_tcp(key, octets, flags, tos)
+        assert (key.tunnel_type, key.tunnel_id) == (tunnel, 8)
+        assert sum(decap.counts.values()) == 1
