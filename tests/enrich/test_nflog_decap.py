@@ -21,6 +21,7 @@ from scapy.layers.l2 import ARP, Dot1Q, Ether
 from ipfixer.clock import SystemClock
 from ipfixer.flows.accounter import Accounter
 from ipfixer.lab import Lab, ip, ns_socket, sh, start_ipfixer, static_neighbour, stop_ipfixer
+from ipfixer.metrics import scrape
 from ipfixer.model import RawPacket, to_addr16
 from ipfixer.netns import in_netns
 from ipfixer.sources.nflog_netlink import NflogSource, install_nflog_rules, remove_nflog_rules
@@ -151,23 +152,37 @@ def test_nflog_source_decapsulates_vxlan_with_inner_vlan(vxlan: VxlanLab) -> Non
     assert src.unparsed == 0
 
 
-def _daemon_records(tmp: Path, v: VxlanLab, tunnel_globs: list[str], sport: int, dport: int
-                    ) -> tuple[list[dict[str, Any]], str]:
+def _daemon_records(tmp: Path, v: VxlanLab, tunnel_globs: list[str], sport: int, dport: int,
+                    metrics: dict[str, float] | None = None) -> tuple[list[dict[str, Any]], str]:
     """`ipfixer run` (source nflog, tunnels.decap) in B metering its underlay veth; the test's traffic; the
-    records a collector in B decoded, and the daemon's log."""
+    records a collector in B decoded, and the daemon's log. `metrics`: filled with a scrape of the running
+    daemon's decap_* metrics once the traffic was drained."""
     lab = v.lab
     coll = UdpCollector(netns=lab.ns_b)
+    with in_netns(lab.ns_b, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
     try:
         cfg = write_config(tmp / "ipfixer.yaml", [{"address": "127.0.0.1", "port": coll.port}], source="nflog",
                            interfaces={"include": [lab.veth_b], "exclude": [], "direction": "ingress"},
                            tunnels={"decap": True, "interfaces": tunnel_globs},
                            timeouts={"active": "60s", "idle": "30s", "drain_interval": "500ms"},
-                           lock_dir=str(tmp / "lock"), enrichment={"nflog_group": 4400 + lab.subnet})  # fmt: skip
+                           lock_dir=str(tmp / "lock"), enrichment={"nflog_group": 4400 + lab.subnet},
+                           metrics={"listen": f"127.0.0.1:{port}"})  # fmt: skip
         log = tmp / "ipfixer.log"
         proc = start_ipfixer(lab.ns_b, cfg, log, env=cli_env())
         try:
             send(v, sport, dport, SIZES)
             time.sleep(0.5)
+            for _ in range(40):  # bounded: until a drain (every 500 ms) passed the counters on
+                values = in_netns(lab.ns_b, lambda: scrape(f"127.0.0.1:{port}"))
+                decap = {k: values.get(f'ipfixer_classifier_packets_total{{counter="{k}"}}')
+                         for k in ("decap_vxlan", "decap_geneve", "decap_gre", "decap_ipip", "decap_kept_outer")}
+                if metrics is None or (decap["decap_vxlan"] or 0) >= len(SIZES):
+                    break
+                time.sleep(0.25)
+            if metrics is not None:
+                metrics.update(decap)
         finally:
             assert stop_ipfixer(proc) == 0, log.read_text()
         coll.receive(5, until_idle=1.0)
@@ -180,7 +195,8 @@ def _daemon_records(tmp: Path, v: VxlanLab, tunnel_globs: list[str], sport: int,
 
 def test_daemon_nflog_exports_inner_flows_with_vni(tmp_path: Path, vxlan: VxlanLab) -> None:
     v, lab = vxlan, vxlan.lab
-    records, log = _daemon_records(tmp_path, v, ["ipfxb*", lab.veth_b], 43001, 44001)
+    metrics: dict[str, float] = {}
+    records, log = _daemon_records(tmp_path, v, ["ipfxb*", lab.veth_b], 43001, 44001, metrics)
     mine = [r for r in records if r.get("destinationTransportPort") == 44001]
     assert mine and all(r["tunnelType"] == 1 for r in mine), mine
     assert {(str(r["sourceIPv4Address"]), str(r["destinationIPv4Address"]), r["sourceTransportPort"],
@@ -192,6 +208,8 @@ def test_daemon_nflog_exports_inner_flows_with_vni(tmp_path: Path, vxlan: VxlanL
     assert sum(r["octetDeltaCount"] for r in mine) == sum(28 + n for n in SIZES)
     assert not [r for r in records if r.get("destinationTransportPort") == 4789]  # no outer flow
     assert f"decap_vxlan={len(SIZES)}" in log and "decap_kept_outer=0" in log, log
+    assert metrics == {"decap_vxlan": len(SIZES), "decap_geneve": 0, "decap_gre": 0, "decap_ipip": 0,
+                       "decap_kept_outer": 0}  # the kernel's counter names, as the eBPF meter exposes them
 
 
 def test_daemon_nflog_other_interface_meters_outer_flows(tmp_path: Path, vxlan: VxlanLab) -> None:
