@@ -6,6 +6,8 @@ namespaces, IPFIX to nfcapd (read back with nfdump) and captured by tshark in th
   carries the VRF table id of its interface at that time, and the names arrive in the VRF options table
   (nfdump's %ivrfnam, tshark's cflow.vrfname).  Needs a kernel with CONFIG_NET_VRF; skipped (with that
   reason) on one without.
+- VRF-lite router: the same with the interfaces put in tables by input-interface rules (no VRF device),
+  named in the namespace's rt_tables; runs on any kernel.
 - The same router without VRFs, VRF template selected: ids 0, no names, counts exact.
 - samplingInterval in data records with `sampling.interval: 4`: tshark reads 4 in every record, nfcapd
   scales exactly what was sent by 4.
@@ -14,6 +16,7 @@ namespaces, IPFIX to nfcapd (read back with nfdump) and captured by tshark in th
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import time
@@ -149,6 +152,52 @@ def test_vrf_router_ids_per_record_names_and_moves(tmp_path: Path, router: Route
     ts = {int(t["cflow.srcport"]): int(t["cflow.ingress_vrfid"]) for t in res.tshark
           if t.get("cflow.protocol") == "17" and "cflow.srcport" in t}
     assert ts == {sport: vrf for sport, (_, _, vrf) in want.items()}
+    assert "Traceback" not in res.log
+
+
+def test_vrf_lite_router_ids_per_record_names_and_moves(tmp_path: Path, router: Router) -> None:
+    """VRF-lite: each interface put in a routing table by an input-interface rule (`ip rule add iif r1
+    lookup 10`), the tables named in the namespace's own /etc/iproute2/rt_tables (`ip netns exec` binds
+    /etc/netns/<ns>/iproute2 there). Two VRFs, traffic in each; then the rules move r1 to table 20 and r2
+    to table 30 (no name: "table30") while the daemon runs. Every record carries its interface's table
+    at that time, and nfdump and tshark read the names from the VRF options table."""
+    r = router
+    etc = Path("/etc/netns") / r.ns_r
+    (etc / "iproute2").mkdir(parents=True)
+    try:
+        (etc / "iproute2" / "rt_tables").write_text("255 local\n254 main\n10 red\n20 blue\n")
+        ip("-n", r.ns_r, "rule", "add", "iif", r.r1, "lookup", "10", "pref", "100")
+        ip("-n", r.ns_r, "rule", "add", "iif", r.r2, "lookup", "20", "pref", "101")
+        if1, if2 = r.ifindex(r.r1), r.ifindex(r.r2)
+
+        def traffic() -> None:
+            r.send(1, 41001, 9001, 5)  # in VRF 10
+            r.send(2, 41002, 9002, 7)  # in VRF 20
+            time.sleep(2.5)  # idle timeout 1 s: exported before the moves below
+            ip("-n", r.ns_r, "rule", "del", "pref", "100")
+            ip("-n", r.ns_r, "rule", "del", "pref", "101")
+            ip("-n", r.ns_r, "rule", "add", "iif", r.r1, "lookup", "20", "pref", "100")
+            ip("-n", r.ns_r, "rule", "add", "iif", r.r2, "lookup", "30", "pref", "101")
+            time.sleep(0.5)  # the daemon applies the rule events at its next drain
+            r.send(1, 41003, 9003, 3)  # now in VRF 20
+            r.send(2, 41004, 9004, 4)  # now in VRF 30
+
+        res = run_router(tmp_path, r, traffic, templates=VRF_TEMPLATES)
+    finally:
+        shutil.rmtree(etc, ignore_errors=True)
+    want = {41001: (5, if1, 10), 41002: (7, if2, 20), 41003: (3, if1, 20), 41004: (4, if2, 30)}
+    for sport, (packets, ifindex, vrf) in want.items():
+        fl = udp(res, sport)
+        assert sum(f["in_packets"] for f in fl) == packets and sum(f["in_bytes"] for f in fl) == packets * 128, fl
+        assert {(f["input_snmp"], int(f["ingress_vrf"]), int(f["egress_vrf"])) for f in fl} == {(ifindex, vrf, 0)}
+    names = {10: "red", 20: "blue", 30: "table30"}
+    for sport, (_, _, vrf) in want.items():  # nfdump joined the VRF options table to the ids
+        assert res.names[sport] == [str(vrf), names[vrf], "0"], res.names
+    # the router's ICMP port-unreachable answers leave through the same interfaces: egress VRF ids
+    icmp_out = [f for f in res.flows if f.get("proto") == 1 and f.get("direction") == 1]
+    assert icmp_out and all(int(f["ingress_vrf"]) == 0 and int(f["egress_vrf"]) in (10, 20, 30) for f in icmp_out)
+    ts_names = {int(t["cflow.ingress_vrfid"]): t["cflow.vrfname"] for t in res.tshark if "cflow.vrfname" in t}
+    assert ts_names == names
     assert "Traceback" not in res.log
 
 

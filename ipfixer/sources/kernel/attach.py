@@ -286,14 +286,15 @@ class Attacher:
 _CLONE_NEWNET = 0x40000000
 
 
-def _link_socket(netns: str | None) -> socket.socket:
-    """A non-blocking rtnetlink socket subscribed to link events, opened inside netns if given.
+def _link_socket(netns: str | None, groups: int = RTMGRP_LINK) -> socket.socket:
+    """A non-blocking rtnetlink socket subscribed to link events (or other `groups`), opened inside netns
+    if given.
 
     A raw socket rather than pyroute2's IPRoute: pyroute2 0.9 queues multicast messages in its own
     asyncio loop, so select() on its fd misses events that arrived in the same datagram."""
     def make() -> socket.socket:
         s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, socket.NETLINK_ROUTE)
-        s.bind((0, RTMGRP_LINK))
+        s.bind((0, groups))
         return s
 
     if not netns:
