@@ -229,13 +229,18 @@ def decapsulate(packet: bytes, outer: ParsedPacket, l4_off: int) -> tuple[int, P
     held = max(outer.ip_octets, n) - off
     version = packet[off] >> 4
     ip = parse_ip(packet[off:]) if version == (4 if inner == ETH_P_IP else 6) else None
+    if ip is None and version == 4 and inner == ETH_P_IP and packet[off] & 0x0F >= 5:
+        # IPv4 options cut short: the kernel keys by the fixed header (its transport header is cut)
+        h = packet[off:off + 20]
+        ip = ParsedPacket(ETH_P_IP, V4_MAPPED_PREFIX + h[12:16], V4_MAPPED_PREFIX + h[16:20], 0, 0, h[9],
+                          struct.unpack_from("!H", h, 2)[0], 0, h[1])  # fmt: skip
     if ip is None:  # malformed inner header: the kernel meters it too, keyed by the tunnel alone
         return ttype, ParsedPacket(inner, _ZERO16, _ZERO16, 0, 0, 0, held, 0, 0, tunnel)
     octets = ip.ip_octets
     if version == 4:
         octets = held if octets < (packet[off] & 0x0F) * 4 else min(octets, held)
     else:
-        octets = held if octets == 40 and packet[off + 4:off + 6] == b"\x00\x00" else min(octets, held)
+        octets = held if octets == 40 else min(octets, held)  # payload length 0: jumbogram, the bytes held
     return ttype, ParsedPacket(ip.ethertype, ip.src_addr, ip.dst_addr, ip.src_port, ip.dst_port, ip.protocol,
                                octets, ip.tcp_flags, ip.tos, tunnel)
 

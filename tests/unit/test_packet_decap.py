@@ -358,3 +358,18 @@ def test_outer_ip_options_and_ipv6_extension_headers() -> None:
         assert_inner_tcp(key, octets, flags, tos)
         assert (key.tunnel_type, key.tunnel_id) == (tunnel, 8)
         assert sum(decap.counts.values()) == 1
+
+
+def test_inner_options_cut_keep_the_fixed_header() -> None:
+    """An inner IPv4 header whose options are cut (a snaplen): decapsulated, keyed by its fixed header
+    with no ports, as the kernel does (its transport header is cut)."""
+    inner = IP(src=I4S, dst=I4D, tos=4, options=[IPOption_RR(routers=["10.9.9.9"] * 4)]) / UDP(sport=1, dport=2)
+    pkt = bytes(outer4() / UDP(dport=4789) / VXLAN(vni=6) / INNER_ETH / inner)
+    inner_at = 20 + 8 + 8 + 14
+    for cut in range(inner_at + 20, inner_at + len(bytes(inner))):
+        ip = parse_ip(pkt[:cut], DecapCounts())
+        assert ip is not None and ip.tunnel is not None and ip.tunnel.id == 6
+        assert (ip.src_addr, ip.dst_addr, ip.protocol, ip.tos) == (to_addr16(I4S), to_addr16(I4D), 17, 4)
+        assert ip.ip_octets == len(bytes(inner))
+        ihl = bytes(inner)[0] & 0x0F
+        assert (ip.src_port, ip.dst_port) == ((1, 2) if cut >= inner_at + ihl * 4 + 4 else (0, 0)), cut
