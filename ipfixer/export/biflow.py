@@ -38,17 +38,22 @@ BIFLOW_REVERSE_INITIATOR = 2
 
 ECHO_MARK = 0xFFFF  # the "ports" of an ICMP echo request or reply in a pair key
 _KEY_DTYPE = np.dtype([("e", "<u2"), ("v", "<u2"), ("i", "<u4"), ("p", "u1"), ("a", "u1", (16,)),
-                       ("b", "u1", (16,)), ("sp", "<u2"), ("dp", "<u2")])
+                       ("b", "u1", (16,)), ("sp", "<u2"), ("dp", "<u2"), ("tt", "u1"), ("ti", "<u4"),
+                       ("iv", "<u2"), ("oa", "u1", (16,)), ("ob", "u1", (16,))])
 
 
 def pair_keys(rows: np.ndarray, *, reverse: bool) -> list[bytes]:
-    """Per row the packed (ethertype, vlan, ifindex, protocol, src, dst, sport, dport) key, or with the
-    addresses and ports swapped (the key its reverse uniflow has)."""
+    """Per row the packed (ethertype, vlan, ifindex, protocol, src, dst, sport, dport, tunnel) key, or
+    with the addresses and ports swapped (the key its reverse uniflow has). The tunnel (tunnels.decap:
+    type, VNI/key, inner VLAN, outer addresses, swapped too) keeps tenants that reuse addresses apart."""
     k = np.empty(len(rows), dtype=_KEY_DTYPE)
     k["e"], k["v"], k["i"], k["p"] = rows["ethertype"], rows["vlan_id"], rows["ifindex"], rows["protocol"]
     src, dst, sport, dport = ("dst_addr", "src_addr", "dst_port", "src_port") if reverse else \
         ("src_addr", "dst_addr", "src_port", "dst_port")
     k["a"], k["b"], k["sp"], k["dp"] = rows[src], rows[dst], rows[sport], rows[dport]
+    k["tt"], k["ti"], k["iv"] = rows["tunnel_type"], rows["tunnel_id"], rows["inner_vlan_id"]
+    k["oa"], k["ob"] = (rows["outer_dst_addr"], rows["outer_src_addr"]) if reverse else \
+        (rows["outer_src_addr"], rows["outer_dst_addr"])
     # ICMP echo request and reply (types 8/0, ICMPv6 128/129; dst_port is type*256+code): the same
     # exchange, so both get one marker in place of the type, and pair like a request and its response
     proto, t = rows["protocol"], rows["dst_port"] >> 8

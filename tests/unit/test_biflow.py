@@ -109,6 +109,26 @@ def test_different_interfaces_or_protocols_do_not_pair() -> None:
     assert len(p.flush()) == 3 and len(p) == 0
 
 
+def test_inner_flows_pair_only_within_their_tunnel() -> None:
+    """tunnels.decap: two tenants reusing 10.0.0.1/.2 in VNIs 5 and 6 never pair across tenants; a reply
+    comes back with the outer addresses swapped and pairs with its request."""
+    from dataclasses import replace
+
+    o1, o2 = to_addr16("192.0.2.1"), to_addr16("192.0.2.2")
+    p = BiflowPairer(hold_ns=S)
+
+    def tun(rec: FlowRecord, vni: int, reverse: bool) -> FlowRecord:
+        return replace(rec, tunnel_type=1, tunnel_id=vni, outer_src_addr=o2 if reverse else o1,
+                       outer_dst_addr=o1 if reverse else o2)
+
+    a5 = tun(uni("10.0.0.1", "10.0.0.2", 1000, 80, packets=3, start=1), 5, False)
+    b6 = tun(uni("10.0.0.2", "10.0.0.1", 80, 1000, packets=4, start=2), 6, True)  # the other tenant
+    assert len(p.add(batch(a5, b6), 0)) == 0 and len(p) == 2
+    b5 = tun(uni("10.0.0.2", "10.0.0.1", 80, 1000, packets=2, start=3), 5, True)
+    out = batch_to_records(p.add(batch(b5), 0))
+    assert [(r.tunnel_id, r.packets, r.rev_packets) for r in out] == [(5, 3, 2)] and len(p) == 1
+
+
 def test_same_direction_again_releases_the_held_one_and_max_held_bounds() -> None:
     p = BiflowPairer(hold_ns=100 * S, max_held=2)
     first = uni("10.0.0.1", "10.0.0.2", 1, 2, packets=1, start=1)
