@@ -92,20 +92,27 @@ def _by_flow(records: list[dict[str, Any]]) -> dict[Flow, tuple[int, int, int, i
     return {k: tuple(v) for k, v in out.items()}  # type: ignore[misc]
 
 
-def test_replay_decapsulates_every_tunnel_type(tmp_path: Path) -> None:
-    expected, decap = _capture(tmp_path / "tunnels.pcap")
+def _replay(tmp_path: Path, **settings: Any) -> tuple[UdpCollector, dict[str, Any]]:
+    """The real `ipfixer replay` of tunnels.pcap to a collector: (the collector, closed after receiving,
+    and replay's JSON summary)."""
     coll = UdpCollector()
     try:
-        cfg = write_config(tmp_path / "c.yaml", [{"address": "127.0.0.1", "port": coll.port}],
-                           tunnels={"decap": True, "interfaces": ["ipfxud-no-such-interface"]},
-                           cache={"accounter_max_entries": 2})  # evictions mid-file: the sums stay exact
+        cfg = write_config(tmp_path / "c.yaml", [{"address": "127.0.0.1", "port": coll.port}], **settings)
         res = subprocess.run([*IPFIXER, "replay", str(tmp_path / "tunnels.pcap"), "--config", str(cfg), "-q"],
                              capture_output=True, text=True, timeout=120, env=cli_env())
         assert res.returncode == 0, res.stderr
-        summary = json.loads(res.stdout)
+        summary: dict[str, Any] = json.loads(res.stdout)
         coll.receive(5, until_idle=1.0)
     finally:
         coll.close()
+    return coll, summary
+
+
+def test_replay_decapsulates_every_tunnel_type(tmp_path: Path) -> None:
+    expected, decap = _capture(tmp_path / "tunnels.pcap")
+    # evictions mid-file (2 entries): the sums stay exact
+    coll, summary = _replay(tmp_path, tunnels={"decap": True, "interfaces": ["ipfxud-no-such-interface"]},
+                            cache={"accounter_max_entries": 2})
     assert summary["packets"] == sum(v[0] for v in expected.values()) == 27 and summary["malformed"] == 0
     # tunnels.interfaces names live interfaces: a capture has none, the whole file is decapsulated
     assert summary["decap"] == {"decap_vxlan": 6, "decap_geneve": 4, "decap_gre": 3, "decap_ipip": 5,
@@ -118,16 +125,7 @@ def test_replay_decapsulates_every_tunnel_type(tmp_path: Path) -> None:
 def test_replay_without_decap_meters_outer_flows(tmp_path: Path) -> None:
     """The same file with tunnels.decap off (the default): outer flows only, no decap summary."""
     expected, _ = _capture(tmp_path / "tunnels.pcap")
-    coll = UdpCollector()
-    try:
-        cfg = write_config(tmp_path / "c.yaml", [{"address": "127.0.0.1", "port": coll.port}])
-        res = subprocess.run([*IPFIXER, "replay", str(tmp_path / "tunnels.pcap"), "--config", str(cfg), "-q"],
-                             capture_output=True, text=True, timeout=120, env=cli_env())
-        assert res.returncode == 0, res.stderr
-        summary = json.loads(res.stdout)
-        coll.receive(5, until_idle=1.0)
-    finally:
-        coll.close()
+    coll, summary = _replay(tmp_path)
     assert "decap" not in summary and summary["packets"] == 27
     records = coll.flow_records()
     assert not any("tunnelType" in r for r in records)

@@ -112,6 +112,22 @@ def udp(res: Result, sport: int) -> list[dict[str, Any]]:
 VRF_TEMPLATES = {"ipv4": "ipv4_vrf_flow", "ipv6": "ipv6_vrf_flow"}
 
 
+def check_vrfs(res: Result, want: dict[int, tuple[int, int, int]], names: dict[int, str]) -> None:
+    """Per source port (packets of 100 bytes, ingress ifindex, VRF id) exact at nfcapd; the names joined
+    by nfdump and read by tshark; the router's ICMP answers (egress) carry egress VRF ids."""
+    for sport, (packets, ifindex, vrf) in want.items():
+        fl = udp(res, sport)
+        assert sum(f["in_packets"] for f in fl) == packets and sum(f["in_bytes"] for f in fl) == packets * 128, fl
+        assert {(f["input_snmp"], int(f["ingress_vrf"]), int(f["egress_vrf"])) for f in fl} == {(ifindex, vrf, 0)}
+    for sport, (_, _, vrf) in want.items():  # nfdump joined the VRF options table to the ids
+        assert res.names[sport] == [str(vrf), names[vrf], "0"], res.names
+    # the router's ICMP port-unreachable answers leave through the same interfaces: egress VRF ids
+    icmp_out = [f for f in res.flows if f.get("proto") == 1 and f.get("direction") == 1]
+    assert icmp_out and all(int(f["ingress_vrf"]) == 0 and int(f["egress_vrf"]) in names for f in icmp_out)
+    ts_names = {int(t["cflow.ingress_vrfid"]): t["cflow.vrfname"] for t in res.tshark if "cflow.vrfname" in t}
+    assert ts_names == names
+
+
 def test_vrf_router_ids_per_record_names_and_moves(tmp_path: Path, router: Router) -> None:
     reason = vrf_unsupported()
     if reason:
@@ -137,18 +153,7 @@ def test_vrf_router_ids_per_record_names_and_moves(tmp_path: Path, router: Route
 
     res = run_router(tmp_path, r, traffic, templates=VRF_TEMPLATES)
     want = {41001: (5, if1, 10), 41002: (7, if2, 20), 41003: (3, if1, 20), 41004: (4, if2, 30)}
-    for sport, (packets, ifindex, vrf) in want.items():
-        fl = udp(res, sport)
-        assert sum(f["in_packets"] for f in fl) == packets and sum(f["in_bytes"] for f in fl) == packets * 128, fl
-        assert {(f["input_snmp"], int(f["ingress_vrf"]), int(f["egress_vrf"])) for f in fl} == {(ifindex, vrf, 0)}
-    names = {10: va, 20: vb, 30: vc}
-    for sport, (_, _, vrf) in want.items():  # nfdump joined the VRF options table to the ids
-        assert res.names[sport] == [str(vrf), names[vrf], "0"], res.names
-    # the router's ICMP port-unreachable answers leave through the same interfaces: egress VRF ids
-    icmp_out = [f for f in res.flows if f.get("proto") == 1 and f.get("direction") == 1]
-    assert icmp_out and all(int(f["ingress_vrf"]) == 0 and int(f["egress_vrf"]) in (10, 20, 30) for f in icmp_out)
-    ts_names = {int(t["cflow.ingress_vrfid"]): t["cflow.vrfname"] for t in res.tshark if "cflow.vrfname" in t}
-    assert ts_names == names
+    check_vrfs(res, want, {10: va, 20: vb, 30: vc})
     ts = {int(t["cflow.srcport"]): int(t["cflow.ingress_vrfid"]) for t in res.tshark
           if t.get("cflow.protocol") == "17" and "cflow.srcport" in t}
     assert ts == {sport: vrf for sport, (_, _, vrf) in want.items()}
@@ -186,18 +191,7 @@ def test_vrf_lite_router_ids_per_record_names_and_moves(tmp_path: Path, router: 
     finally:
         shutil.rmtree(etc, ignore_errors=True)
     want = {41001: (5, if1, 10), 41002: (7, if2, 20), 41003: (3, if1, 20), 41004: (4, if2, 30)}
-    for sport, (packets, ifindex, vrf) in want.items():
-        fl = udp(res, sport)
-        assert sum(f["in_packets"] for f in fl) == packets and sum(f["in_bytes"] for f in fl) == packets * 128, fl
-        assert {(f["input_snmp"], int(f["ingress_vrf"]), int(f["egress_vrf"])) for f in fl} == {(ifindex, vrf, 0)}
-    names = {10: "red", 20: "blue", 30: "table30"}
-    for sport, (_, _, vrf) in want.items():  # nfdump joined the VRF options table to the ids
-        assert res.names[sport] == [str(vrf), names[vrf], "0"], res.names
-    # the router's ICMP port-unreachable answers leave through the same interfaces: egress VRF ids
-    icmp_out = [f for f in res.flows if f.get("proto") == 1 and f.get("direction") == 1]
-    assert icmp_out and all(int(f["ingress_vrf"]) == 0 and int(f["egress_vrf"]) in (10, 20, 30) for f in icmp_out)
-    ts_names = {int(t["cflow.ingress_vrfid"]): t["cflow.vrfname"] for t in res.tshark if "cflow.vrfname" in t}
-    assert ts_names == names
+    check_vrfs(res, want, {10: "red", 20: "blue", 30: "table30"})
     assert "Traceback" not in res.log
 
 
