@@ -182,3 +182,15 @@ def metered(program: Any, lab: Lab, hooks: str) -> Iterator[tuple[Any, Lab, Any]
     finally:
         att.detach_all()
         att.close()
+
+
+def collect(src: Any, expect: int, settle_s: float = 0.2) -> list[Any]:
+    """What an NFLOG source (sources.nflog_netlink.NflogSource) hands over until `expect` packets came
+    (at most 5 s), then for settle_s more: nothing more may arrive."""
+    got: list[Any] = []
+    for _ in range(50):  # bounded: 50 x 0.1 s
+        got.extend(src.poll(0.1))
+        if len(got) >= expect:
+            break
+    got.extend(src.poll(settle_s))
+    return got

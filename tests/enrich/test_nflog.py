@@ -17,6 +17,7 @@ from ipfixer.lab import Namespaces, ns_socket
 from ipfixer.model import Direction, RawPacket, to_addr16
 from ipfixer.sources.nflog_netlink import NflogSource, install_nflog_rules, remove_nflog_rules
 from ipfixer.sources.packets import parse_ip
+from tests.labs import collect
 
 SIZES = (10, 200, 1000, 1400)
 IP_UDP = 20 + 8
@@ -42,13 +43,7 @@ def send_and_collect(ns: str, src: NflogSource, expect: int) -> list[RawPacket]:
     finally:
         tx.close()
         rx.close()
-    got: list[RawPacket] = []
-    for _ in range(50):  # bounded: 50 x 0.1 s
-        got.extend(src.poll(0.1))
-        if len(got) >= expect:
-            break
-    got.extend(src.poll(0.2))  # nothing more may arrive
-    return got
+    return collect(src, expect)
 
 
 def logged_packets(netns: str, group: int) -> tuple[list[RawPacket], NflogSource]:

@@ -22,10 +22,11 @@ from ipfixer.clock import SystemClock
 from ipfixer.flows.accounter import Accounter
 from ipfixer.lab import Lab, ip, ns_socket, sh, start_ipfixer, static_neighbour, stop_ipfixer
 from ipfixer.metrics import scrape
-from ipfixer.model import RawPacket, to_addr16
+from ipfixer.model import to_addr16
 from ipfixer.netns import in_netns
 from ipfixer.sources.nflog_netlink import NflogSource, install_nflog_rules, remove_nflog_rules
 from tests.cli.helpers import UdpCollector, cli_env, write_config
+from tests.labs import collect
 
 pytestmark = pytest.mark.root
 
@@ -100,16 +101,6 @@ def write_frames(v: VxlanLab, frames: list[bytes]) -> None:
     in_netns(v.lab.ns_a, write)
 
 
-def collect(src: NflogSource, expect: int) -> list[RawPacket]:
-    got: list[RawPacket] = []
-    for _ in range(50):  # bounded: 50 x 0.1 s
-        got.extend(src.poll(0.1))
-        if len(got) >= expect:
-            break
-    got.extend(src.poll(0.3))  # nothing more may arrive
-    return got
-
-
 def test_nflog_source_decapsulates_vxlan_with_inner_vlan(vxlan: VxlanLab) -> None:
     """NflogSource on the underlay of B (ingress): one inner flow per overlay flow with the VNI, the inner
     VLAN tag, the outer addresses; counts exact through a tunnel-keyed Accounter."""
@@ -125,7 +116,7 @@ def test_nflog_source_decapsulates_vxlan_with_inner_vlan(vxlan: VxlanLab) -> Non
             arp = bytes(Ether(src=lab.mac(lab.ns_a, v.vx), dst="ff:ff:ff:ff:ff:ff") /
                         ARP(psrc=v.inner(1), pdst="172.31.255.254"))  # nobody answers: not IP, the outer flow
             write_frames(v, [arp, arp])
-            pkts = collect(src, len(SIZES) + len(VLAN_SIZES) + 2)
+            pkts = collect(src, len(SIZES) + len(VLAN_SIZES) + 2, settle_s=0.3)
         finally:
             src.close()
     finally:
