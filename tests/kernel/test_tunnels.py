@@ -265,3 +265,17 @@ def test_inner_vlan_tag_through_a_real_vxlan(tmp_path: Path, router: Router) -> 
     assert sum(d["packetDeltaCount"] for d in rows) == 2 * SENT  # r1 ingress and r2 egress
     assert sum(d["octetDeltaCount"] for d in rows) == 2 * SENT * (SIZE + 28)
     assert final_counters(res.log)["decap_kept_outer"] == 0
+
+
+def test_decap_over_netflow_v9(tmp_path: Path, router: Router) -> None:
+    """NetFlow v9 (RFC 3954) with the tunnel templates: the enterprise elements are dropped, the IANA ones
+    stay; nfcapd counts the inner flow exactly and tshark reads the VNI in layer2SegmentId."""
+    r = router
+    res = run_router(tmp_path, r, sender(r, "vxlan"), protocol="netflow9", tunnels={"decap": True})
+    fl = [f for f in res.flows if f.get("proto") == 17 and f.get("src_port") == SPORT]
+    assert (sum(f["in_packets"] for f in fl), sum(f["in_bytes"] for f in fl)) == (2 * SENT, 2 * SENT * (SIZE + 28))
+    data = inner_udp(res)
+    assert data and {int(t["cflow.layer2_segment_id"]) for t in data} == {(0x01 << 56) | 42}
+    assert {t["cflow.srcaddr"] for t in data} == {inner(r, 1)}
+    assert "Traceback" not in res.log
+

@@ -51,9 +51,10 @@ class Result:
     log: str
 
 
-def run_router(tmp_path: Path, r: Router, traffic: Callable[[], None], **settings: Any) -> Result:
-    """nfcapd and a tshark capture of its port in the router namespace, `ipfixer run` there on r1 and r2,
-    traffic(), SIGTERM (flush); what both collectors decoded."""
+def run_router(tmp_path: Path, r: Router, traffic: Callable[[], None], protocol: str = "ipfix",
+               **settings: Any) -> Result:
+    """nfcapd and a tshark capture of its port in the router namespace, `ipfixer run` there on r1 and r2
+    (exporting `protocol`), traffic(), SIGTERM (flush); what both collectors decoded."""
     port = free_udp_port()
     nfc = Nfcapd(tmp_path / "nfcapd", port, netns=r.ns_r)
     pcap, tlog = tmp_path / "cap.pcap", tmp_path / "tshark.log"
@@ -73,7 +74,8 @@ def run_router(tmp_path: Path, r: Router, traffic: Callable[[], None], **setting
             "timeouts": {"active": "60s", "idle": "1s", "drain_interval": "200ms"},
         }
         base.update(settings)
-        cfg = write_config(tmp_path / "ipfixer.yaml", [{"address": "127.0.0.1", "port": port}], **base)
+        cfg = write_config(tmp_path / "ipfixer.yaml", [{"address": "127.0.0.1", "port": port, "protocol": protocol}],
+                           **base)
         log = tmp_path / "ipfixer.log"
         proc = start_ipfixer(r.ns_r, cfg, log, env=cli_env())
         traffic()
