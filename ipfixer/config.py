@@ -477,7 +477,8 @@ class Config(BaseModel):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     lock_dir: Path = Field(default=Path("/run/ipfixer"), description="where the instance lock lives")
     control_socket: Path | None = Field(
-        default=None, description="unix socket of `ipfixer ctl` (root only); null = <lock_dir>/ctl.sock")
+        default=None, description="unix socket of `ipfixer ctl` (root only); null = "
+                                  "<lock_dir>/ctl-netns-<inode>.sock, one per network namespace")
 
     @field_validator("log_level", mode="before")
     @classmethod

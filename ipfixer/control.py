@@ -36,10 +36,13 @@ from typing import Any
 import numpy as np
 
 from ipfixer.errors import ConfigError, IpfixerError
+from ipfixer.instance import netns_inode
 
 log = logging.getLogger("ipfixer.control")
 
-SOCKET_NAME = "ctl.sock"  # default: <lock_dir>/ctl.sock, one per instance like the lock
+# default: <lock_dir>/ctl-netns-<inode>.sock, one per network namespace like the instance lock, so
+# instances in several namespaces can share a lock_dir (ipfixer ctl finds its own namespace's)
+SOCKET_NAME = "ctl-netns-{inode}.sock"
 COMMANDS = ("stats", "flows", "expire-all", "send-templates", "reload")
 MAX_REQUEST_BYTES = 4096
 MAX_REPLY_BYTES = 64 << 20
@@ -58,10 +61,13 @@ class ControlError(IpfixerError):
         self.reason = reason
 
 
-def socket_path(config: Any) -> Path:
-    """The control socket of a config: `control_socket`, else `<lock_dir>/ctl.sock`."""
+def socket_path(config: Any, inode: int | None = None) -> Path:
+    """The control socket of a config: `control_socket`, else `<lock_dir>/ctl-netns-<inode>.sock` for
+    the network namespace `inode` (default: the caller's)."""
     explicit = getattr(config, "control_socket", None)
-    return Path(explicit) if explicit else Path(config.lock_dir) / SOCKET_NAME
+    if explicit:
+        return Path(explicit)
+    return Path(config.lock_dir) / SOCKET_NAME.format(inode=netns_inode() if inode is None else inode)
 
 
 # -- server ----------------------------------------------------------------------------------------

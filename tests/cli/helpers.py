@@ -81,3 +81,12 @@ def cli_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IPFIXER_") or k == "IPFIXER_REQUIRE_KERNEL_TESTS"}
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def ctl_socket(lock_dir: Path, netns: str | None = None) -> Path:
+    """The default control socket of a daemon whose lock_dir is `lock_dir`, running in netns (a name
+    under /run/netns) or in this process's namespace: <lock_dir>/ctl-netns-<inode>.sock."""
+    from ipfixer.control import SOCKET_NAME
+
+    ns = Path("/run/netns") / netns if netns else Path("/proc/thread-self/ns/net")
+    return lock_dir / SOCKET_NAME.format(inode=os.stat(ns).st_ino)

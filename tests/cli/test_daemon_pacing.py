@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ipfixer.lab import Lab, netns_exec, ns_socket, start_ipfixer, stop_ipfixer
-from tests.cli.helpers import IPFIXER, UdpCollector, cli_env, write_config
+from tests.cli.helpers import IPFIXER, UdpCollector, cli_env, ctl_socket, write_config
 
 pytestmark = pytest.mark.root
 
@@ -64,7 +64,7 @@ def test_loop_sends_the_paced_queue_between_polls(tmp_path: Path, lab: Lab) -> N
                 break
         assert len(sent_flows(coll, lab)) == FLOWS
         assert proc.poll() is None
-        sock = str(tmp_path / "lock" / "ctl.sock")
+        sock = str(ctl_socket(tmp_path / "lock", lab.ns_a))
         res = subprocess.run([*IPFIXER, "ctl", "--socket", sock, "stats", "--json"], capture_output=True, text=True,
                              timeout=60, env=cli_env())
         assert res.returncode == 0, res.stderr

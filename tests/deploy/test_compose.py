@@ -25,7 +25,7 @@ import pytest
 
 from ipfixer.lab import Namespaces, ip, read_sys, sh, static_neighbour
 from ipfixer.netns import socket_in_netns
-from tests.cli.helpers import IPFIXER, cli_env
+from tests.cli.helpers import IPFIXER, cli_env, ctl_socket
 from tests.collectors import free_udp_port
 from tests.conftest import REQUIRE
 from tests.deploy.engine import COMPOSE, Engine, EngineUnavailable, host_firewall_state, private_engine
@@ -172,7 +172,7 @@ def _compose_run(engine: Engine, veth: tuple[str, str], tmp_path: Path) -> dict[
         assert "ipfixer" in _ipfixer_tc_state(HOST_DEV)  # attached from inside the container
         expected = _send(host_ip, peer_ip)
         # the container's control socket, in the run directory it shares with the host: ipfixer ctl from here
-        res = subprocess.run([*IPFIXER, "ctl", "--socket", str(tmp_path / "run" / "ctl.sock"), "flows", "--json"],
+        res = subprocess.run([*IPFIXER, "ctl", "--socket", str(ctl_socket(tmp_path / "run")), "flows", "--json"],
                              capture_output=True, text=True, timeout=60, env=cli_env())
         assert res.returncode == 0, res.stderr
         held = {(f["src"], f["dst"], f["src_port"], f["dst_port"]): (f["packets"], f["octets"])

@@ -17,7 +17,7 @@ import pytest
 
 from ipfixer.control import ControlError, ControlServer, request
 from ipfixer.lab import Lab, start_ipfixer, stop_ipfixer
-from tests.cli.helpers import IPFIXER, UdpCollector, cli_env, totals_by_flow, write_config
+from tests.cli.helpers import IPFIXER, UdpCollector, cli_env, ctl_socket, totals_by_flow, write_config
 
 
 def ctl(sock: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -50,7 +50,7 @@ def test_ctl_commands_on_a_running_daemon(tmp_path: Path, lab: Lab) -> None:
     second = UdpCollector(netns=lab.ns_a)
     cfg = _config(tmp_path, lab, coll.port)
     log = tmp_path / "ipfixer.log"
-    sock = tmp_path / "lock" / "ctl.sock"
+    sock = ctl_socket(tmp_path / "lock", lab.ns_a)
     proc = start_ipfixer(lab.ns_a, cfg, log, env=cli_env())
     try:
         st = os.lstat(sock)  # created safely: a socket, root's, mode 0600
@@ -60,8 +60,9 @@ def test_ctl_commands_on_a_running_daemon(tmp_path: Path, lab: Lab) -> None:
         assert stats["interfaces"] == [lab.veth_a] and stats["pid"] == proc.pid
         assert set(stats["collectors"]) == {f"127.0.0.1:{coll.port}"}
         assert "packets" in stats["kernel"]
-        by_config = subprocess.run([*IPFIXER, "ctl", "--config", str(cfg), "stats", "--json"], capture_output=True,
-                                   text=True, timeout=60, env=cli_env())  # the socket found from the config
+        # the socket found from the config, by `ipfixer ctl` in the daemon's namespace
+        by_config = subprocess.run(["ip", "netns", "exec", lab.ns_a, *IPFIXER, "ctl", "--config", str(cfg), "stats",
+                                    "--json"], capture_output=True, text=True, timeout=60, env=cli_env())
         assert by_config.returncode == 0 and json.loads(by_config.stdout)["pid"] == proc.pid, by_config.stderr
         human = ctl(sock, "stats")
         assert human.returncode == 0 and f"collector 127.0.0.1:{coll.port}:" in human.stdout, human.stderr
@@ -123,7 +124,7 @@ def test_a_silent_client_does_not_pause_export(tmp_path: Path, lab: Lab) -> None
     proc = start_ipfixer(lab.ns_a, cfg, log, env=cli_env())
     silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        silent.connect(str(tmp_path / "lock" / "ctl.sock"))  # connects, never sends its request
+        silent.connect(str(ctl_socket(tmp_path / "lock", lab.ns_a)))  # connects, never sends its request
         lab.send_udp(lab.ns_b, lab.v4_a, 40091, 9091, [100] * 4)
         deadline = time.monotonic() + 10
         key = (lab.v4_b, lab.v4_a, 40091, 9091, 17)
@@ -214,3 +215,28 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(private_dir:
 def test_a_socket_path_too_long_is_a_clear_error(private_dir: Path) -> None:
     with pytest.raises(ControlError, match="AF_UNIX path too long"):
         ControlServer(private_dir / ("s" * 120)).start()
+
+
+@pytest.mark.root
+def test_instances_in_two_namespaces_share_a_lock_dir(tmp_path: Path, lab: Lab) -> None:
+    """One ipfixer per namespace, both with the default lock_dir of one config: each has its own control
+    socket (keyed by its namespace, as its lock), and `ipfixer ctl --config` run in a namespace reaches
+    that namespace's daemon."""
+    lock = tmp_path / "lock"
+    cfgs, procs = {}, {}
+    try:
+        for ns, dev in ((lab.ns_a, lab.veth_a), (lab.ns_b, lab.veth_b)):
+            cfgs[ns] = write_config(tmp_path / f"{ns}.yaml", [{"address": "127.0.0.1", "port": 9}],
+                                    interfaces={"include": [dev], "exclude": []}, lock_dir=str(lock))
+            procs[ns] = start_ipfixer(ns, cfgs[ns], tmp_path / f"{ns}.log", env=cli_env())
+        assert ctl_socket(lock, lab.ns_a) != ctl_socket(lock, lab.ns_b)
+        for ns, dev in ((lab.ns_a, lab.veth_a), (lab.ns_b, lab.veth_b)):
+            res = subprocess.run(["ip", "netns", "exec", ns, *IPFIXER, "ctl", "--config", str(cfgs[ns]), "stats",
+                                  "--json"], capture_output=True, text=True, timeout=60, env=cli_env())
+            assert res.returncode == 0, res.stderr
+            stats = json.loads(res.stdout)
+            assert (stats["interfaces"], stats["pid"]) == ([dev], procs[ns].pid)
+    finally:
+        for ns, proc in procs.items():
+            assert stop_ipfixer(proc) == 0, (tmp_path / f"{ns}.log").read_text()
+    assert not list(lock.glob("ctl-netns-*.sock"))  # each removed its own

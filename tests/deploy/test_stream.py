@@ -21,7 +21,7 @@ import pytest
 from ipfixer.export.stream import StreamTransport, withdraw_all_message
 from ipfixer.lab import Lab, start_ipfixer, stop_ipfixer
 from ipfixer.wire.decode import Decoder
-from tests.cli.helpers import IPFIXER, cli_env
+from tests.cli.helpers import IPFIXER, cli_env, ctl_socket
 from tests.deploy.streams import StreamCollector, decode_connection, split_messages
 from tests.deploy.test_files import write_capture
 
@@ -288,7 +288,7 @@ def test_collector_killed_and_restarted_nothing_lost(tmp_path: Path) -> None:
             coll.wait(5)
             lab.send_udp(lab.ns_b, lab.v4_a, 41001, 9100, [200] * 3)  # exported while nobody listens
             time.sleep(3.0)
-            ctl = subprocess.run([*IPFIXER, "ctl", "--socket", str(tmp_path / "lock" / "ctl.sock"), "stats", "--json"],
+            ctl = subprocess.run([*IPFIXER, "ctl", "--socket", str(ctl_socket(tmp_path / "lock", lab.ns_a)), "stats", "--json"],
                                  capture_output=True, text=True, timeout=30, env=cli_env())
             stream = json.loads(ctl.stdout)["collectors"][f"tcp://127.0.0.1:{port}"]["stream"]
             assert stream["connected"] is False and stream["connections"] == 1, stream  # seen by ipfixer ctl
