@@ -11,12 +11,12 @@ class ConfigError(IpfixerError):
 
 
 class ConfigLimitError(ConfigError):
-    """A config input exceeds a bound that keeps loading fast and small (size, depth, nodes, aliases):
+    """A config (or other YAML) input exceeds a bound that keeps loading fast and small (size, depth, nodes, aliases):
     refused before it is expanded, so a hostile file cannot hang `check` or a SIGHUP reload."""
 
-    def __init__(self, source: str, what: str, found: int, limit: int) -> None:
+    def __init__(self, source: str, what: str, found: int, limit: int, kind: str = "a config") -> None:
         self.source, self.what, self.found, self.limit = source, what, found, limit
-        super().__init__(f"{source}: {what}: {found:,} is more than the {limit:,} a config may have")
+        super().__init__(f"{source}: {what}: {found:,} is more than the {limit:,} {kind} may have")
 
 
 class CaptureError(IpfixerError):

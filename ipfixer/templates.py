@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ipfixer.errors import InfoModelError, TemplateError
+from ipfixer.errors import ConfigError, InfoModelError, TemplateError
 from ipfixer.infomodel import VARLEN, Element, InfoModel
 from ipfixer.resources import share_dir
+from ipfixer.yamlbound import read_yaml_file
 
 DEFAULT_TEMPLATES_DIR = share_dir("templates")  # the wheel's copy or the checkout's templates/
+MAX_TEMPLATE_FILES = 4096  # *.yaml files read from one templates directory
 MIN_TEMPLATE_ID = 256  # RFC 7011 3.4.1: 0-255 are reserved for Set IDs
 
 
@@ -150,12 +150,10 @@ def parse_template(doc: Any, source: str, infomodel: InfoModel) -> Template:
 def load_template_file(path: Path, infomodel: InfoModel | None = None) -> Template:
     """Load and validate one template YAML file."""
     infomodel = infomodel or InfoModel.load_default()
-    try:
-        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise TemplateError(f"{path}: cannot read: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise TemplateError(f"{path}: invalid YAML: {e}") from None
+    try:  # bounded: a templates directory is an input like the config (size, depth, aliases, FIFOs)
+        doc = read_yaml_file(Path(path), "a template file", regular_only=True)
+    except ConfigError as e:
+        raise TemplateError(str(e)) from None
     return parse_template(doc, str(path), infomodel)
 
 
@@ -166,9 +164,15 @@ def load_templates(
     infomodel = infomodel or InfoModel.load_default()
     out: dict[str, Template] = {}
     ids: dict[int, Path] = {}
-    paths = sorted(Path(directory).glob("*.yaml"))
+    try:
+        paths = sorted(Path(directory).glob("*.yaml"))
+    except OSError as e:
+        raise TemplateError(f"{directory}: cannot list template files: {e.strerror or e}") from None
     if not paths:
         raise TemplateError(f"{directory}: no *.yaml template files")
+    if len(paths) > MAX_TEMPLATE_FILES:  # ids 256..65535 allow more, no exporter needs them
+        raise TemplateError(f"{directory}: {len(paths):,} template files, more than the {MAX_TEMPLATE_FILES:,} "
+                            "ipfixer reads")
     for path in paths:
         t = load_template_file(path, infomodel)
         if t.template_id in ids:

@@ -13,8 +13,9 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from ipfixer.config import MAX_ALIASES, MAX_DEPTH, MAX_FILE_BYTES, MAX_LISTED_ERRORS, MAX_NODES, load_config
+from ipfixer.config import MAX_LISTED_ERRORS, load_config
 from ipfixer.errors import ConfigError, ConfigLimitError
+from ipfixer.yamlbound import MAX_ALIASES, MAX_DEPTH, MAX_FILE_BYTES, MAX_NODES
 from tests.cli.helpers import cli_env
 
 ROOT = Path(__file__).resolve().parents[2]

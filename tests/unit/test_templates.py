@@ -78,7 +78,7 @@ def test_reduced_size_and_varlen(tmp_path: Path) -> None:
      ("id: 300\nname: x\nfields: [{name: ctState, enterprise: 1}]\n", "with enterprise number 1"),
      ("id: 300\nname: x\nfields: [{name: vlanId, size: 1}]\n", "unknown keys"),
      ("id: 300\nname: x\nfields: []\n", "non-empty list"),
-     ("id: 300\nname: x\nfields: [\n", "invalid YAML")],
+     ("id: 300\nname: x\nfields: [\n", r":4:1: YAML syntax error")],
 )  # fmt: skip
 def test_invalid(tmp_path: Path, body: str, match: str) -> None:
     with pytest.raises(TemplateError, match=match):
@@ -132,3 +132,37 @@ def test_length_rules_come_from_the_data_type_table() -> None:
     big = IM.by_name("ipv6ExtensionHeadersFull")
     assert big.data_type is DataType.UNSIGNED256 and valid_lengths(big) == "1..32" and check_length(big, 32) is None
     assert "RFC 6313" in (check_length(IM.by_name("basicList"), 65535) or "")
+
+
+def test_hostile_template_files_are_refused_quickly(tmp_path: Path) -> None:
+    """A templates directory is an input like the config: a YAML bomb, a huge file and a FIFO (which would
+    block a plain read forever) each get a one-line TemplateError naming the file."""
+    import os
+    import time
+
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True))
+    cases = {"bomb.yaml": bomb, "huge.yaml": "id: 300\n# " + "x" * (2 << 20) + "\n"}
+    for name, text in cases.items():
+        d = tmp_path / name.removesuffix(".yaml")
+        d.mkdir()
+        (d / name).write_text(text)
+        t0 = time.monotonic()
+        with pytest.raises(TemplateError, match=f"{name}: .* is more than the .* a template file may have"):
+            load_templates(d, IM)
+        assert time.monotonic() - t0 < 5
+    fifo_dir = tmp_path / "fifo"
+    fifo_dir.mkdir()
+    os.mkfifo(fifo_dir / "x.yaml")
+    with pytest.raises(TemplateError, match="x.yaml: not a regular file"):
+        load_templates(fifo_dir, IM)
+
+
+def test_too_many_template_files_are_refused(tmp_path: Path) -> None:
+    from ipfixer.templates import MAX_TEMPLATE_FILES
+
+    for i in range(MAX_TEMPLATE_FILES + 1):
+        (tmp_path / f"t{i}.yaml").write_text("")
+    with pytest.raises(TemplateError, match=f"{MAX_TEMPLATE_FILES + 1:,} template files, more than"):
+        load_templates(tmp_path, IM)
+
