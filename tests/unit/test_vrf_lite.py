@@ -4,6 +4,7 @@ real `ip rule`), which rules count, l3mdev VRFs first, and iproute2's rt_tables 
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -75,3 +76,11 @@ def test_hostile_table_files_are_bounded(tmp_path: Path) -> None:
     names = read_table_names([huge])
     assert len(names[10]) == 64 and 11 in names  # names cut to 64 characters; 11 is within the first MiB
     assert read_table_names([tmp_path]) == {}  # a directory without *.conf
+    odd = tmp_path / "odd"
+    odd.write_text("010 octal-looking\n" + "9" * 5000 + " long\n99999999999 too-big\n0x1F hex\n")
+    assert read_table_names([odd]) == {10: "octal-looking", 31: "hex"}
+    d = tmp_path / "rt_tables.d"
+    d.mkdir()
+    os.mkfifo(d / "blocked.conf")  # would block a plain open() forever
+    (d / "ok.conf").write_text("7 seven\n")
+    assert read_table_names([d]) == {7: "seven"}

@@ -17,9 +17,11 @@ LinkWatcher's socket belongs to the attacher), at most once per poll: a burst of
 from __future__ import annotations
 
 import logging
+import os
 import re
 import select
 import socket
+import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,7 +110,7 @@ def rule_facts(msg: Any) -> RuleFacts | None:
     return RuleFacts(str(iif), int(table), int(msg.get_attr("FRA_PRIORITY") or 0))
 
 
-_TABLE_LINE = re.compile(r"\s*(0[xX][0-9a-fA-F]+|\d+)\s+([^\s#]+)")
+_TABLE_LINE = re.compile(r"\s*(?:0[xX]([0-9a-fA-F]{1,8})|(\d{1,10}))\s+([^\s#]+)")
 
 
 def read_table_names(paths: Iterable[Path] = RT_TABLES) -> dict[int, str]:
@@ -125,15 +127,24 @@ def read_table_names(paths: Iterable[Path] = RT_TABLES) -> dict[int, str]:
             files.append(p)
     names: dict[int, str] = {}
     for f in files:
-        try:
-            with open(f, "rb") as fh:
-                text = fh.read(MAX_TABLES_FILE).decode("utf-8", "replace")
+        try:  # non-blocking and regular files only: a FIFO there must not stall the daemon's loop
+            fd = os.open(f, os.O_RDONLY | os.O_NONBLOCK)
         except OSError:
             continue
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
+            text = os.read(fd, MAX_TABLES_FILE).decode("utf-8", "replace")
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
         for line in text.splitlines():
             m = _TABLE_LINE.match(line)
             if m:
-                names[int(m.group(1), 0)] = m.group(2)[:MAX_NAME]
+                table = int(m.group(1), 16) if m.group(1) else int(m.group(2))
+                if table <= 0xFFFFFFFF:
+                    names[table] = m.group(3)[:MAX_NAME]
     return names
 
 
