@@ -10,7 +10,8 @@ outcome is kept per outer flow key until a drain asks. A row whose errors all qu
 that connection's mark, zone, translation and trk|rel (+rpl when the error travels in the reply
 direction); errors quoting no connection give trk|inv (the kernel attaches no conntrack to them: nft
 `ct state invalid`); errors quoting different connections give trk|rel only (never one of them).
-Hand-written packet parsing (a few fixed header fields, RFC 792 / RFC 4443 2.4 / RFC 8200 4).
+Hand-written packet parsing (a few fixed header fields, RFC 792 / RFC 4443 2.4 / RFC 8200 4, the quoted
+packet's extension headers skipped).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from ipfixer.enrich.conntrack import (
 )
 from ipfixer.model import ETH_P_IP, ETH_P_IPV6, V4_MAPPED_PREFIX, empty_batch, five_tuple_keys
 from ipfixer.netns import socket_in_netns
+from ipfixer.sources.packets import IPV6_NH_AH, IPV6_NH_DSTOPTS, IPV6_NH_FRAGMENT, IPV6_NH_HOPOPTS, IPV6_NH_ROUTING
 
 log = logging.getLogger("ipfixer.enrich")
 
@@ -121,6 +123,32 @@ class _Seen:
     matched: int = 0
 
 
+_IPV6_EXT_8 = (IPV6_NH_HOPOPTS, IPV6_NH_ROUTING, IPV6_NH_DSTOPTS)  # RFC 8200 4.3/4.4/4.6: 8-octet units - 1
+_MAX_EXT_HEADERS = 8  # bounded walk on hostile input
+
+
+def _skip_ipv6_ext(inner: bytes) -> tuple[int, int] | None:
+    """(transport protocol, its offset) of a quoted IPv6 packet, past its extension headers (RFC 8200
+    4: hop-by-hop, routing, destination options, fragment; AH by RFC 4302 2.2), as the kernel's
+    ipv6_skip_exthdr finds the tuple nf_conntrack_icmpv6 looks up; None for a non-first fragment (no
+    transport header) or headers cut short. Hand-written: a few fixed fields, every read bounded."""
+    proto, off = inner[6], 40
+    for _ in range(_MAX_EXT_HEADERS):
+        if proto in _IPV6_EXT_8 and len(inner) >= off + 2:
+            proto, off = inner[off], off + (inner[off + 1] + 1) * 8
+        elif proto == IPV6_NH_FRAGMENT and len(inner) >= off + 8:
+            if struct.unpack_from("!H", inner, off + 2)[0] & 0xFFF8:
+                return None
+            proto, off = inner[off], off + 8
+        elif proto == IPV6_NH_AH and len(inner) >= off + 2:
+            proto, off = inner[off], off + (inner[off + 1] + 2) * 4
+        else:
+            break
+    if proto in (*_IPV6_EXT_8, IPV6_NH_FRAGMENT, IPV6_NH_AH):
+        return None  # cut short inside the chain, or longer than the walk allows
+    return proto, off
+
+
 def quoted_tuple(pkt: bytes, ethertype: int) -> tuple[bytes, bytes, int, bytes, bytes, int, int, int] | None:
     """(outer src16, dst16, outer proto, inner src16, dst16, inner proto, inner sport, inner dport-as-flow)
     of an ICMP error packet starting at its IP header, or None when too short/not an error."""
@@ -142,7 +170,10 @@ def quoted_tuple(pkt: bytes, ethertype: int) -> tuple[bytes, bytes, int, bytes, 
         inner = pkt[48:]
         if inner[0] >> 4 != 6 or len(inner) < 44:
             return None
-        iproto, isrc, idst, l4 = inner[6], inner[8:24], inner[24:40], 40
+        walked = _skip_ipv6_ext(inner)
+        if walked is None:
+            return None
+        (iproto, l4), isrc, idst = walked, inner[8:24], inner[24:40]
         oproto = 58
     else:
         return None
