@@ -19,7 +19,7 @@ import numpy as np
 
 from ipfixer.clock import Clock
 from ipfixer.config import Config
-from ipfixer.enrich.conntrack import CT_INVALID, CT_TRACKED, ConnKey, ConntrackTable
+from ipfixer.enrich.conntrack import CT_INVALID, CT_TRACKED, ConnKey, ConntrackTable, never_tracked_rows
 from ipfixer.enrich.ctsync import ConntrackSync
 from ipfixer.enrich.events import ConntrackEvents, FlowEvent, apply_destroy, destroyed_keys, nat_event_records
 from ipfixer.model import empty_batch
@@ -50,7 +50,7 @@ class Enrichment:
         self.events: ConntrackEvents | None = None
         self.sync: ConntrackSync | None = None
         self.icmp: Any = None
-        self.unmatched = 0  # flow rows that found no conntrack entry (ICMP errors included)
+        self.unmatched = 0  # flow rows that found no conntrack entry (ICMP errors included, ND/MLD not)
         self._unmatched_logged_ns: int | None = None
         self._unmatched_since_log = 0
         self.cgroups: Any = None
@@ -189,7 +189,7 @@ class Enrichment:
                 self.icmp.enrich(rows)  # ICMP errors, on the tuple they quote
             matched = (rows["ct_state"] != 0) & (rows["ct_state"] != CT_TRACKED | CT_INVALID)
             enriched |= matched
-            self._count_unmatched(int((~matched).sum()), len(rows))
+            self._count_unmatched(int((~matched & ~never_tracked_rows(rows)).sum()), len(rows))
         if self.cgroups is not None and self.cgroups.available:
             self.cgroups.enrich(rows)
             enriched |= rows["cgroup_id"] != 0

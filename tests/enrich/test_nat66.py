@@ -272,9 +272,13 @@ def test_nat66_tcp_udp_post_nat_mark_zone(topo: Nat66Topo) -> None:
             (TCP, t.SERVER, t.ROUTER_OUT, 80, 41002),  # DNAT'ed TCP, reply before de-NAT
             (TCP, t.ROUTER_IN, t.CLIENT, 8080, 41002),  # DNAT'ed TCP, reply after de-NAT
             (UDP, t.CLIENT, t.SERVER, 41999, 5353),  # no such connection
+            (ICMP6, "fe80::1", "ff02::1:ff00:2", 0, 135 * 256),  # neighbour solicitation: never tracked
+            (ICMP6, "fe80::1", "ff02::16", 0, 143 * 256),  # MLDv2 report: never tracked
         )
         assert table.enrich(batch) == 9
-        assert [post(batch, i) for i in range(10)] == [
+        assert table.counters.misses == 1  # ND and MLD are no sign of a missing entry
+        assert batch["ct_state"][10:].tolist() == [0, 0]
+        assert [post(batch, i) for i in range(12)] == [
             (t.ROUTER_OUT, 41000, t.SERVER, 5353),
             (t.SERVER, 5353, t.CLIENT, 41000),
             (t.ROUTER_OUT, 41000, t.SERVER, 5353),
@@ -284,14 +288,25 @@ def test_nat66_tcp_udp_post_nat_mark_zone(topo: Nat66Topo) -> None:
             (t.ROUTER_OUT, 41002, t.SERVER, 80),
             (t.ROUTER_IN, 8080, t.CLIENT, 41002),
             (t.ROUTER_IN, 8080, t.CLIENT, 41002),
-            ("::", 0, "::", 0),
-        ]
-        assert batch["ct_mark"].tolist() == [MARK] * 9 + [0]
-        assert batch["ct_zone"].tolist() == [ZONE] * 9 + [0]
+        ] + [("::", 0, "::", 0)] * 3
+        assert batch["ct_mark"].tolist() == [MARK] * 9 + [0] * 3
+        assert batch["ct_zone"].tolist() == [ZONE] * 9 + [0] * 3
         est = CT_TRACKED | CT_ESTABLISHED | CT_SNAT
         dn = est | CT_DNAT
         assert batch["ct_state"].tolist() == [
-            est, est | CT_REPLY, est, est | CT_REPLY, dn, dn | CT_REPLY, dn, dn | CT_REPLY, dn | CT_REPLY, 0]
+            est, est | CT_REPLY, est, est | CT_REPLY, dn, dn | CT_REPLY, dn, dn | CT_REPLY, dn | CT_REPLY, 0, 0, 0]
+        # after an event overrun the daemon asks the kernel per tuple (IPv6 CTA_IP_V6_* GET requests)
+        fresh = ConntrackTable(max_entries=64, netns=t.router)
+        try:
+            asked = rows((UDP, t.CLIENT, t.SERVER, 41000, 5353), (TCP, t.SERVER, t.ROUTER_OUT, 80, 41002),
+                         (UDP, t.CLIENT, t.SERVER, 41999, 5353))  # fmt: skip
+            assert fresh.query_kernel(asked, zones=(ZONE,)) == 2
+            assert fresh.enrich(asked) == 2
+            assert [post(asked, i) for i in range(3)] == [
+                (t.ROUTER_OUT, 41000, t.SERVER, 5353), (t.ROUTER_IN, 8080, t.CLIENT, 41002), ("::", 0, "::", 0)]
+            assert asked["ct_zone"].tolist() == [ZONE, ZONE, 0]
+        finally:
+            fresh.close()
 
         hit = table.lookup(ConnKey(UDP, to_addr16(t.CLIENT), to_addr16(t.SERVER), 41000, 5353))
         assert hit is not None
@@ -515,6 +530,8 @@ def test_nat66_at_nfdump_and_decoder(tmp_path: Path, topo: Nat66Topo) -> None:
         finally:
             assert stop_ipfixer(proc) == 0, log.read_text()
         assert "Traceback" not in log.read_text(), log.read_text()
+        # every flow found its entry; the links' MLD reports (never tracked by the kernel) are no miss
+        assert "matched no conntrack entry" not in log.read_text(), log.read_text()
         coll.receive(5, until_idle=1.0)
         nfc.stop()
         nf = nfdump_records(nfc)
