@@ -461,7 +461,7 @@ def test_nat66_events(topo: Nat66Topo) -> None:
 
 
 # -- through the daemon -------------------------------------------------------------------------------
-CT_TRK, CT_EST, CT_RPL, CT_SNAT_, CT_DNAT_ = 0x20, 0x02, 0x08, 0x40, 0x80
+CT_TRK, CT_EST, CT_REL, CT_RPL, CT_SNAT_, CT_DNAT_ = 0x20, 0x02, 0x04, 0x08, 0x40, 0x80
 UDP_SIZES = [100, 200, 300, 400, 500]
 
 
@@ -524,6 +524,7 @@ def test_nat66_at_nfdump_and_decoder(tmp_path: Path, topo: Nat66Topo) -> None:
                 server.close()
             tcp_exchange(t, tcp_sport, rounds=3)
             ping6(t, ping_id, ping_n, ping_size)
+            port_unreachable(t, 41103, 9)
             counters["tcp"] = ct_counters(t, "tcp", tcp_sport)
             counters["udp"] = ct_counters(t, "udp", udp_sport)
             time.sleep(1.5)  # the NAT events of this traffic go out at the next drain
@@ -580,6 +581,11 @@ def test_nat66_at_nfdump_and_decoder(tmp_path: Path, topo: Nat66Topo) -> None:
     snat = CT_TRK | CT_EST | CT_SNAT_
     assert {xlat(r) for r in req} == {(t.ROUTER_OUT, t.SERVER, 0, 0, snat, MARK, ZONE)}
     assert {xlat(r) for r in rep} == {(t.SERVER, t.CLIENT, 0, 0, snat | CT_RPL, MARK, ZONE)}
+
+    # the server's port unreachable entering r_out (to the masquerade address): joined on its quoted tuple
+    unreach = match(sourceIPv6Address=t.SERVER, protocolIdentifier=ICMP6, icmpTypeCodeIPv6=DST_UNREACH * 256 + 4)
+    assert [(r["packetDeltaCount"], r["octetDeltaCount"]) for r in unreach] == [(1, IP6 + ICMP6_H + IP6 + UDP_H + 1)]
+    assert xlat(unreach[0]) == (t.SERVER, t.CLIENT, 0, 0, CT_TRK | CT_REL | CT_RPL | CT_SNAT_, MARK, ZONE)
 
     # NAT66 session create records (natEvent 1: NAT44's 4 is for IPv4 only), without counters
     events = [r for r in every if r.get("natEvent")]
