@@ -493,7 +493,8 @@ def v6(a: Any) -> str:
 
 @pytest.mark.root
 @pytest.mark.interop
-def test_nat66_at_nfdump_and_decoder(tmp_path: Path, topo: Nat66Topo) -> None:
+@pytest.mark.parametrize("source", ["ebpf", "nflog"])
+def test_nat66_at_nfdump_and_decoder(tmp_path: Path, topo: Nat66Topo, source: str) -> None:
     t = topo
     coll = collector_in(t.router)
     nfc = Nfcapd(tmp_path / "nfcapd", free_udp_port(), netns=t.router)
@@ -503,10 +504,10 @@ def test_nat66_at_nfdump_and_decoder(tmp_path: Path, topo: Nat66Topo) -> None:
         cfg = write_config(
             tmp_path / "ipfixer.yaml", [{"address": "127.0.0.1", "port": coll.port},
                                         {"address": "127.0.0.1", "port": nfc.port, "protocol": "netflow9"}],
-            source="ebpf", interfaces={"include": [t.r_in, t.r_out], "exclude": [], "direction": "ingress"},
+            source=source, interfaces={"include": [t.r_in, t.r_out], "exclude": [], "direction": "ingress"},
             timeouts={"active": "60s", "idle": "30s", "drain_interval": "500ms"}, lock_dir=str(tmp_path / "lock"),
             templates={"ipv4": "ipv4_nat_flow", "ipv6": "ipv6_nat_flow"},
-            enrichment={"conntrack": True, "nat_events": True},
+            enrichment={"conntrack": True, "nat_events": True, "nflog_group": 17},
         )  # fmt: skip
         log = tmp_path / "ipfixer.log"
         proc = start_ipfixer(t.router, cfg, log, env=cli_env())
