@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import select
 import socket
 import struct
 import subprocess
@@ -31,6 +32,17 @@ from ipfixer.enrich.conntrack import (
     CT_TRACKED,
     ConnKey,
     ConntrackTable,
+)
+from ipfixer.enrich.ctnetlink import (
+    CT_DTYPE,
+    KIND_NEW,
+    ParseStats,
+    dump_conntrack,
+    dump_request,
+    insert_entries,
+    open_ctnetlink,
+    parse_dump,
+    parse_entry,
 )
 from ipfixer.enrich.events import NAT_EVENT_CREATE, NAT_EVENT_DELETE, ConntrackEvents, FlowEvent, nat_event_records
 from ipfixer.enrich.icmp import IcmpErrors
@@ -458,6 +470,56 @@ def test_nat66_events(topo: Nat66Topo) -> None:
         assert nat["ct_mark"].tolist() == [MARK] * 2 and nat["ct_zone"].tolist() == [ZONE] * 2
     finally:
         events.close()
+
+
+@pytest.mark.root
+def test_bulk_decoder_on_a_mixed_ipv4_ipv6_dump(topo: Nat66Topo) -> None:
+    """The batched dump decoder (ctnetlink.parse_dump) against the per-message reference (parse_entry) on
+    a real dump mixing NAT66 TCP/UDP/ICMPv6 entries (with counters, timestamps, zone, mark) and plain
+    IPv4 entries: several message shapes in one dump, equal rows."""
+    t = topo
+    udp_exchange(t, 41040, 0, b"dnat", via_dnat=True)
+    tcp_exchange(t, 41041)
+    ping6(t, ident=0x77, count=2, size=8)
+    sock = open_ctnetlink(t.router)
+    try:
+        insert_entries(sock, [(17, bytes([10, 9, 0, i]), bytes([192, 0, 2, 9]), 2000 + i, 53, 0) for i in range(40)])
+        rows4_6 = dump_conntrack(sock)
+        assert len(rows4_6) == 43
+        seq = 4243
+        sock.send(dump_request(seq))
+        datagrams: list[bytes] = []
+        for _ in range(1000):  # bounded: a 43-entry dump is a few datagrams
+            if datagrams and parse_dump(datagrams[-1:], seq, ParseStats())[1].done:
+                break
+            select.select([sock], [], [], 5)
+            datagrams.append(sock.recv(1 << 20))
+        bulk, summary = parse_dump(datagrams, seq, ParseStats())
+        ref = np.concatenate([reference_rows(d) for d in datagrams])
+        ref["kind"] = 0
+        assert summary.done and len(bulk) == 43 and bulk.tobytes() == ref.tobytes()
+        v6rows = bulk[np.isin(bulk["proto"], (TCP, ICMP6)) | (bulk["o_sport"] == 41040)]
+        assert len(v6rows) == 3
+        assert (v6rows["zone"] == ZONE).all() and (v6rows["mark"] == MARK).all() and (v6rows["has"] & 3 == 3).all()
+        assert {addr16_to_str(bytes(a)) for a in v6rows["r_dst"]} == {t.ROUTER_OUT}
+    finally:
+        sock.close()
+
+
+def reference_rows(data: bytes) -> np.ndarray:
+    """Every conntrack message of a datagram through the per-message decoder (parse_entry)."""
+    out = []
+    off = 0
+    for _ in range(len(data) // 16 + 1):  # bounded: each message is at least 16 bytes
+        if off + 16 > len(data):
+            break
+        length, mtype = struct.unpack_from("=IH", data, off)
+        if length < 16 or off + length > len(data):
+            break
+        if mtype >> 8 == 1 and length >= 20:
+            out.append(parse_entry(data, off + 20, off + length, KIND_NEW))
+        off += (length + 3) & ~3
+    return np.frombuffer(b"".join(out), dtype=CT_DTYPE) if out else np.zeros(0, dtype=CT_DTYPE)
 
 
 # -- through the daemon -------------------------------------------------------------------------------
