@@ -67,6 +67,7 @@ ZONE, MARK = 9, 0x3B
 ECHO_REQUEST, ECHO_REPLY, DST_UNREACH, PACKET_TOO_BIG = 128, 129, 1, 2
 IPV6_DSTOPTS, IPV6_RECVERR = 59, 25  # linux/in6.h (Python's socket module lacks them)
 IP6, UDP_H, ICMP6_H = 40, 8, 8
+NAPT_SPORT, NAPT_TO = 41009, 50050  # the one source port the masquerade must translate
 
 
 @dataclass
@@ -94,8 +95,8 @@ class Nat66Topo:
 def make_nat66_topo(zone: int = ZONE, mark: int = MARK) -> Nat66Topo:
     """Namespaces, veths, IPv6 addresses (no DAD), static neighbours (no ND in counted traffic), and the
     router's nft `table ip6 ipfxnat6`: ct zone set <zone> (raw prerouting), ct mark set <mark> on traffic
-    from the client, DNAT [r_in]:8080 -> [server]:80 (TCP and UDP), masquerade out of r_out, and a
-    counter of forwarded RELATED packets. Caller must call teardown()."""
+    from the client, DNAT [r_in]:8080 -> [server]:80 (TCP and UDP), masquerade out of r_out (UDP source
+    port NAPT_SPORT to NAPT_TO, others keep theirs), and a counter of forwarded RELATED packets. Caller must call teardown()."""
     t = Nat66Topo()
     try:
         for ns in (t.client, t.router, t.server):
@@ -128,7 +129,10 @@ table ip6 ipfxnat6 {{
         iifname "{t.r_in}" ct mark set {mark:#x}
         ct state related counter name "related_seen"
     }}
-    chain ipfxpost {{ type nat hook postrouting priority srcnat; oifname "{t.r_out}" masquerade; }}
+    chain ipfxpost {{ type nat hook postrouting priority srcnat;
+        oifname "{t.r_out}" udp sport {NAPT_SPORT} masquerade to :{NAPT_TO}
+        oifname "{t.r_out}" masquerade
+    }}
 }}
 """
         sh("nft", "-f", "-", netns=t.router, input=ruleset)
@@ -269,10 +273,16 @@ def test_nat66_tcp_udp_post_nat_mark_zone(topo: Nat66Topo) -> None:
     assert udp_exchange(t, 41000, 5353, b"ping") == (t.ROUTER_OUT, 41000)  # the kernel really masqueraded
     assert udp_exchange(t, 41001, 0, b"dnat", via_dnat=True) == (t.ROUTER_OUT, 41001)
     assert tcp_exchange(t, 41002) == (t.ROUTER_OUT, 41002)
+    assert udp_exchange(t, NAPT_SPORT, 0, b"napt", via_dnat=True) == (t.ROUTER_OUT, NAPT_TO)
     table = ConntrackTable(max_entries=64, netns=t.router)
     try:
         assert table.available
-        assert table.refresh() == 3  # no ND/MLD entry: nothing else was tracked
+        assert table.refresh() == 4  # no ND/MLD entry: nothing else was tracked
+        napt = rows((UDP, t.CLIENT, t.ROUTER_IN, NAPT_SPORT, 8080), (UDP, t.SERVER, t.ROUTER_OUT, 80, NAPT_TO),
+                    (UDP, t.ROUTER_OUT, t.SERVER, NAPT_TO, 80), (UDP, t.ROUTER_IN, t.CLIENT, 8080, NAPT_SPORT))
+        assert table.enrich(napt) == 4  # source and destination ports both translated, all four roles
+        assert [post(napt, i) for i in range(4)] == [(t.ROUTER_OUT, NAPT_TO, t.SERVER, 80),
+                                                     (t.ROUTER_IN, 8080, t.CLIENT, NAPT_SPORT)] * 2
         batch = rows(
             (UDP, t.CLIENT, t.SERVER, 41000, 5353),  # inside interface, origin direction
             (UDP, t.SERVER, t.CLIENT, 5353, 41000),  # inside interface, reply (after de-NAT)
