@@ -9,7 +9,9 @@ The two-namespace veth pair is `ipfixer.lab.Lab` itself (the kernel tests' `netp
 from __future__ import annotations
 
 import os
+import socket
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -194,3 +196,44 @@ def collect(src: Any, expect: int, settle_s: float = 0.2) -> list[Any]:
             break
     got.extend(src.poll(settle_s))
     return got
+
+
+def tcp_rounds(listener: socket.socket, client: socket.socket, dst: tuple[str, int], rounds: int) -> tuple[str, int]:
+    """One TCP connection from `client` to dst (reaching `listener`, which is listening): `rounds`
+    600-byte requests answered by 300-byte replies, then an orderly close; both sockets are closed.
+    Every write is below the MSS and waits for its answer, so no segment is a GSO super-packet (eBPF
+    counts those as their wire segments, conntrack and NFLOG as one packet). Returns the peer the
+    listener saw (after any NAT)."""
+    try:
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client.connect(dst)
+        conn, peer = listener.accept()
+        conn.settimeout(5)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(rounds):
+            client.sendall(b"t" * 600)
+            assert recv_exact(conn, 600)
+            conn.sendall(b"r" * 300)
+            assert recv_exact(client, 300)
+        client.shutdown(socket.SHUT_WR)
+        assert conn.recv(10) == b""
+        conn.close()
+        assert client.recv(10) == b""
+    finally:
+        client.close()
+        listener.close()
+    time.sleep(0.3)  # the last ACK crosses the router
+    return peer[0], peer[1]
+
+
+def recv_exact(s: socket.socket, n: int) -> bytes:
+    """n bytes from a stream socket (bounded: at least one byte per round)."""
+    data = b""
+    for _ in range(n):
+        if len(data) >= n:
+            break
+        chunk = s.recv(n - len(data))
+        assert chunk, "connection closed early"
+        data += chunk
+    return data
+

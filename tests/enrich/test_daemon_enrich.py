@@ -21,7 +21,7 @@ from ipfixer.lab import ns_socket, sh, start_ipfixer, stop_ipfixer
 from tests.cli.helpers import cli_env, totals_by_flow, write_config
 from tests.cli.test_daemon import collector_in
 from tests.collectors import Nfcapd, free_udp_port
-from tests.labs import NatTopo, make_nat_topo
+from tests.labs import NatTopo, make_nat_topo, tcp_rounds
 
 pytestmark = pytest.mark.root
 
@@ -70,39 +70,10 @@ def udp_echo(t: NatTopo, sport: int, sizes: list[int]) -> None:
 
 def tcp_exchange(t: NatTopo, sport: int) -> None:
     """One TCP connection through the DNAT: three 600-byte requests answered by 300-byte replies, then
-    an orderly close. Every write is below the MSS and waits for its answer, so no segment is a GSO
-    super-packet (eBPF counts those as their wire segments, conntrack and NFLOG as one packet)."""
+    an orderly close (labs.tcp_rounds)."""
     listener = ns_socket(t.server, socket.SOCK_STREAM, ("0.0.0.0", 80))
     listener.listen(1)
-    client = ns_socket(t.client, socket.SOCK_STREAM, ("0.0.0.0", sport))
-    try:
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        client.connect((t.ROUTER_IN, 8080))
-        conn, _ = listener.accept()
-        conn.settimeout(5)
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for _ in range(3):
-            client.sendall(b"t" * 600)
-            assert recv_exact(conn, 600)
-            conn.sendall(b"r" * 300)
-            assert recv_exact(client, 300)
-        client.shutdown(socket.SHUT_WR)
-        assert conn.recv(10) == b""
-        conn.close()
-        assert client.recv(10) == b""
-    finally:
-        client.close()
-        listener.close()
-    time.sleep(0.3)  # the last ACK crosses the router
-
-
-def recv_exact(s: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = s.recv(n - len(data))
-        assert chunk, "connection closed early"
-        data += chunk
-    return data
+    tcp_rounds(listener, ns_socket(t.client, socket.SOCK_STREAM, ("0.0.0.0", sport)), (t.ROUTER_IN, 8080), 3)
 
 
 def ct_counters(t: NatTopo, proto: str, sport: int) -> tuple[tuple[int, int], tuple[int, int], int]:

@@ -61,6 +61,7 @@ from ipfixer.model import ETH_P_IPV6, addr16_to_str, empty_batch, to_addr16
 from tests.cli.helpers import cli_env, totals_by_flow, write_config
 from tests.cli.test_daemon import collector_in
 from tests.collectors import Nfcapd, free_udp_port
+from tests.labs import tcp_rounds
 
 UDP, TCP, ICMP6 = 17, 6, 58
 ZONE, MARK = 9, 0x3B
@@ -198,43 +199,11 @@ def udp_exchange(t: Nat66Topo, sport: int, dport: int, payload: bytes, via_dnat:
 
 
 def tcp_exchange(t: Nat66Topo, sport: int, rounds: int = 1) -> tuple[str, int]:
-    """One TCP connection client -> [r_in]:8080 (DNAT to [server]:80): `rounds` 600-byte requests answered
-    by 300-byte replies (each below the MSS and awaited: no GSO super-packets), an orderly close; returns
-    the peer the server saw."""
+    """One TCP connection client -> [r_in]:8080 (DNAT to [server]:80), `rounds` request/reply pairs
+    (labs.tcp_rounds); returns the peer the server saw."""
     listener = sock6(t.server, socket.SOCK_STREAM, ("::", 80))
     listener.listen(1)
-    client = sock6(t.client, socket.SOCK_STREAM, (t.CLIENT, sport))
-    try:
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        client.connect((t.ROUTER_IN, 8080))
-        conn, peer = listener.accept()
-        conn.settimeout(5)
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for _ in range(rounds):
-            client.sendall(b"t" * 600)
-            assert recv_exact(conn, 600)
-            conn.sendall(b"r" * 300)
-            assert recv_exact(client, 300)
-        client.shutdown(socket.SHUT_WR)
-        assert conn.recv(10) == b""
-        conn.close()
-        assert client.recv(10) == b""
-    finally:
-        client.close()
-        listener.close()
-    time.sleep(0.3)  # the last ACK crosses the router
-    return peer[0], peer[1]
-
-
-def recv_exact(s: socket.socket, n: int) -> bytes:
-    data = b""
-    for _ in range(n):  # bounded: at least one byte per round
-        if len(data) >= n:
-            break
-        chunk = s.recv(n - len(data))
-        assert chunk, "connection closed early"
-        data += chunk
-    return data
+    return tcp_rounds(listener, sock6(t.client, socket.SOCK_STREAM, (t.CLIENT, sport)), (t.ROUTER_IN, 8080), rounds)
 
 
 def ping6(t: Nat66Topo, ident: int, count: int, size: int) -> None:
