@@ -21,6 +21,12 @@ from ipfixer.infomodel.types import V4_MAPPED_PREFIX as V4_MAPPED_PREFIX  # re-e
 
 ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
+# IP protocol / IPv6 Next Header numbers (IANA "Assigned Internet Protocol Numbers"), the names and
+# values bpf/flow_parse.h defines for the kernel parser (tests/unit/test_packet_names.py checks both agree);
+# used by the userspace parser (sources/packets.py) and the ICMP error matcher (enrich/icmp.py).
+PROTO_ICMP, PROTO_TCP, PROTO_UDP, PROTO_ICMPV6, PROTO_SCTP, PROTO_UDPLITE = 1, 6, 17, 58, 132, 136
+IPV6_NH_HOPOPTS, IPV6_NH_ROUTING, IPV6_NH_FRAGMENT, IPV6_NH_AH, IPV6_NH_DSTOPTS = 0, 43, 44, 51, 60
+IPV6_NH_MOBILITY, IPV6_NH_HIP, IPV6_NH_SHIM6 = 135, 139, 140  # RFC 6275, RFC 7401, RFC 5533
 ETH_P_8021Q = 0x8100
 
 

@@ -36,9 +36,19 @@ from ipfixer.enrich.conntrack import (
     ct_state_bits,
     icmp_error_rows,
 )
-from ipfixer.model import ETH_P_IP, ETH_P_IPV6, V4_MAPPED_PREFIX, empty_batch, five_tuple_keys
+from ipfixer.model import (
+    ETH_P_IP,
+    ETH_P_IPV6,
+    IPV6_NH_AH,
+    IPV6_NH_DSTOPTS,
+    IPV6_NH_FRAGMENT,
+    IPV6_NH_HOPOPTS,
+    IPV6_NH_ROUTING,
+    V4_MAPPED_PREFIX,
+    empty_batch,
+    five_tuple_keys,
+)
 from ipfixer.netns import socket_in_netns
-from ipfixer.sources.packets import IPV6_NH_AH, IPV6_NH_DSTOPTS, IPV6_NH_FRAGMENT, IPV6_NH_HOPOPTS, IPV6_NH_ROUTING
 
 log = logging.getLogger("ipfixer.enrich")
 

@@ -16,15 +16,27 @@ import struct
 from dataclasses import dataclass
 
 from ipfixer.infomodel.types import V4_MAPPED_PREFIX
-from ipfixer.model import ETH_P_IP, ETH_P_IPV6, FlowKey
+from ipfixer.model import (  # the IP protocol / IPv6 Next Header names, one set (model.py)
+    ETH_P_IP,
+    ETH_P_IPV6,
+    IPV6_NH_AH,
+    IPV6_NH_DSTOPTS,
+    IPV6_NH_FRAGMENT,
+    IPV6_NH_HIP,
+    IPV6_NH_HOPOPTS,
+    IPV6_NH_MOBILITY,
+    IPV6_NH_ROUTING,
+    IPV6_NH_SHIM6,
+    PROTO_ICMP,
+    PROTO_ICMPV6,
+    PROTO_SCTP,
+    PROTO_TCP,
+    PROTO_UDP,
+    FlowKey,
+)
 
 ETH_P_8021Q = 0x8100
 ETH_P_8021AD = 0x88A8
-# IP protocol / IPv6 Next Header numbers (IANA "Assigned Internet Protocol Numbers"), the names and
-# values bpf/flow_parse.h defines for the kernel parser (tests/unit/test_packet_names.py checks both agree).
-PROTO_ICMP, PROTO_TCP, PROTO_UDP, PROTO_ICMPV6, PROTO_SCTP, PROTO_UDPLITE = 1, 6, 17, 58, 132, 136
-IPV6_NH_HOPOPTS, IPV6_NH_ROUTING, IPV6_NH_FRAGMENT, IPV6_NH_AH, IPV6_NH_DSTOPTS = 0, 43, 44, 51, 60
-IPV6_NH_MOBILITY, IPV6_NH_HIP, IPV6_NH_SHIM6 = 135, 139, 140  # RFC 6275, RFC 7401, RFC 5533
 # Extension headers in the RFC 8200 4.1 format (next header, length in 8-octet units minus 1), skipped
 # to reach the transport header; the fragment header (fixed 8 octets) and AH (RFC 4302 2.2: 4-octet
 # units minus 2) are read apart. Userspace also skips mobility/HIP/shim6, which the kernel walk does not.

@@ -1,5 +1,5 @@
-"""The userspace packet parser and the kernel's bpf/flow_parse.h use one set of protocol and IPv6
-Next Header names with the same values (IANA numbers, as the C library's IPPROTO_* says where it has
+"""The userspace packet parser (its names live in ipfixer/model.py) and the kernel's bpf/flow_parse.h use
+one set of protocol and IPv6 Next Header names with the same values (IANA numbers, as the C library's IPPROTO_* says where it has
 them), and the IPv6 walk skips each named extension header to reach the transport ports."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import struct
 
 import pytest
 
+from ipfixer import model
 from ipfixer.sources import packets
 from ipfixer.sources.kernel.program import BPF_DIR
 
@@ -19,7 +20,7 @@ C_NAMES = dict(re.findall(r"^#define ((?:PROTO|IPV6_NH)_\w+) (\d+)", (BPF_DIR / 
 def test_c_and_python_name_the_same_numbers() -> None:
     assert len(C_NAMES) == 11
     for name, value in C_NAMES.items():
-        assert getattr(packets, name) == int(value), name
+        assert getattr(model, name) == int(value), name
         libc = "IPPROTO_" + name.split("_", 2 if name.startswith("IPV6") else 1)[-1]
         if hasattr(socket, libc):
             assert getattr(socket, libc) == int(value), (name, libc)
