@@ -237,3 +237,17 @@ def recv_exact(s: socket.socket, n: int) -> bytes:
         data += chunk
     return data
 
+
+def udp_echo_rounds(server: socket.socket, client: socket.socket, dst: tuple[str, int], sizes: list[int]) -> None:
+    """One datagram of each size from `client` to dst (reaching `server`), echoed back by the server and
+    checked at the client; both sockets are closed."""
+    try:
+        for n in sizes:
+            client.sendto(b"u" * n, dst)
+            data, peer = server.recvfrom(65535)
+            server.sendto(data, peer)
+            assert client.recvfrom(65535)[0] == data
+    finally:
+        client.close()
+        server.close()
+

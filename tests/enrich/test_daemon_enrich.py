@@ -21,7 +21,7 @@ from ipfixer.lab import ns_socket, sh, start_ipfixer, stop_ipfixer
 from tests.cli.helpers import cli_env, totals_by_flow, write_config
 from tests.cli.test_daemon import collector_in
 from tests.collectors import Nfcapd, free_udp_port
-from tests.labs import NatTopo, make_nat_topo, tcp_rounds
+from tests.labs import NatTopo, make_nat_topo, tcp_rounds, udp_echo_rounds
 
 pytestmark = pytest.mark.root
 
@@ -56,16 +56,7 @@ def config(
 def udp_echo(t: NatTopo, sport: int, sizes: list[int]) -> None:
     """Client -> router:8080 (DNAT to server:80), the server echoes every datagram back."""
     server = ns_socket(t.server, socket.SOCK_DGRAM, ("0.0.0.0", 80))
-    client = ns_socket(t.client, socket.SOCK_DGRAM, ("0.0.0.0", sport))
-    try:
-        for n in sizes:
-            client.sendto(b"u" * n, (t.ROUTER_IN, 8080))
-            data, peer = server.recvfrom(65535)
-            server.sendto(data, peer)
-            assert client.recvfrom(65535)[0] == data
-    finally:
-        client.close()
-        server.close()
+    udp_echo_rounds(server, ns_socket(t.client, socket.SOCK_DGRAM, ("0.0.0.0", sport)), (t.ROUTER_IN, 8080), sizes)
 
 
 def tcp_exchange(t: NatTopo, sport: int) -> None:

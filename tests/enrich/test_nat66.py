@@ -61,7 +61,7 @@ from ipfixer.model import ETH_P_IPV6, addr16_to_str, empty_batch, to_addr16
 from tests.cli.helpers import cli_env, totals_by_flow, write_config
 from tests.cli.test_daemon import collector_in
 from tests.collectors import Nfcapd, free_udp_port
-from tests.labs import tcp_rounds
+from tests.labs import tcp_rounds, udp_echo_rounds
 
 UDP, TCP, ICMP6 = 17, 6, 58
 ZONE, MARK = 9, 0x3B
@@ -554,16 +554,8 @@ def test_nat66_at_nfdump_and_decoder(tmp_path: Path, topo: Nat66Topo, source: st
         proc = start_ipfixer(t.router, cfg, log, env=cli_env())
         try:
             server = sock6(t.server, socket.SOCK_DGRAM, ("::", 80))
-            client = sock6(t.client, socket.SOCK_DGRAM, ("::", udp_sport))
-            try:
-                for n in UDP_SIZES:
-                    client.sendto(b"u" * n, (t.ROUTER_IN, 8080))
-                    data, peer = server.recvfrom(65535)
-                    server.sendto(data, peer)
-                    assert client.recvfrom(65535)[0] == data
-            finally:
-                client.close()
-                server.close()
+            udp_echo_rounds(server, sock6(t.client, socket.SOCK_DGRAM, ("::", udp_sport)), (t.ROUTER_IN, 8080),
+                            UDP_SIZES)
             tcp_exchange(t, tcp_sport, rounds=3)
             ping6(t, ping_id, ping_n, ping_size)
             port_unreachable(t, 41103, 9)
