@@ -50,6 +50,7 @@ class Meter:
         self._pending: list[np.ndarray] = []
         self._last_counters: dict[str, int] = {}
         self._decap_ifindexes: set[int] = set()  # what the classifier's decap_ifaces map holds
+        self._decap_basis: tuple[frozenset[int], Any] | None = None  # (attached ifindexes, tunnels config) of it
 
     def start(self) -> None:
         """Everything needed before the first packet is counted; undone on failure."""
@@ -151,6 +152,10 @@ class Meter:
         nothing changed (every poll: link events attach and forget interfaces)."""
         if self._prog.decap_ifaces is None:
             return
+        basis = (frozenset(self._attacher.attached), self.config.tunnels)
+        if basis == self._decap_basis:  # no interface came or went, no reload: nothing to match again
+            return
+        self._decap_basis = basis
         want = {a.ifindex for a in self._attacher.attached.values() if self.config.tunnels.decapsulates(a.ifname)}
         if want == self._decap_ifindexes:
             return
