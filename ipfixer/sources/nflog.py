@@ -98,6 +98,7 @@ class NflogMeter:
         self._accounter: EndingAccounter | None = None
         self._selector: Any = None
         self._names: dict[int, str] = {}
+        self._decap_of: dict[int, bool] = {}  # tunnels.interfaces matched per ifindex (per packet otherwise)
         self._pending: list[np.ndarray] = []
         self._destroyed: set[bytes] = set()
         self._installed = False
@@ -122,6 +123,7 @@ class NflogMeter:
         i = cfg.interfaces
         self._selector = InterfaceSelector(tuple(i.include), tuple(i.exclude))
         self._names.clear()
+        self._decap_of.clear()
         _nft(nft_ruleset(cfg.enrichment.nflog_group, tuple(i.include), tuple(i.exclude), i.direction,
                          self._snaplen()))  # fmt: skip
         self._installed = True
@@ -141,6 +143,7 @@ class NflogMeter:
             name = interface_name(ifindex)
             if len(self._names) > 4096:
                 self._names.clear()
+                self._decap_of.clear()
             self._names[ifindex] = name
         return name
 
@@ -150,8 +153,11 @@ class NflogMeter:
 
     def _decapsulates(self, ifindex: int) -> bool:
         """tunnels.interfaces names this interface (the current config: it follows reloads)."""
-        name = self._name(ifindex)
-        return bool(name) and self.config.tunnels.decapsulates(name)
+        hit = self._decap_of.get(ifindex)
+        if hit is None:
+            name = self._name(ifindex)
+            hit = self._decap_of[ifindex] = bool(name) and self.config.tunnels.decapsulates(name)
+        return hit
 
     def poll(self, timeout_ms: int) -> None:
         """Wait up to timeout_ms for logged packets and account them (the daemon's idle wait)."""
