@@ -209,3 +209,20 @@ def test_key_bytes_round_trip() -> None:
     row = np.frombuffer(raw, dtype=KEY_DTYPE)[0]
     assert (row["src_port"], row["ifindex"], row["vlan_id"], bytes(row["src_addr"])) == (
         4242, 70000, 7, to_addr16("10.0.0.1"))
+
+
+def test_tunnel_key_bytes_round_trip_field_by_field() -> None:
+    """TUNNEL_KEY_STRUCT and TUNNEL_KEY_DTYPE lay the fields out alike (not only the same size)."""
+    from dataclasses import replace
+
+    from ipfixer.flows.rows import TUNNEL_KEY_DTYPE, TUNNEL_KEY_STRUCT
+
+    k = replace(key(4242, direction=1, ifindex=70000), tunnel_type=3, tunnel_id=0xDEADBEEF, inner_vlan_id=123,
+                outer_src_addr=to_addr16("192.0.2.1"), outer_dst_addr=to_addr16("2001:db8::2"))
+    raw = pack_key(k, tunnels=True)
+    assert len(raw) == TUNNEL_KEY_STRUCT.size == TUNNEL_KEY_DTYPE.itemsize
+    assert unpack_key(raw) == k
+    row = np.frombuffer(raw, dtype=TUNNEL_KEY_DTYPE)[0]
+    assert (row["src_port"], row["ifindex"], row["tunnel_type"], row["tunnel_id"], row["inner_vlan_id"],
+            bytes(row["outer_src_addr"]), bytes(row["outer_dst_addr"])) == (
+        4242, 70000, 3, 0xDEADBEEF, 123, to_addr16("192.0.2.1"), to_addr16("2001:db8::2"))
